@@ -1,0 +1,63 @@
+# factory-agent: every set-up step lives here, so a fresh Debian 12 machine
+# (as root) needs only `make demo` and `make test`.
+
+SHELL := /bin/bash
+DISTRO_PY := /usr/bin/python3
+VENV := .venv/latest
+DEMO_DIR ?= /tmp/factory-agent-demo
+
+# What a device has (Debian 12's own packages), plus the test tools.
+APT_PACKAGES := python3 python3-cryptography python3-requests python3-pyudev python3-dbus-next \
+	python3-systemd python3-pytest python3-pytest-timeout python3-hypothesis \
+	python3-venv python3-pip python3-dev gcc pkg-config libsystemd-dev gnupg
+# The latest PyPI releases of the same (systemd-python builds against libsystemd-dev).
+PYPI_PACKAGES := cryptography requests pyudev dbus-next systemd-python pytest pytest-timeout hypothesis
+
+.PHONY: all deps test test-distro test-latest demo clean
+
+all: test
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.stamp: setup.cfg pyproject.toml | deps
+	$(DISTRO_PY) -m venv --clear $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q --upgrade $(PYPI_PACKAGES)
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+test: test-distro test-latest
+
+# Leg 1: Debian 12's python3 with its distro packages, as on a device.
+test-distro: deps
+	@echo "=== leg 1/2: Debian 12 python3 + distro packages"
+	$(DISTRO_PY) -m pytest
+
+# Leg 2: a venv with the latest PyPI releases of every dependency.
+test-latest: $(VENV)/.stamp
+	@echo "=== leg 2/2: venv with the latest PyPI releases"
+	$(VENV)/bin/python -m pytest
+
+demo: deps
+	@echo "factory-agent demo: registration with a vault (lab vault + daemon) is not built yet;"
+	@echo "this shows what exists: device key generation, a signed serial-request, verification."
+	@rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
+	@echo; echo "--- 1. generate the RSA-4096 device key in a child process, store it durably (0600)"
+	$(DISTRO_PY) -m agent key --state-dir $(DEMO_DIR)/state --generate
+	@ls -l $(DEMO_DIR)/state
+	@echo; echo "--- 2. build the serial-request snapd would send, signed by the device key"
+	@printf 'hardware:\n  soc-serial: "demo-0001"\n' > $(DEMO_DIR)/body.yaml
+	$(DISTRO_PY) -m agent serial-request --state-dir $(DEMO_DIR)/state --brand acme --model acme-gw \
+		--request-id demo-request-id --serial DEMO-0001 --body-file $(DEMO_DIR)/body.yaml | tee $(DEMO_DIR)/serial-request.assert
+	@echo; echo "--- 3. verify it (self-signed by its device-key) and a vault-signed serial (brand key from snapd's vectors)"
+	$(DISTRO_PY) -m agent verify $(DEMO_DIR)/serial-request.assert
+	$(DISTRO_PY) -m agent verify tests/data/serial.assert --account-key tests/data/brand/brand-chain.assert
+
+clean:
+	rm -rf .venv build dist *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,143 @@
+"""Command line: ``factory-agent`` and ``python3 -m agent``.
+
+Every failure the agent expects becomes one line on stderr and an exit
+status; tracebacks are for bugs, and even those print one line unless
+FACTORY_AGENT_DEBUG=1 asks for the whole story.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__, assertions, keys, openpgp, store
+from .errors import AgentError, AssertionFormatError, ConfigError
+
+EX_SOFTWARE = 70
+EX_CONFIG = 78
+DEFAULT_STATE_DIR = "/var/lib/factory-agent"
+
+
+def resolve_state_dir(arg: str | None, environ: os._Environ[str] | dict[str, str]) -> Path:
+    """--state-dir, else systemd's $STATE_DIRECTORY (first entry), else the default."""
+    if arg:
+        return Path(arg)
+    from_systemd = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(from_systemd or DEFAULT_STATE_DIR)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    state_dir = resolve_state_dir(args.state_dir, os.environ)
+    key = store.load_device_key(state_dir)
+    if key is None and args.generate:
+        store.ensure_state_dir(state_dir)
+        started = time.monotonic()
+        key = store.save_device_key(state_dir, keys.generate_key_pem(args.bits))
+        print(f"generated {key.public.bits}-bit device key in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    if key is None:
+        print(f"factory-agent: no device key in {state_dir} (use --generate)", file=sys.stderr)
+        return 1
+    print(key.public.encoded if args.public else key.key_id)
+    return 0
+
+
+def cmd_serial_request(args: argparse.Namespace) -> int:
+    state_dir = resolve_state_dir(args.state_dir, os.environ)
+    key = store.load_device_key(state_dir)
+    if key is None:
+        print(f"factory-agent: no device key in {state_dir}", file=sys.stderr)
+        return 1
+    body = _read(args.body_file, "body file") if args.body_file else b""
+    request = assertions.build_serial_request(
+        brand=args.brand, model=args.model, request_id=args.request_id, device_key=key.public,
+        signer=key.sign, created=int(time.time()), serial=args.serial or "", body=body,
+    )
+    sys.stdout.buffer.write(request.encode())
+    return 0
+
+
+def _signing_key(assertion: assertions.Assertion, known: dict[str, openpgp.PublicKey]) -> openpgp.PublicKey:
+    if assertion.type in ("serial-request", "device-session-request") and assertion.sign_key_id not in known:
+        return openpgp.decode_public_key(assertion.header("device-key"))
+    if assertion.sign_key_id not in known:
+        raise AssertionFormatError(f"no trusted account-key {assertion.sign_key_id}")
+    return known[assertion.sign_key_id]
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    known = {}
+    for path in args.account_key:
+        for ak in assertions.decode_stream(_read(path, "account-key file")):
+            if ak.type == "account-key":
+                known[ak.header("public-key-sha3-384")] = assertions.account_public_key(ak)
+    failed = 0
+    for assertion in assertions.decode_stream(_read(args.file, "assertion file")):
+        names = assertions.PRIMARY_KEYS[assertion.type] or ("brand-id", "model", "serial")
+        pk = "/".join(v for k in names if isinstance(v := assertion.headers.get(k), str))
+        try:
+            assertions.verify(assertion, _signing_key(assertion, known))
+            print(f"{assertion.type} {pk}: verified, signed by {assertion.sign_key_id}")
+        except AssertionFormatError as exc:
+            failed += 1
+            print(f"{assertion.type} {pk}: NOT verified: {exc}")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="factory-agent", description="First-boot device registration agent.")
+    parser.add_argument("--version", action="version", version=f"factory-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("key", help="print the device key id (or public key); --generate creates the key if missing")
+    p.add_argument("--state-dir", metavar="DIR")
+    p.add_argument("--generate", action="store_true", help="generate the device key if there is none")
+    p.add_argument("--public", action="store_true", help="print the public key as snapd encodes it")
+    p.add_argument("--bits", type=int, default=keys.DEVICE_KEY_BITS, help=argparse.SUPPRESS)  # tests only
+    p.set_defaults(func=cmd_key)
+
+    p = sub.add_parser("serial-request", help="print a serial-request signed by the device key")
+    p.add_argument("--state-dir", metavar="DIR")
+    p.add_argument("--brand", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--request-id", required=True)
+    p.add_argument("--serial")
+    p.add_argument("--body-file", metavar="FILE")
+    p.set_defaults(func=cmd_serial_request)
+
+    p = sub.add_parser("verify", help="check the signatures of an assertion file or stream")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--account-key", action="append", default=[], metavar="FILE",
+                   help="account-key assertion(s) to trust; serial-requests verify with their own device-key")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"factory-agent: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except AgentError as exc:
+        print(f"factory-agent: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: say so in one line, keep the traceback for those who ask
+        if os.environ.get("FACTORY_AGENT_DEBUG") == "1":
+            traceback.print_exc()
+        print(f"factory-agent: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EX_SOFTWARE

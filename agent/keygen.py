@@ -1,0 +1,48 @@
+"""Child-process entry point: generate one RSA key and write it to stdout as PKCS#8 PEM.
+
+It runs in its own interpreter because RSA-4096 takes from seconds to minutes
+on armhf, and older cryptography releases hold the GIL while generating,
+which would freeze the daemon's event loop. It writes nothing to disk: the
+parent stores the key durably, so a killed parent never leaves a key behind
+that nobody recorded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+PUBLIC_EXPONENT = 65537
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """A keygen whose parent is gone would burn minutes of CPU for nobody: follow it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's EPIPE still ends us after generation
+    if os.getppid() != parent:
+        sys.exit(1)
+
+
+def main(argv: list[str]) -> int:
+    bits, parent = int(argv[0]), int(argv[1])
+    _die_with_parent(parent)
+    key = rsa.generate_private_key(PUBLIC_EXPONENT, bits)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    sys.stdout.buffer.write(pem)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,52 @@
+"""Shared fixtures: the snapd-made vectors in tests/data and throw-away keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from agent import keys, openpgp
+
+DATA = Path(__file__).resolve().parent / "data"
+REPO = DATA.parent.parent
+
+
+@pytest.fixture(scope="session")
+def data() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def device_key() -> keys.DeviceKey:
+    """The vectors' RSA-4096 device key (PKCS#1 PEM, as snapd generated it)."""
+    return keys.load_key((DATA / "device" / "device-key.pem").read_bytes())
+
+
+@pytest.fixture(scope="session")
+def brand_key() -> keys.DeviceKey:
+    return keys.load_key((DATA / "brand" / "brand-key.pem").read_bytes())
+
+
+@pytest.fixture(scope="session")
+def small_key() -> keys.DeviceKey:
+    """A 2048-bit key for tests that sign many times; never a product default."""
+    private = rsa.generate_private_key(65537, 2048)
+    numbers = private.public_key().public_numbers()
+    return keys.DeviceKey(private, openpgp.PublicKey(numbers.n, numbers.e))
+
+
+def pytest_report_header() -> list[str]:
+    """Which leg this is: the interpreter and the versions of every dependency."""
+    import importlib.metadata as md
+    import sys
+
+    names = ["cryptography", "requests", "pyudev", "dbus-next", "systemd-python", "hypothesis"]
+    versions = []
+    for name in names:
+        try:
+            versions.append(f"{name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            versions.append(f"{name} missing")
+    return [f"python {sys.version.split()[0]} at {sys.executable}", "deps: " + ", ".join(versions)]
