@@ -11,7 +11,7 @@ APT_PACKAGES := python3 python3-cryptography python3-requests python3-pyudev pyt
 	python3-systemd python3-pytest python3-pytest-timeout python3-hypothesis \
 	python3-venv python3-pip python3-dev gcc pkg-config libsystemd-dev gnupg
 # The latest PyPI releases of the same (systemd-python builds against libsystemd-dev).
-PYPI_PACKAGES := cryptography requests pyudev dbus-next systemd-python pytest pytest-timeout hypothesis
+PYPI_PACKAGES := cryptography requests pyudev dbus-next systemd-python pytest pytest-timeout hypothesis mypy
 
 .PHONY: all deps test test-distro test-latest demo clean
 
@@ -25,7 +25,7 @@ deps:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(VENV)/.stamp: setup.cfg pyproject.toml | deps
+$(VENV)/.stamp: setup.cfg pyproject.toml Makefile | deps
 	$(DISTRO_PY) -m venv --clear $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q --upgrade $(PYPI_PACKAGES)

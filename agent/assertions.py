@@ -417,7 +417,7 @@ def build_content(headers: Headers, body: bytes = b"") -> bytes:
         _check_assertion(final, body)
     except AssertionFormatError as exc:
         raise LocalFormatError(f"cannot sign assertion: {exc}") from None
-    kind = final["type"]
+    kind = _string(final, "type")
     order = ["type"]
     if _int_header(final, "format") > 0:
         order.append("format")
