@@ -69,6 +69,11 @@ def _fail(msg: str) -> AssertionFormatError:
     return AssertionFormatError(msg)
 
 
+def is_model_name(name: str) -> bool:
+    """snapd's model-name rule (lowercase letters, digits, single inner hyphens)."""
+    return bool(_MODEL.fullmatch(name))
+
+
 @dataclass(frozen=True, slots=True)
 class Assertion:
     """One decoded (or freshly signed) assertion; ``content`` is exactly what was signed."""

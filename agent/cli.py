@@ -95,10 +95,77 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _load_config(args: argparse.Namespace) -> "config.Config":
+    from . import config
+
+    return config.load([Path(f) for f in args.config] if args.config else None)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from . import daemon
+
+    logging.basicConfig(level=logging.INFO, format="factory-agent: %(message)s", stream=sys.stderr)
+    cfg = _load_config(args)
+    state_dir = resolve_state_dir(args.state_dir, os.environ)
+    try:
+        return asyncio.run(daemon.main(cfg, state_dir, once=args.once))
+    except asyncio.CancelledError:  # SIGTERM/SIGINT: a clean stop
+        return 0
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from . import config, identity
+
+    use_config = args.config or config.DEFAULT_FILE.exists()
+    cfg = _load_config(args).identity if use_config else config.IdentityConfig()
+    found = asyncio.run(identity.gather_identity(cfg)) if cfg.required else identity.read_identity(cfg)
+    if args.json:
+        print(json.dumps(found.to_json(), indent=2, sort_keys=True))
+    else:
+        print(identity.format_identity(found))
+    return 0
+
+
+def cmd_lab_vault(args: argparse.Namespace) -> int:
+    from . import labvault
+
+    return labvault.serve(Path(args.dir), args.listen, brand=args.brand, model=args.model, api_key=args.api_key,
+                          certfile=args.tls_cert, keyfile=args.tls_key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="factory-agent", description="First-boot device registration agent.")
     parser.add_argument("--version", action="version", version=f"factory-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the daemon: register this device with the Serial Vault")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="configuration file (repeatable, later wins; default /etc/factory-agent/agent.toml and agent.toml.d/*.toml)")
+    p.add_argument("--state-dir", metavar="DIR")
+    p.add_argument("--bus", choices=["none"], default="none", help="D-Bus status service (not built yet: none)")
+    p.add_argument("--once", action="store_true", help="exit 0 when registered, 1 when blocked")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("identity", help="gather and print the hardware identity with the source of each value")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--config", action="append", default=[], metavar="FILE")
+    p.set_defaults(func=cmd_identity)
+
+    p = sub.add_parser("lab-vault", help="a local Serial Vault for labs, demos and tests (not for production)")
+    p.add_argument("--dir", required=True, metavar="DIR", help="keys, trust chain and api-key live here")
+    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
+    p.add_argument("--brand", default="acme")
+    p.add_argument("--model", default="acme-gw")
+    p.add_argument("--api-key", metavar="KEY", help="default: a random key, kept in DIR/api-key")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="and this private key (PEM)")
+    p.set_defaults(func=cmd_lab_vault)
 
     p = sub.add_parser("key", help="print the device key id (or public key); --generate creates the key if missing")
     p.add_argument("--state-dir", metavar="DIR")
@@ -124,10 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups from a TaskGroup."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        try:
+            return int(args.func(args))
+        except BaseExceptionGroup as group:
+            raise _leaf(group) from group
     except ConfigError as exc:
         print(f"factory-agent: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -78,3 +78,53 @@ class BadSignatureError(AssertionFormatError):
 
     code = "bad-signature"
     dbus_name = DBUS_ERROR_PREFIX + "BadSignature"
+
+
+class VaultError(AgentError):
+    """Abstract: one exchange with the vault failed. ``retry_after`` is the vault's hint, in seconds."""
+
+    code = "vault"
+    dbus_name = DBUS_ERROR_PREFIX + "Vault"
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class VaultUnavailable(VaultError):
+    """No network, DNS failure, connection refused: not the vault's answer, not counted."""
+
+    code = "vault-unavailable"
+    dbus_name = DBUS_ERROR_PREFIX + "VaultUnavailable"
+
+
+class VaultClockSkew(VaultError):
+    """The vault's TLS certificate is not yet valid or expired for us: our clock is wrong."""
+
+    code = "clock-skew"
+    dbus_name = DBUS_ERROR_PREFIX + "ClockSkew"
+
+
+class VaultTransient(VaultError):
+    """Timeouts, 5xx, 429, truncated or oversized answers: retried with backoff."""
+
+    code = "vault-transient"
+    dbus_name = DBUS_ERROR_PREFIX + "VaultTransient"
+
+
+class VaultRejected(VaultError):
+    """The vault refused (4xx): carries its own ``error_code`` and message."""
+
+    code = "vault-rejected"
+    dbus_name = DBUS_ERROR_PREFIX + "VaultRejected"
+
+    def __init__(self, message: str, error_code: str, retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after)
+        self.error_code = error_code
+
+
+class SerialRejectedError(AgentError):
+    """The vault signed something that is not this device's serial, or not by a trusted key."""
+
+    code = "serial-rejected"
+    dbus_name = DBUS_ERROR_PREFIX + "SerialRejected"

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
-from . import keys
+from . import keys, registration
 from .errors import DeviceKeyError, StoreError
 
 DEVICE_KEY_FILE = "device-key.pem"
@@ -101,3 +103,101 @@ def ensure_state_dir(state_dir: Path) -> None:
         raise StoreError(f"cannot create state directory {state_dir}: {exc.strerror}") from None
     if not os.access(state_dir, os.W_OK | os.X_OK):
         raise StoreError(f"cannot write to state directory {state_dir}: {os.strerror(errno.EACCES)}")
+
+
+STATE_FILE = "state.json"
+SERIAL_FILE = "serial.assertion"
+SCHEMA = 1
+
+
+class Store:
+    """The state directory: device-key.pem, serial.assertion and state.json (versioned).
+
+    The effect is written before the record: the key file before the state
+    that names its id, the serial file before the state that says
+    registered. :meth:`load` then only has to adopt what a crash left
+    unrecorded (see registration.reconcile).
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir
+
+    def prepare(self) -> list[str]:
+        """Create the directory if needed; clear temp files a crash left; returns their names."""
+        ensure_state_dir(self.dir)
+        try:
+            return remove_stale_temps(self.dir)
+        except OSError as exc:
+            raise StoreError(f"cannot clean state directory {self.dir}: {exc.strerror}") from None
+
+    def load_progress(self) -> tuple[registration.Progress, str | None]:
+        """The recorded progress, and the name a corrupt state file was moved to (else None)."""
+        path = self.dir / STATE_FILE
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return registration.Progress(), None
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            return progress_from_json(json.loads(raw)), None
+        except (ValueError, TypeError, KeyError):
+            aside = self.dir / f"{STATE_FILE}.corrupt-{int(time.time())}"
+            os.replace(path, aside)
+            fsync_dir(self.dir)
+            return registration.Progress(), aside.name
+
+    def save_progress(self, p: registration.Progress) -> None:
+        data = json.dumps(progress_to_json(p), indent=2, sort_keys=True).encode() + b"\n"
+        self._write(STATE_FILE, data, 0o600)
+
+    def save_serial(self, text: bytes) -> None:
+        self._write(SERIAL_FILE, text, 0o644)
+
+    def read_serial(self) -> bytes | None:
+        try:
+            return (self.dir / SERIAL_FILE).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.dir / SERIAL_FILE}: {exc.strerror}") from None
+
+    def _write(self, name: str, data: bytes, mode: int) -> None:
+        try:
+            write_durable(self.dir / name, data, mode)
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.dir / name}: {exc.strerror}") from None
+
+
+_FIELDS = {
+    "phase": "phase", "key-id": "key_id", "serial": "serial", "serial-request": "serial_request",
+    "identity": "identity", "attempts": "attempts", "failures": "failures", "clock-tries": "clock_tries",
+    "nonce-retries": "nonce_retries", "blocked-by": "blocked_by", "last-error": "last_error",
+    "last-error-message": "last_error_message",
+}
+
+
+def progress_to_json(p: registration.Progress) -> dict[str, object]:
+    data: dict[str, object] = {"schema": SCHEMA}
+    data.update({key: getattr(p, attr) for key, attr in _FIELDS.items()})
+    data["phase"] = p.phase.value
+    return data
+
+
+def progress_from_json(data: object) -> registration.Progress:
+    """A Progress from state.json; ValueError/TypeError when it is not one; StoreError when it is too new."""
+    if not isinstance(data, dict) or not isinstance(data.get("schema"), int):
+        raise ValueError("not a versioned state object")
+    if data["schema"] > SCHEMA:
+        raise StoreError(f"state.json has schema {data['schema']}, newer than this agent's {SCHEMA}: refusing to touch it")
+    defaults = registration.Progress()
+    values: dict[str, object] = {}
+    for key, attr in _FIELDS.items():
+        value = data.get(key, getattr(defaults, attr))
+        if type(value) is not type(getattr(defaults, attr)) and attr != "phase":
+            raise TypeError(f"state.json {key!r} has the wrong type")
+        values[attr] = value
+    values["phase"] = registration.Phase(str(values["phase"]))
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in values["identity"].items()):  # type: ignore[attr-defined]
+        raise TypeError("state.json 'identity' must map strings to strings")
+    return registration.Progress(**values)  # type: ignore[arg-type]

@@ -1,0 +1,303 @@
+"""Configuration: TOML files merged in order (later wins) into one frozen Config.
+
+Every error names the file and the key, and is a ConfigError (exit 78, so
+systemd stops restarting a daemon that cannot work until a person fixes it).
+Relative paths in a file are relative to that file's directory. The api-key
+is read here, never logged, and hidden from repr().
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import assertions
+from .errors import AssertionFormatError, ConfigError
+
+DEFAULT_FILE = Path("/etc/factory-agent/agent.toml")
+IDENTITY_SOURCES = ("soc-serial", "mmc-cid", "mac", "dmi", "machine-id")
+
+
+@dataclass(frozen=True, slots=True)
+class VaultConfig:
+    url: str
+    api_key: str = field(repr=False)
+    ca_file: str | None
+    allow_insecure_http: bool
+    trusted_account_keys: tuple[assertions.Assertion, ...] = field(repr=False)
+    connect_timeout: float
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    sources: tuple[str, ...] = ("soc-serial", "mmc-cid", "mac", "dmi")
+    required: tuple[str, ...] = ()
+    wait_seconds: float = 60.0
+    static: Mapping[str, str] = field(default_factory=dict)
+    allow_weak: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    brand: str
+    model: str
+    model_assertion: assertions.Assertion | None
+    vault: VaultConfig
+    serial_template: str
+    identity: IdentityConfig
+    files: tuple[Path, ...]
+
+
+# key -> (type, default); a nested dict is a table. "path" is a str relative to its file.
+_SCHEMA: dict[str, Any] = {
+    "brand": ("str", ""),
+    "model": ("str", ""),
+    "model-assertion": ("path", ""),
+    "vault": {
+        "url": ("str", ""),
+        "api-key-file": ("path", ""),
+        "api-key": ("str", ""),
+        "ca-file": ("path", ""),
+        "allow-insecure-http": ("bool", False),
+        "trusted-account-keys": ("paths", []),
+        "connect-timeout": ("seconds", 10.0),
+        "timeout": ("seconds", 30.0),
+    },
+    "serial": {"template": ("str", "{soc_serial}")},
+    "identity": {
+        "sources": ("strs", ["soc-serial", "mmc-cid", "mac", "dmi"]),
+        "required": ("strs", []),
+        "wait-seconds": ("seconds", 60.0),
+        "allow-weak": ("bool", False),
+        "static": "table-of-str",
+    },
+}
+
+
+def default_files() -> list[Path]:
+    """The default file, then agent.toml.d/*.toml in name order."""
+    drop_ins = sorted(DEFAULT_FILE.with_name("agent.toml.d").glob("*.toml"))
+    return [DEFAULT_FILE, *drop_ins]
+
+
+def load(files: Sequence[Path] | None = None) -> Config:
+    """Read, check and merge ``files`` (default: :func:`default_files`) into a Config."""
+    paths = list(files) if files else default_files()
+    merged: dict[str, Any] = {}
+    origin: dict[str, Path] = {}
+    for path in paths:
+        _merge(merged, origin, _check_table(_read_toml(path), _SCHEMA, path, ""), path, "")
+    return _build(merged, origin, tuple(paths))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"cannot read configuration {path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"cannot parse configuration {path}: {exc}") from None
+
+
+def _check_table(table: Mapping[str, Any], schema: Mapping[str, Any], path: Path, prefix: str) -> dict[str, Any]:
+    checked: dict[str, Any] = {}
+    for key, value in table.items():
+        name = prefix + key
+        if key not in schema:
+            raise ConfigError(f"{path}: unknown key {name!r}")
+        spec = schema[key]
+        if isinstance(spec, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {name!r} must be a table")
+            checked[key] = _check_table(value, spec, path, name + ".")
+        elif spec == "table-of-str":
+            if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                raise ConfigError(f"{path}: {name!r} must be a table of strings")
+            checked[key] = dict(value)
+        else:
+            checked[key] = _check_value(spec[0], value, path, name)
+    return checked
+
+
+def _check_value(kind: str, value: Any, path: Path, name: str) -> Any:
+    ok = {
+        "str": isinstance(value, str),
+        "path": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "seconds": isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+        "strs": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        "paths": isinstance(value, list) and all(isinstance(v, str) for v in value),
+    }[kind]
+    if not ok:
+        expected = {"str": "a string", "path": "a path string", "bool": "true or false",
+                    "seconds": "a non-negative number of seconds", "strs": "a list of strings",
+                    "paths": "a list of path strings"}[kind]
+        raise ConfigError(f"{path}: {name!r} must be {expected}, not {value!r}")
+    if kind == "path" and value:
+        return str(path.parent / value)
+    if kind == "paths":
+        return [str(path.parent / v) for v in value]
+    return float(value) if kind == "seconds" else value
+
+
+def _merge(into: dict[str, Any], origin: dict[str, Path], table: Mapping[str, Any], path: Path, prefix: str) -> None:
+    for key, value in table.items():
+        if isinstance(value, dict) and key != "static":
+            _merge(into.setdefault(key, {}), origin, value, path, prefix + key + ".")
+        elif key == "static":
+            into.setdefault(key, {}).update(value)
+            origin.update({f"{prefix}{key}.{k}": path for k in value})
+        else:
+            into[key] = value
+            origin[prefix + key] = path
+
+
+def _get(merged: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = merged
+    schema: Any = _SCHEMA
+    for part in dotted.split("."):
+        schema = schema[part]
+        node = node.get(part, {} if isinstance(schema, dict) or schema == "table-of-str" else schema[1])
+    return node
+
+
+def _where(origin: Mapping[str, Path], key: str, files: Iterable[Path]) -> str:
+    return str(origin.get(key) or ", ".join(map(str, files)))
+
+
+def _build(merged: Mapping[str, Any], origin: Mapping[str, Path], files: tuple[Path, ...]) -> Config:
+    def fail(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{_where(origin, key, files)}: {key!r} {msg}")
+
+    model_assertion = _load_model(_get(merged, "model-assertion"), fail)
+    brand, model = _get(merged, "brand"), _get(merged, "model")
+    if model_assertion is not None:
+        for key, value in (("brand", brand), ("model", model)):
+            declared = model_assertion.header("brand-id" if key == "brand" else "model")
+            if value and value != declared:
+                raise fail(key, f"is {value!r} but the model assertion says {declared!r}")
+        brand, model = model_assertion.header("brand-id"), model_assertion.header("model")
+    if not brand:
+        raise fail("brand", "is required (or a model-assertion)")
+    if not model or not assertions.is_model_name(model):
+        raise fail("model", f"must be a lowercase model name, not {model!r}")
+    return Config(
+        brand=brand,
+        model=model,
+        model_assertion=model_assertion,
+        vault=_build_vault(merged, fail),
+        serial_template=_check_template(_get(merged, "serial.template"), fail),
+        identity=_build_identity(merged, fail),
+        files=files,
+    )
+
+
+def _load_model(path: str, fail: Any) -> assertions.Assertion | None:
+    if not path:
+        return None
+    try:
+        model = assertions.decode(Path(path).read_bytes())
+    except OSError as exc:
+        raise fail("model-assertion", f"cannot be read ({path}: {exc.strerror})") from None
+    except AssertionFormatError as exc:
+        raise fail("model-assertion", f"is not a model assertion ({path}: {exc})") from None
+    if model.type != "model":
+        raise fail("model-assertion", f"is a {model.type!r} assertion, not a model ({path})")
+    return model
+
+
+def _build_vault(merged: Mapping[str, Any], fail: Any) -> VaultConfig:
+    url = _get(merged, "vault.url")
+    if not url:
+        raise fail("vault.url", "is required")
+    if not url.startswith(("https://", "http://")):
+        raise fail("vault.url", f"must be an https:// URL, not {url!r}")
+    if url.startswith("http://") and not _get(merged, "vault.allow-insecure-http"):
+        raise fail("vault.url", "is http://: set vault.allow-insecure-http = true for a lab vault")
+    if not url.endswith("/"):
+        url += "/"  # as snapd does, so that request-id and serial resolve below it
+    timeout, connect = _get(merged, "vault.timeout"), _get(merged, "vault.connect-timeout")
+    if timeout <= 0 or connect <= 0:
+        raise fail("vault.timeout", "and vault.connect-timeout must be positive")
+    return VaultConfig(
+        url=url,
+        api_key=_api_key(merged, fail),
+        ca_file=_get(merged, "vault.ca-file") or None,
+        allow_insecure_http=_get(merged, "vault.allow-insecure-http"),
+        trusted_account_keys=_account_keys(_get(merged, "vault.trusted-account-keys"), fail),
+        connect_timeout=connect,
+        timeout=timeout,
+    )
+
+
+def _api_key(merged: Mapping[str, Any], fail: Any) -> str:
+    inline, path = _get(merged, "vault.api-key"), _get(merged, "vault.api-key-file")
+    if inline and path:
+        raise fail("vault.api-key", "and vault.api-key-file are both set: keep one")
+    if path:
+        try:
+            inline = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            cause = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise fail("vault.api-key-file", f"cannot be read ({path}: {cause})") from None
+        if not inline:
+            raise fail("vault.api-key-file", f"is empty ({path})")
+    if not inline:
+        raise fail("vault.api-key-file", "(or vault.api-key) is required")
+    if any(c in inline for c in "\r\n\0"):
+        raise fail("vault.api-key", "must be a single line")
+    return str(inline)
+
+
+def _account_keys(paths: Sequence[str], fail: Any) -> tuple[assertions.Assertion, ...]:
+    found = []
+    for path in paths:
+        try:
+            stream = assertions.decode_stream(Path(path).read_bytes())
+        except OSError as exc:
+            raise fail("vault.trusted-account-keys", f"cannot be read ({path}: {exc.strerror})") from None
+        except AssertionFormatError as exc:
+            raise fail("vault.trusted-account-keys", f"holds an invalid assertion ({path}: {exc})") from None
+        keys = [a for a in stream if a.type == "account-key"]
+        if not keys:
+            raise fail("vault.trusted-account-keys", f"names a file without an account-key ({path})")
+        found += keys
+    if not found:
+        raise fail("vault.trusted-account-keys", "is required: the serial cannot be verified without the brand's account-key")
+    return tuple(found)
+
+
+def _check_template(template: str, fail: Any) -> str:
+    try:
+        template.format_map(_AnyFields())
+    except (ValueError, IndexError, AttributeError) as exc:
+        raise fail("serial.template", f"is not a valid template ({exc})") from None
+    if not template:
+        raise fail("serial.template", "must not be empty")
+    return template
+
+
+class _AnyFields(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        return "x"
+
+
+def _build_identity(merged: Mapping[str, Any], fail: Any) -> IdentityConfig:
+    sources = tuple(_get(merged, "identity.sources"))
+    unknown = [s for s in sources if s not in IDENTITY_SOURCES]
+    if unknown:
+        raise fail("identity.sources", f"has unknown source(s) {unknown}; known: {list(IDENTITY_SOURCES)}")
+    return IdentityConfig(
+        sources=sources,
+        required=tuple(_get(merged, "identity.required")),
+        wait_seconds=_get(merged, "identity.wait-seconds"),
+        static=dict(_get(merged, "identity.static")),
+        allow_weak=_get(merged, "identity.allow-weak"),
+    )

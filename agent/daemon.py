@@ -1,0 +1,319 @@
+"""The daemon: performs what registration.py decides, and reports every step.
+
+It owns the I/O: the store (in a thread), key generation (a child process),
+identity (pyudev), the vault (requests, in a thread). Every task belongs to
+one TaskGroup; blocking calls go through asyncio.to_thread and are bounded
+by their own timeouts. Correctness never depends on a clean exit: the store's
+write order and reconcile() make a SIGKILL at any instant safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from random import Random
+from typing import Protocol, TypeVar
+
+from . import __version__, assertions, identity, keys, registration, serials, store, vault
+from .config import Config
+from .errors import AgentError, SerialRejectedError
+from .registration import Phase, Progress, Step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Everything a technician sees; the D-Bus properties mirror it one to one."""
+
+    state: str
+    serial: str
+    brand: str
+    model: str
+    device_key_id: str
+    attempts: int
+    last_error: str
+    last_error_message: str
+    action: str
+    next_retry: int  # unix microseconds, 0 if none
+    identity: dict[str, str] = field(default_factory=dict)
+    version: str = __version__
+
+
+class Publisher(Protocol):
+    def publish(self, status: Status) -> None: ...
+
+
+class LogPublisher:
+    """Reports each change of state or error as one log line."""
+
+    def __init__(self) -> None:
+        self.last: Status | None = None
+
+    def publish(self, status: Status) -> None:
+        before, self.last = self.last, status
+        if before and (before.state, before.last_error) == (status.state, status.last_error):
+            return
+        line = f"state {status.state}"
+        if status.state == "registered":
+            line += f": serial {status.serial}"
+        elif status.last_error:
+            line += f" ({status.last_error}: {status.last_error_message})"
+            if status.action:
+                line += f"; action: {status.action}"
+        log.info(line, extra={"FACTORY_AGENT_STATE": status.state, "FACTORY_AGENT_ERROR": status.last_error})
+
+
+def load_state(st: store.Store, cfg: Config) -> tuple[Progress, keys.DeviceKey | None]:
+    """Read the state directory and reconcile it with the artifacts on disk (blocking)."""
+    removed = st.prepare()
+    if removed:
+        log.info("removed temporary files left by a crash: %s", ", ".join(removed))
+    recorded, corrupt = st.load_progress()
+    if corrupt:
+        log.warning("state.json was corrupt; moved aside to %s and rebuilt from the files present", corrupt)
+    key = store.load_device_key(st.dir)
+    serial = _serial_on_disk(st, cfg, key)
+    progress = registration.reconcile(recorded, key.key_id if key else None, serial)
+    if progress != recorded:
+        st.save_progress(progress)
+    return progress, key
+
+
+def _serial_on_disk(st: store.Store, cfg: Config, key: keys.DeviceKey | None) -> str | None:
+    text = st.read_serial()
+    if text is None or key is None:
+        return None
+    try:
+        return _check(cfg, key, text).header("serial")
+    except AgentError as exc:
+        log.warning("ignoring %s: %s", st.dir / store.SERIAL_FILE, exc)
+        return None
+
+
+def _check(cfg: Config, key: keys.DeviceKey, body: bytes) -> assertions.Assertion:
+    return serials.check_serial(body, brand=cfg.brand, model=cfg.model, key_id=key.key_id,
+                                trusted=cfg.vault.trusted_account_keys, model_assertion=cfg.model_assertion)
+
+
+class Driver:
+    """One registration, from whatever the state directory holds to registered (or blocked)."""
+
+    def __init__(self, cfg: Config, st: store.Store, publisher: Publisher, rng: Random | None = None,
+                 key_bits: int = keys.DEVICE_KEY_BITS) -> None:
+        self.cfg, self.store, self.publisher = cfg, st, publisher
+        self.rng = rng or Random()
+        self.key_bits = key_bits
+        self.vault = vault.Vault(cfg.vault)
+        self.kick = asyncio.Event()
+        self.progress = Progress()
+        self.key: keys.DeviceKey | None = None
+        self.identity: identity.DeviceIdentity | None = None
+        self.request_id: tuple[str, float] | None = None  # (id, monotonic time fetched)
+        self.activity, self.next_retry = "starting", 0.0
+        # Background work returns its AgentError instead of raising it, so a
+        # failure feeds the state machine instead of tearing down the TaskGroup.
+        self.key_task: asyncio.Task[keys.DeviceKey | AgentError] | None = None
+        self.identity_task: asyncio.Task[identity.DeviceIdentity | AgentError] | None = None
+
+    def retry(self) -> None:
+        """Retry(): unblock a refusal, or cut a wait short."""
+        self.kick.set()
+
+    async def run(self, tg: asyncio.TaskGroup, once: bool) -> Progress:
+        self.progress, self.key = await asyncio.to_thread(load_state, self.store, self.cfg)
+        self._publish()
+        while True:
+            step = registration.next_step(self.progress, self._context())
+            if step in (Step.DONE, Step.BLOCKED):
+                self._publish()
+                if once or not await self._wait_for_retry(step):
+                    return self.progress
+                continue
+            outcome = await self._perform(step, tg)
+            if outcome is not None:
+                await self._apply(outcome)
+
+    def _context(self) -> registration.Context:
+        age = time.monotonic() - self.request_id[1] if self.request_id else None
+        return registration.Context(key_ready=self.key is not None, identity_ready=self.identity is not None,
+                                    request_id_age=age)
+
+    async def _perform(self, step: Step, tg: asyncio.TaskGroup) -> registration.Outcome | None:
+        try:
+            if step is Step.FETCH_REQUEST_ID:
+                self._start_background(tg)
+                self._set_activity("requesting")
+                self.request_id = (await asyncio.to_thread(self.vault.fetch_request_id), time.monotonic())
+                return registration.GotRequestId()
+            if step is Step.WAIT_IDENTITY:
+                self._set_activity("identifying")
+                self._start_background(tg)
+                assert self.identity_task is not None
+                self.identity = _result(await self.identity_task)
+                return None
+            if step is Step.WAIT_KEY:
+                self._set_activity("generating-key")
+                self._start_background(tg)
+                assert self.key_task is not None
+                self.key = _result(await self.key_task)
+                return registration.KeyReady(self.key.key_id)
+            return await self._exchange(step)
+        except AgentError as exc:
+            return exc
+        finally:
+            for name in ("key_task", "identity_task"):
+                task = getattr(self, name)
+                if task is not None and task.done():
+                    setattr(self, name, None)  # a failed one starts again on the next try
+
+    def _start_background(self, tg: asyncio.TaskGroup) -> None:
+        """Identity and key generation run while the request-id is fetched."""
+        if self.identity is None and self.identity_task is None:
+            self.identity_task = tg.create_task(_captured(identity.gather_identity(self.cfg.identity)))
+        if self.key is None and self.key_task is None:
+            self.key_task = tg.create_task(_captured(self._generate_key()))
+
+    async def _generate_key(self) -> keys.DeviceKey:
+        pem = await keys.generate_key_pem_async(self.key_bits)
+        return await asyncio.to_thread(store.save_device_key, self.store.dir, pem)
+
+    async def _exchange(self, step: Step) -> registration.Outcome:
+        assert self.key is not None
+        if step is Step.POLL:
+            self._set_activity("polling")
+            request = self.progress.serial_request.encode()
+        else:
+            self._set_activity("requesting")
+            request = self._serial_request()
+        answer = await asyncio.to_thread(self.vault.post_serial, self._stream(request))
+        if isinstance(answer, vault.Pending):
+            return registration.Accepted(request.decode(), answer.retry_after)
+        serial = _check(self.cfg, self.key, answer.body)
+        await asyncio.to_thread(self.store.save_serial, serial.encode())  # the artifact before the record
+        return registration.Registered(serial.header("serial"))
+
+    def _serial_request(self) -> bytes:
+        assert self.key is not None and self.identity is not None and self.request_id is not None
+        allow_weak = self.cfg.identity.allow_weak
+        request = assertions.build_serial_request(
+            brand=self.cfg.brand, model=self.cfg.model, request_id=self.request_id[0],
+            device_key=self.key.public, signer=self.key.sign, created=int(time.time()),
+            serial=identity.proposed_serial(self.identity, self.cfg.serial_template, allow_weak),
+            body=identity.registration_body(self.identity, allow_weak),
+        )
+        return request.encode()
+
+    def _stream(self, request: bytes) -> bytes:
+        """The serial-request, then the model assertion after one empty line, as snapd posts it."""
+        if self.cfg.model_assertion is None:
+            return request
+        return request + b"\n" + self.cfg.model_assertion.encode().rstrip(b"\n") + b"\n"
+
+    async def _apply(self, outcome: registration.Outcome) -> None:
+        if isinstance(outcome, SerialRejectedError):
+            log.error("rejected the vault's serial: %s", outcome)
+        decision = registration.apply(self.progress, outcome, self.rng)
+        if decision.forget_request_id:
+            self.request_id = None
+        if self.identity is not None:
+            fields = self.identity.fields(self.cfg.identity.allow_weak)
+            decision = registration.Decision(_with_identity(decision.progress, fields), decision.delay, decision.forget_request_id)
+        await self._commit(decision.progress)
+        if decision.delay > 0 and not math.isinf(decision.delay):
+            await self._sleep(decision.delay)
+
+    async def _commit(self, progress: Progress) -> None:
+        """Persist, then publish: nobody hears of a state that a power cut could undo."""
+        if progress != self.progress:
+            await asyncio.to_thread(self.store.save_progress, progress)
+            self.progress = progress
+        self._publish()
+
+    async def _sleep(self, delay: float) -> None:
+        waiting = "waiting-clock" if self.progress.last_error == "clock-skew" else "waiting-retry"
+        self.next_retry = time.time() + delay
+        self._set_activity(waiting)
+        self.kick.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.kick.wait(), delay)
+        self.next_retry = 0.0
+
+    async def _wait_for_retry(self, step: Step) -> bool:
+        """Registered: serve status until stopped. Blocked: wait for Retry(), then go on."""
+        self.kick.clear()
+        await self.kick.wait()
+        if step is Step.BLOCKED:
+            await self._commit(registration.unblock(self.progress))
+            self.identity = None if self.progress.blocked_by == "identity" else self.identity
+            return True
+        return False
+
+    def _set_activity(self, activity: str) -> None:
+        self.activity = activity
+        self._publish()
+
+    def status(self) -> Status:
+        p = self.progress
+        return Status(
+            state=registration.display_state(p, self.activity),
+            serial=p.serial if p.phase is Phase.REGISTERED else "",
+            brand=self.cfg.brand, model=self.cfg.model,
+            device_key_id=p.key_id, attempts=p.attempts,
+            last_error=p.last_error, last_error_message=p.last_error_message, action=p.action,
+            next_retry=int(self.next_retry * 1_000_000),
+            identity=self.identity.fields(self.cfg.identity.allow_weak) if self.identity else dict(p.identity),
+        )
+
+    def _publish(self) -> None:
+        self.publisher.publish(self.status())
+
+
+T = TypeVar("T")
+
+
+async def _captured(work: Awaitable[T]) -> T | AgentError:
+    try:
+        return await work
+    except AgentError as exc:
+        return exc
+
+
+def _result(value: T | AgentError) -> T:
+    if isinstance(value, AgentError):
+        raise value
+    return value
+
+
+def _with_identity(p: Progress, fields: dict[str, str]) -> Progress:
+    return p if p.identity == fields else replace(p, identity=fields)
+
+
+async def main(cfg: Config, state_dir: Path, *, once: bool, publisher: Publisher | None = None,
+               on_driver: Callable[[Driver], None] | None = None) -> int:
+    """Run until registered (``once``) or until SIGTERM/SIGINT; the exit status for the CLI."""
+    loop, me = asyncio.get_running_loop(), asyncio.current_task()
+    assert me is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, me.cancel)
+    driver = Driver(cfg, store.Store(state_dir), publisher or LogPublisher())
+    if on_driver:
+        on_driver(driver)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            progress = await driver.run(tg, once)
+            for task in (driver.key_task, driver.identity_task):
+                if task is not None:
+                    task.cancel()
+    finally:
+        driver.vault.close()
+    if progress.phase is Phase.REGISTERED:
+        return 0
+    return 1

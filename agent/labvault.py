@@ -1,0 +1,630 @@
+"""A local Serial Vault with the real one's device API, signing serials with a brand key it creates.
+
+It is a test and demo tool, not a production vault: its keys sit unencrypted
+in its directory, its nonces and signing log live in memory, and fault knobs
+(:class:`Faults`) make it misbehave on purpose. What a device sees follows
+shared/reference/serial-vault-api.md: paths, status codes, JSON bodies, the
+processing order of ``/v1/serial`` and when a request-id is burned.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import hmac
+import http
+import json
+import logging
+import re
+import secrets
+import signal
+import socket
+import socketserver
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cache, lru_cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, cast
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from . import __version__, assertions, keys, openpgp, store
+from .assertions import Assertion, HeaderValue
+from .errors import AssertionFormatError, ConfigError, LocalFormatError
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/v1/"
+ROOT_ID = "lab-root"
+ACCOUNT_KEY_SINCE = "2016-01-01T00:00:00Z"  # fixed and early: every timestamp we sign falls after it
+NONCE_MAX_AGE = 600.0  # the real vault's nonceMaximumAge
+MAX_REQUEST_BODY = 4 * 1024 * 1024
+_MAX_DRAIN = 64 * 1024 * 1024  # read (and drop) an oversized body up to this, so the client sees our answer
+JSON_TYPE = "application/json; charset=UTF-8"
+ASSERTION_TYPE = "application/x.ubuntu.assertion"
+PLAIN_TYPE = "text/plain; charset=utf-8"
+_BRAND = re.compile(r"[a-z0-9A-Z]{32}|[-a-z0-9]{2,28}")
+_MODEL = re.compile(r"[a-z0-9](?:-?[a-z0-9])*")
+_REMODEL_HEADERS = ("original-brand-id", "original-model", "original-serial")
+UNEXPECTED = "unexpected assertion in the request stream"
+
+# The real vault's messages (service/response/errors.go), by error_code.
+MESSAGES = {
+    "invalid-api-key": "Invalid API key used",
+    "generate-nonce": "Error generating a nonce. Please try again later",
+    "empty-data": "No data supplied for signing",
+    "invalid-assertion": "The assertion is invalid",
+    "invalid-type": "The assertion type must be 'serial'",
+    "invalid-second-type": "The 2nd assertion type must be 'model'",
+    "mismatched-model": "Model and serial-request assertion do not match",
+    "invalid-nonce": "Nonce is invalid or expired",
+    "invalid-model": "Cannot find a matching model or sub-store model",
+    "invalid-substore": "Cannot find sub-store mapping for the model",
+    "create-assertion": "Error converting the serial-request to a serial assertion",
+    "signing-assertion": "Error signing the assertion",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One HTTP answer; ``content_type`` None sends no Content-Type."""
+
+    status: int
+    body: bytes = b""
+    content_type: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Forced:
+    """A status answered instead of processing; body None means "<code> <reason>\\n" as text/plain."""
+
+    status: int
+    retry_after: str | None = None
+    body: bytes | None = None
+    content_type: str = PLAIN_TYPE
+
+
+@dataclass
+class Faults:
+    """Knobs that make the vault misbehave. Set fields directly; the vault reads them under its lock.
+
+    Queues are consumed one entry per matching request: ``status[endpoint]``
+    (endpoint "request-id" or "serial"; an int is ``Forced(int)``) is answered
+    first, then ``error_code[endpoint]`` (a handled 400 with the real message);
+    neither touches nonces or records. ``accepted_times`` answers 202 with an
+    empty body to that many otherwise valid /serial requests, before the
+    request-id is burned, so the same request can be posted again (as snapd
+    does). Every other knob stays in force until changed: ``delay`` (seconds
+    before answering any request), and on signed serials ``other_device_key``,
+    ``wrong_brand``, ``untrusted_key``, ``bad_signature`` (what is signed), then
+    ``truncate`` (first half only), ``oversize`` (that many bytes of padding
+    appended) and ``content_type`` ("" sends none) on the response.
+    """
+
+    status: dict[str, list[int | Forced]] = field(default_factory=dict)
+    error_code: dict[str, list[str]] = field(default_factory=dict)
+    accepted_times: int = 0
+    delay: float = 0.0
+    truncate: bool = False
+    oversize: int = 0
+    other_device_key: bool = False
+    bad_signature: bool = False
+    wrong_brand: str | None = None
+    untrusted_key: bool = False
+    content_type: str | None = None
+
+
+class _Refusal(Exception):
+    """A handled vault error: HTTP 400 with the real JSON body; the message defaults to the real one."""
+
+    def __init__(self, code: str, message: str | None = None) -> None:
+        super().__init__(code)
+        self.code, self.message = code, MESSAGES.get(code, code) if message is None else message
+
+    def reply(self) -> Reply:
+        body = {"success": False, "error_code": self.code, "error_subcode": "", "message": self.message, "StatusCode": 400}
+        return Reply(400, go_json(body), JSON_TYPE)
+
+
+def go_json(value: dict[str, Any]) -> bytes:
+    """What Go's json.Encoder writes: compact, HTML-escaped, one trailing newline."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    for char, escape in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escape)
+    return text.encode("utf-8") + b"\n"
+
+
+NOT_FOUND = Reply(404, b"404 page not found\n", PLAIN_TYPE, (("X-Content-Type-Options", "nosniff"),))
+VERSION = Reply(200, go_json({"version": __version__, "revision": "lab"}), JSON_TYPE)
+HEALTH = Reply(200, go_json({"database": "healthy"}), JSON_TYPE)
+
+
+def rfc3339(seconds: float) -> str:
+    return datetime.fromtimestamp(int(seconds), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@lru_cache(maxsize=8)
+def _load_key(pem: bytes) -> keys.DeviceKey:
+    """keys.load_key, remembered: its RSA check costs ~0.25 s per 4096-bit key, and tests build many vaults."""
+    return keys.load_key(pem)
+
+
+@cache
+def _spare_key() -> keys.DeviceKey:
+    """A key nobody trusts, for the other_device_key and untrusted_key faults (made once, in-process)."""
+    private = rsa.generate_private_key(65537, 2048)
+    numbers = private.public_key().public_numbers()
+    return keys.DeviceKey(private, openpgp.PublicKey(numbers.n, numbers.e))
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Forced"
+    return f"{status} {phrase}\n".encode("ascii")
+
+
+def _yaml_serial(body: bytes) -> str:
+    """The top-level ``serial:`` value of a YAML body, "" if none (a line parse, not a YAML parser)."""
+    for line in body.decode("utf-8", "replace").splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key == "serial":
+            value = value.strip()
+            end = value.find(value[0], 1) if value[:1] in ("'", '"') else -1
+            return value[1:end] if end > 0 else value.split(" #", 1)[0].strip()
+    return ""
+
+
+def _corrupt(assertion: Assertion) -> Assertion:
+    """The same assertion with the last byte of its RSA value flipped: valid base64, failing signature."""
+    packet = openpgp.decode_v1(assertion.signature, "signature")
+    broken = packet[:-1] + bytes([packet[-1] ^ 0x01])
+    return dataclasses.replace(assertion, signature=openpgp.encode_v1(broken) + b"\n")
+
+
+class LabVault:
+    """The lab vault: one brand, one model, one api-key; files in ``directory``, state in memory."""
+
+    def __init__(self, directory: Path, brand: str = "acme", model: str = "acme-gw", api_key: str | None = None,
+                 now: Callable[[], float] = time.time, key_bits: int = keys.DEVICE_KEY_BITS) -> None:
+        if not _BRAND.fullmatch(brand) or not _MODEL.fullmatch(model):
+            raise ConfigError(f"cannot set up lab vault: invalid brand {brand!r} or model {model!r}")
+        self.brand, self.model = brand, model
+        self._directory, self._now = Path(directory), now
+        self._lock = threading.Lock()
+        self.faults = Faults()
+        self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.signed: list[Assertion] = []
+        self._nonces: dict[str, float] = {}
+        self._revisions: dict[tuple[str, str, str], int] = {}
+        self._device_keys: set[str] = set()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._url = ""
+        self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._root_key, self._brand_key = self._load_keys(key_bits)
+        self._api_key = self._load_api_key(api_key)
+        self._write_assertions()
+
+    @property
+    def directory(self) -> Path:
+        return self._directory
+
+    @property
+    def brand_key(self) -> keys.DeviceKey:
+        return self._brand_key
+
+    @property
+    def api_key(self) -> str:
+        return self._api_key
+
+    @property
+    def url(self) -> str:
+        """The base URL ("http://127.0.0.1:PORT/v1/") while serving, else ""."""
+        return self._url
+
+    # --- files -------------------------------------------------------------
+
+    def _load_keys(self, bits: int) -> tuple[keys.DeviceKey, keys.DeviceKey]:
+        """root-key.pem and brand-key.pem, generated (in parallel child processes) only if missing."""
+        paths = [self._directory / "root-key.pem", self._directory / "brand-key.pem"]
+        missing = [path for path in paths if not path.exists()]
+        if missing:
+            with ThreadPoolExecutor(max_workers=len(missing)) as pool:
+                pems = list(pool.map(lambda _: keys.generate_key_pem(bits), missing))
+            for path, pem in zip(missing, pems):
+                try:
+                    store.write_durable(path, pem, mode=0o600, replace=False)
+                except FileExistsError:
+                    pass  # another vault on this directory was quicker: use its key
+        root, brand = (_load_key(path.read_bytes()) for path in paths)
+        return root, brand
+
+    def _load_api_key(self, given: str | None) -> str:
+        path = self._directory / "api-key"
+        if given is None and path.exists():
+            given = path.read_text(encoding="utf-8").strip()
+        key = secrets.token_hex(16) if given is None else given.strip()
+        if not key:
+            raise ConfigError(f"cannot set up lab vault: empty api-key (given or in {path})")
+        store.write_durable(path, key.encode("utf-8") + b"\n", mode=0o600)
+        return key
+
+    def _write_assertions(self) -> None:
+        """trusted.assert, brand-chain.assert, brand.account-key and model.assert, signed afresh."""
+        created = int(self._now())
+        stamp = rfc3339(created)
+        root, brand = self._root_key, self._brand_key
+
+        def sign(headers: dict[str, HeaderValue], signer: keys.DeviceKey = root, body: bytes = b"") -> Assertion:
+            return assertions.sign(headers, body, signer.public, signer.sign, created)
+
+        root_account = sign(_account(ROOT_ID, "lab vault throw-away root", stamp))
+        root_account_key = sign(_account_key(ROOT_ID, root.public), body=root.public.encoded.encode("utf-8"))
+        brand_account = sign(_account(self.brand, self.brand, stamp))
+        brand_account_key = sign(_account_key(self.brand, brand.public), body=brand.public.encoded.encode("utf-8"))
+        model = sign({"type": "model", "authority-id": self.brand, "series": "16", "brand-id": self.brand,
+                      "model": self.model, "architecture": "amd64", "gadget": "pc", "kernel": "pc-kernel",
+                      "timestamp": stamp}, brand)
+        files = {
+            "trusted.assert": assertions.encode_stream([root_account, root_account_key]),
+            "brand-chain.assert": assertions.encode_stream([brand_account, brand_account_key]),
+            "brand.account-key": brand_account_key.encode(),
+            "model.assert": model.encode(),
+        }
+        for name, data in files.items():
+            store.write_durable(self._directory / name, data, mode=0o644)
+
+    # --- the device API ----------------------------------------------------
+
+    def respond(self, method: str, path: str, api_key: str | None, body: bytes | None) -> Reply:
+        """The answer to one request; ``body`` None means it was larger than MAX_REQUEST_BODY."""
+        path = path.partition("?")[0]
+        with self._lock:
+            self.requests[(method, path)] += 1
+            delay = self.faults.delay
+        if delay > 0:
+            time.sleep(delay)
+        routes: dict[str, tuple[str, Callable[[str | None, bytes | None], Reply]]] = {
+            "version": ("GET", lambda key, body: VERSION), "health": ("GET", lambda key, body: HEALTH),
+            "request-id": ("POST", self._request_id), "serial": ("POST", self._serial)}
+        endpoint = path[len(API_PREFIX):] if path.startswith(API_PREFIX) else ""
+        if endpoint not in routes:
+            return NOT_FOUND
+        allowed, handler = routes[endpoint]
+        if method != allowed:
+            return Reply(405)
+        forced = self._take_forced(endpoint)
+        if forced is not None:
+            return forced
+        try:
+            return handler(api_key, body)
+        except _Refusal as refusal:
+            log.info("lab vault refused %s: %s: %s", endpoint, refusal.code, refusal.message)
+            return refusal.reply()
+
+    def _take_forced(self, endpoint: str) -> Reply | None:
+        with self._lock:
+            statuses, codes = self.faults.status.get(endpoint), self.faults.error_code.get(endpoint)
+            entry = statuses.pop(0) if statuses else None
+            code = codes.pop(0) if codes and entry is None else None
+        if code is not None:
+            return _Refusal(code).reply()
+        if entry is None:
+            return None
+        forced = entry if isinstance(entry, Forced) else Forced(entry)
+        body = _status_line(forced.status) if forced.body is None else forced.body
+        headers = (("Retry-After", forced.retry_after),) if forced.retry_after is not None else ()
+        return Reply(forced.status, body, forced.content_type, headers)
+
+    def _check_api_key(self, api_key: str | None) -> None:
+        if not api_key or not hmac.compare_digest(api_key.encode("utf-8"), self._api_key.encode("utf-8")):
+            raise _Refusal("invalid-api-key")
+
+    def _request_id(self, api_key: str | None, body: bytes | None) -> Reply:
+        self._check_api_key(api_key)
+        with self._lock:
+            now = self._now()
+            self._purge_nonces(now)
+            nonce = hashlib.sha1(f"{secrets.token_hex(32)}{int(now)}".encode("ascii")).hexdigest()
+            self._nonces[nonce] = now
+        return Reply(200, go_json({"success": True, "message": "", "request-id": nonce}), JSON_TYPE)
+
+    def _purge_nonces(self, now: float) -> None:
+        for nonce in [n for n, issued in self._nonces.items() if now - issued > NONCE_MAX_AGE]:
+            del self._nonces[nonce]
+
+    def _serial(self, api_key: str | None, body: bytes | None) -> Reply:
+        """Steps 1-9 of the reference's table leave the request-id alone; step 10 burns it."""
+        self._check_api_key(api_key)
+        request = _check_stream(body)
+        with self._lock:
+            if self.faults.accepted_times > 0:
+                self.faults.accepted_times -= 1
+                return Reply(202)
+            self._purge_nonces(self._now())
+            if self._nonces.pop(request.header("request-id"), None) is None:
+                raise _Refusal("invalid-nonce")
+            if (request.header("brand-id"), request.header("model")) != (self.brand, self.model):
+                raise _Refusal("invalid-model")
+            serial = _serial_number(request)
+            if not serial:
+                raise _Refusal("create-assertion")
+            signed = self._sign_serial(request, serial)
+            faults = dataclasses.replace(self.faults)
+        data = signed.encode()
+        if faults.truncate:
+            data = data[: len(data) // 2]
+        data += b"x" * faults.oversize
+        content_type = ASSERTION_TYPE if faults.content_type is None else faults.content_type or None
+        return Reply(200, data, content_type)
+
+    def _sign_serial(self, request: Assertion, serial: str) -> Assertion:
+        """Sign and record the serial (the caller holds the lock); duplicates only bump the revision."""
+        record = (self.brand, self.model, serial)
+        device_key, device_key_id = request.header("device-key"), request.sign_key_id
+        if record in self._revisions or device_key_id in self._device_keys:
+            log.warning("duplicate-assertion: serial %s and/or device key %s were already used to sign a device",
+                        serial, device_key_id)
+        revision = self._revisions.get(record, 0) + 1
+        faults, signer = self.faults, self._brand_key
+        if faults.other_device_key:
+            device_key, device_key_id = _spare_key().public.encoded, _spare_key().key_id
+        if faults.untrusted_key:
+            signer = _spare_key()
+        brand = faults.wrong_brand or self.brand
+        now = self._now()
+        headers: dict[str, HeaderValue] = {
+            "type": "serial", "authority-id": brand, "revision": str(revision), "brand-id": brand,
+            "model": self.model, "serial": serial, "device-key": device_key,
+            "device-key-sha3-384": device_key_id, "timestamp": rfc3339(now),
+        }
+        try:
+            signed = assertions.sign(headers, request.body, signer.public, signer.sign, int(now))
+        except LocalFormatError as exc:
+            log.info("lab vault cannot make serial %r: %s", serial, exc)
+            raise _Refusal("create-assertion") from None
+        signed = _corrupt(signed) if faults.bad_signature else signed
+        self._revisions[record] = revision
+        self._device_keys.add(request.sign_key_id)
+        self.signed.append(signed)
+        return signed
+
+    # --- serving -----------------------------------------------------------
+
+    def start(self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Serve in a background thread; returns the base URL."""
+        if self._server is not None:
+            raise RuntimeError("lab vault is already serving")
+        server = _Server((host, port), self, ssl_context)
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="lab-vault", daemon=True)
+        self._thread.start()
+        shown = f"[{host}]" if ":" in host else host
+        self._url = f"{'https' if ssl_context else 'http'}://{shown}:{server.server_address[1]}{API_PREFIX}"
+        return self._url
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket (a no-op when not serving)."""
+        server, thread, self._server, self._thread, self._url = self._server, self._thread, None, None, ""
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join()
+
+    def __enter__(self) -> LabVault:
+        if self._server is None:
+            self.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _account(account_id: str, display_name: str, stamp: str) -> dict[str, HeaderValue]:
+    return {"type": "account", "authority-id": ROOT_ID, "account-id": account_id, "display-name": display_name,
+            "timestamp": stamp, "username": account_id, "validation": "verified"}
+
+
+def _account_key(account_id: str, public: openpgp.PublicKey) -> dict[str, HeaderValue]:
+    return {"type": "account-key", "authority-id": ROOT_ID, "public-key-sha3-384": public.key_id,
+            "account-id": account_id, "name": "lab", "since": ACCOUNT_KEY_SINCE}
+
+
+def _serial_number(request: Assertion) -> str:
+    header = request.headers.get("serial")
+    return header if isinstance(header, str) and header else _yaml_serial(request.body)
+
+
+def _check_stream(body: bytes | None) -> Assertion:
+    """Steps 2-9: the serial-request of a well-formed, self-signed, consistent stream."""
+    if body is None:
+        raise _Refusal("invalid-assertion", f"request body exceeds {MAX_REQUEST_BODY} bytes")
+    if not body:
+        raise _Refusal("empty-data")
+    try:
+        stream = assertions.decode_stream(body)
+    except AssertionFormatError as exc:
+        raise _Refusal("invalid-assertion", str(exc)) from None
+    request, rest = stream[0], stream[1:]
+    if request.type != "serial-request":
+        raise _Refusal("invalid-type")
+    if (rest and rest[0].type != "model") or (len(rest) > 1 and rest[1].type != "serial"):
+        raise _Refusal("invalid-second-type")
+    if len(rest) > 2:
+        raise _Refusal("invalid-assertion", UNEXPECTED)
+    try:
+        assertions.verify(request, openpgp.decode_public_key(request.header("device-key")))
+    except AssertionFormatError as exc:
+        raise _Refusal("invalid-assertion", "could not validate serial-request self-signature "
+                       f"(failed signature verification: openpgp: invalid signature: {exc})") from None
+    if rest and [rest[0].headers.get(h) for h in ("brand-id", "model")] != [request.header("brand-id"), request.header("model")]:
+        raise _Refusal("mismatched-model")
+    if all(request.headers.get(h) for h in _REMODEL_HEADERS):
+        raise _Refusal("invalid-substore")  # a remodel needs a sub-store mapping; this vault has none
+    if len(rest) > 1:
+        raise _Refusal("invalid-assertion", UNEXPECTED)
+    return request
+
+
+class _Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with daemon threads; TLS handshakes happen in the connection's thread."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], vault: LabVault, context: ssl.SSLContext | None) -> None:
+        self.vault, self.context = vault, context
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        """HTTPServer's, without its reverse DNS lookup of the host (getfqdn can stall for seconds)."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.context is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(_Handler.timeout)
+        try:
+            tls = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("lab vault: TLS handshake with %s failed: %s", client_address, exc)
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("lab vault: error while serving %s", client_address, exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Reads one request, asks the vault, writes its Reply. HTTP/1.0: one request per connection."""
+
+    timeout = 30.0
+
+    def version_string(self) -> str:
+        return "lab-vault"
+
+    def _dispatch(self) -> None:
+        vault = cast(_Server, self.server).vault
+        body = self._read_body()
+        if isinstance(body, Reply):
+            self._send(body)
+            return
+        try:
+            reply = vault.respond(self.command, self.path, self.headers.get("api-key"), body)
+        except Exception:  # a bug: answer like a Go panic, and keep serving
+            log.exception("lab vault: internal error on %s %s", self.command, self.path)
+            reply = Reply(500, go_json({"success": False, "error_code": "server-error", "error_subcode": "",
+                                        "message": "internal server error", "StatusCode": 500}), JSON_TYPE)
+        self._send(reply)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _dispatch
+
+    def _read_body(self) -> bytes | None | Reply:
+        """The body by Content-Length; None when over the cap (drained so the client reads our answer)."""
+        declared = self.headers.get("Content-Length", "0").strip()
+        if not declared.isdigit():
+            return Reply(400, b"400 Bad Request", PLAIN_TYPE)
+        remaining, kept = int(declared), bytearray()
+        if remaining > _MAX_DRAIN:
+            return None
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 65536))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+            if len(kept) <= MAX_REQUEST_BODY:
+                kept += chunk
+        return bytes(kept) if len(kept) <= MAX_REQUEST_BODY else None
+
+    def _send(self, reply: Reply) -> None:
+        try:
+            self.send_response(reply.status)
+            if reply.content_type is not None:
+                self.send_header("Content-Type", reply.content_type)
+            for name, value in reply.headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(reply.body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(reply.body)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            log.debug("lab vault: client went away: %s", exc)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        log.debug("lab vault: %s " + format, self.address_string(), *args)
+
+
+# --- the CLI entry point ---------------------------------------------------
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [::1]:PORT) as (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"cannot use listen address {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    return host, int(port)
+
+
+def _tls_context(certfile: str | Path | None, keyfile: str | Path | None) -> ssl.SSLContext | None:
+    if certfile is None:
+        if keyfile is not None:
+            raise ConfigError("cannot use a TLS key without a certificate")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate {certfile}: {exc}") from None
+    return context
+
+
+def serve(directory: Path, listen: str = "127.0.0.1:0", brand: str = "acme", model: str = "acme-gw",
+          api_key: str | None = None, certfile: str | Path | None = None, keyfile: str | Path | None = None) -> int:
+    """Run a lab vault until SIGTERM or SIGINT; prints one line saying where, writes DIR/url. Returns 0."""
+    host, port = parse_listen(listen)
+    context = _tls_context(certfile, keyfile)
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("lab vault listening on %s, which is not a loopback address", host)
+    vault = LabVault(Path(directory), brand, model, api_key)
+    stopped = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopped.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            url = vault.start(host, port, context)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        store.write_durable(vault.directory / "url", url.encode("utf-8") + b"\n", mode=0o644)
+        print(f"lab vault listening on {url} (brand {brand}, model {model}); trust {vault.directory / 'brand.account-key'};"
+              f" api-key in {vault.directory / 'api-key'}", flush=True)
+        while not stopped.wait(1.0):
+            pass
+    finally:
+        vault.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

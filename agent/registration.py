@@ -1,0 +1,301 @@
+"""The registration state machine: what to do next, and how long to wait first.
+
+Pure: no I/O, no clock, no randomness of its own (the caller passes a Random).
+
+Theory of operation
+-------------------
+``Progress`` is what survives a power cut; store.py persists exactly it, as
+state.json. ``Context`` is what does not survive and need not: whether the
+device key is loaded, the identity gathered, and how old the request-id in
+hand is (a request-id is never persisted: the vault's are single use and
+die after 600 s).
+
+The daemon loops: ``next_step(progress, context)`` names the one thing to do;
+the daemon does it and hands the outcome (a success value or an AgentError)
+to ``apply(progress, outcome, rng)``, which returns the next Progress, the
+delay before the next step, and whether the request-id in hand is spent.
+
+Phases only move forward: unregistered -> key-ready -> (polling) ->
+registered. Errors never change the phase except to drop a saved
+serial-request whose request-id the vault no longer honours. Every retry
+decision lives here, keyed on the error's type (and, for refusals, on the
+vault's error_code), so it is tested as a table without an event loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from random import Random
+from typing import Union
+
+from .errors import (
+    AgentError,
+    AssertionFormatError,
+    IdentityError,
+    SerialRejectedError,
+    VaultClockSkew,
+    VaultError,
+    VaultRejected,
+    VaultTransient,
+    VaultUnavailable,
+)
+
+# The vault's request-ids die after 600 s; fetch a new one when ours is
+# this old, leaving a margin for the serial call itself.
+REQUEST_ID_MAX_AGE = 600.0 - 60.0
+# No network is not the vault's fault: retry soon, do not count it.
+NO_NETWORK_DELAY = 5.0
+# Transient failures: full-jitter exponential backoff, 2 s doubling to a
+# 5 min cap. snapd waits up to 24 h between attempts; a device on a factory
+# line is watched by a person, so we stay responsive and let Retry-After
+# (capped at one hour) slow us down when the vault asks for it.
+BACKOFF_BASE = 2.0
+BACKOFF_CAP = 300.0
+BACKOFF_FLOOR = 1.0
+RETRY_AFTER_CAP = 3600.0
+# The vault said 202: ask again with the same serial-request.
+POLL_DELAY = 30.0
+# A clock that fails TLS may be fixed by NTP at any time: snapd's stepped
+# schedule (2.58.3+), 30 s five times, then 60, 120, 240 s, retried forever.
+CLOCK_SCHEDULE = (30.0,) * 5 + (60.0,) * 5 + (120.0,) * 5 + (240.0,)
+# invalid-nonce means "get a fresh request-id", at once; a vault that keeps
+# saying it is broken, and gets the ordinary backoff after this many.
+MAX_NONCE_RETRIES = 3
+# Refusals the real vault sends for its own internal trouble.
+TRANSIENT_VAULT_CODES = frozenset({"generate-nonce", "logging-assertion", "server-error"})
+
+ACTIONS = {
+    "invalid-api-key": "the vault does not accept this api-key: check vault.api-key-file, then Retry",
+    "invalid-model": "the vault has no active model for this brand, model and api-key: check brand and model, "
+    "and the model's signing key in the vault, then Retry",
+    "mismatched-model": "the model assertion does not match brand/model: check model-assertion, then Retry",
+    "create-assertion": "the vault found no serial number in the request: check serial.template, then Retry",
+    "signing-assertion": "the vault cannot sign with its brand key: ask the vault's operator, then Retry",
+    "serial-rejected": "the vault's serial is not this device's or not signed by a trusted key: "
+    "check vault.trusted-account-keys and the vault's brand and model, then Retry",
+    "identity": "required identity fields are missing: check the board, identity.sources and identity.static, then Retry",
+    "tls-certificate": "the vault's TLS certificate is not trusted here: check vault.url and vault.ca-file, then Retry",
+    "clock-skew": "the device clock is wrong for the vault's TLS certificate: set the time (NTP or RTC); retrying",
+    "device-key-lost": "the state records a device key that is no longer on disk: the device identity is lost; "
+    "reflash or clear the state directory",
+    "device-key": "the device key cannot be generated or stored: check free space in the state directory; retrying",
+    "vault-unavailable": "cannot reach the vault: check the network and vault.url; retrying",
+}
+DEFAULT_REFUSAL_ACTION = "the vault refused the request (see LastErrorMessage): fix the cause, then Retry"
+
+
+class Phase(StrEnum):
+    """Durable progress; append-only vocabulary (it is in state.json)."""
+
+    UNREGISTERED = "unregistered"  # no durable device key yet
+    KEY_READY = "key-ready"  # device key durable, key_id recorded
+    POLLING = "polling"  # the vault said 202; serial_request kept for re-posting
+    REGISTERED = "registered"  # serial assertion durable (terminal)
+
+
+class Step(StrEnum):
+    DONE = "done"
+    BLOCKED = "blocked"
+    FETCH_REQUEST_ID = "fetch-request-id"
+    WAIT_IDENTITY = "wait-identity"
+    WAIT_KEY = "wait-key"
+    POST_SERIAL = "post-serial"
+    POLL = "poll"
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Exactly what store.py persists."""
+
+    phase: Phase = Phase.UNREGISTERED
+    key_id: str = ""
+    serial: str = ""
+    serial_request: str = ""  # only while POLLING
+    identity: dict[str, str] = field(default_factory=dict)  # the fields the serial-request was built from
+    attempts: int = 0  # counted exchanges with the vault (no-network ones are not)
+    failures: int = 0  # consecutive counted failures: the backoff exponent
+    clock_tries: int = 0  # consecutive TLS clock failures: the clock schedule position
+    nonce_retries: int = 0  # consecutive invalid-nonce answers
+    blocked_by: str = ""  # error code of a refusal that needs a person; cleared by unblock()
+    last_error: str = ""
+    last_error_message: str = ""
+
+    @property
+    def action(self) -> str:
+        """What the technician should do about the last error ("" if nothing)."""
+        if self.phase is Phase.REGISTERED or not self.last_error:
+            return ""
+        if self.blocked_by:
+            return ACTIONS.get(self.blocked_by, DEFAULT_REFUSAL_ACTION)
+        return ACTIONS.get(self.last_error, "retrying")
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What the daemon holds in memory right now."""
+
+    key_ready: bool
+    identity_ready: bool
+    request_id_age: float | None  # seconds since the request-id in hand was fetched; None: none
+
+
+@dataclass(frozen=True, slots=True)
+class KeyReady:
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class GotRequestId:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    serial_request: str
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    serial: str
+
+
+Outcome = Union[KeyReady, GotRequestId, Accepted, Registered, AgentError]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    progress: Progress
+    delay: float  # seconds before the next step; math.inf: until unblock()
+    forget_request_id: bool
+
+
+def next_step(p: Progress, ctx: Context) -> Step:
+    """The one thing to do now. The request-id is fetched even while the key is being generated."""
+    if p.phase is Phase.REGISTERED:
+        return Step.DONE
+    if p.blocked_by:
+        return Step.BLOCKED
+    if p.phase is Phase.POLLING:
+        return Step.POLL
+    if ctx.request_id_age is None or ctx.request_id_age >= REQUEST_ID_MAX_AGE:
+        return Step.FETCH_REQUEST_ID
+    if not ctx.identity_ready:
+        return Step.WAIT_IDENTITY
+    if not ctx.key_ready:
+        return Step.WAIT_KEY
+    return Step.POST_SERIAL
+
+
+def apply(p: Progress, outcome: Outcome, rng: Random) -> Decision:
+    """The next Progress after ``outcome``, and how long to wait before the next step."""
+    if isinstance(outcome, KeyReady):
+        phase = Phase.KEY_READY if p.phase is Phase.UNREGISTERED else p.phase
+        return Decision(replace(p, phase=phase, key_id=outcome.key_id), 0.0, False)
+    if isinstance(outcome, GotRequestId):
+        return Decision(replace(p, attempts=p.attempts + 1), 0.0, False)
+    if isinstance(outcome, Accepted):
+        polled = _succeeded(p, phase=Phase.POLLING, serial_request=outcome.serial_request)
+        return Decision(polled, _capped(outcome.retry_after) or POLL_DELAY, True)
+    if isinstance(outcome, Registered):
+        return Decision(_succeeded(p, phase=Phase.REGISTERED, serial=outcome.serial, serial_request=""), 0.0, True)
+    return _failed(p, outcome, rng)
+
+
+def _succeeded(p: Progress, **changes: object) -> Progress:
+    return replace(p, attempts=p.attempts + 1, failures=0, clock_tries=0, nonce_retries=0,
+                   last_error="", last_error_message="", **changes)  # type: ignore[arg-type]
+
+
+def _failed(p: Progress, error: AgentError, rng: Random) -> Decision:
+    noted = replace(p, last_error=error_code(error), last_error_message=str(error))
+    spent = isinstance(error, (VaultError, AssertionFormatError, SerialRejectedError))
+    if isinstance(error, VaultUnavailable):
+        return Decision(noted, NO_NETWORK_DELAY * rng.uniform(0.8, 1.2), spent)
+    counted = replace(noted, attempts=p.attempts + 1) if isinstance(error, VaultError) else noted
+    if isinstance(error, VaultClockSkew):
+        step = CLOCK_SCHEDULE[min(p.clock_tries, len(CLOCK_SCHEDULE) - 1)]
+        return Decision(replace(counted, clock_tries=p.clock_tries + 1), step, spent)
+    if isinstance(error, VaultRejected) and error.error_code == "invalid-nonce" and p.nonce_retries < MAX_NONCE_RETRIES:
+        fresh = replace(counted, nonce_retries=p.nonce_retries + 1)
+        return Decision(_drop_serial_request(fresh), 0.0, True)
+    if needs_person(error):
+        return Decision(replace(counted, blocked_by=error_code(error)), math.inf, spent)
+    backoff = _capped(error.retry_after if isinstance(error, VaultError) else None) or _jitter(p.failures, rng)
+    retry = replace(counted, failures=p.failures + 1)
+    if isinstance(error, VaultRejected):  # invalid-nonce past its retries: start over, slowly
+        retry = _drop_serial_request(retry)
+    return Decision(retry, backoff, spent)
+
+
+def _drop_serial_request(p: Progress) -> Progress:
+    if p.phase is Phase.POLLING:
+        return replace(p, phase=Phase.KEY_READY, serial_request="")
+    return p
+
+
+def needs_person(error: AgentError) -> bool:
+    """Refusals that retrying cannot fix: blocked until Retry() or a restart."""
+    if isinstance(error, VaultRejected):
+        return error.error_code not in TRANSIENT_VAULT_CODES and error.error_code != "invalid-nonce"
+    return isinstance(error, (SerialRejectedError, IdentityError))
+
+
+def error_code(error: AgentError) -> str:
+    """The stable LastError value: the vault's own error_code for its refusals."""
+    if isinstance(error, VaultRejected):
+        return error.error_code
+    if isinstance(error, AssertionFormatError):
+        return VaultTransient.code  # a garbled answer: the vault's or the network's trouble
+    return error.code
+
+
+def _capped(retry_after: float | None) -> float | None:
+    if retry_after is None:
+        return None
+    return min(max(retry_after, BACKOFF_FLOOR), RETRY_AFTER_CAP)
+
+
+def _jitter(failures: int, rng: Random) -> float:
+    """Full jitter: uniform in [floor, min(cap, base * 2^failures)]."""
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(failures, 32))
+    return max(BACKOFF_FLOOR, rng.uniform(0.0, ceiling))
+
+
+def unblock(p: Progress) -> Progress:
+    """Retry(): a person says the cause is fixed; start the counters afresh."""
+    return replace(p, blocked_by="", failures=0, clock_tries=0, nonce_retries=0)
+
+
+def reconcile(p: Progress, key_id_on_disk: str | None, serial_on_disk: str | None) -> Progress:
+    """Adopt artifacts whose record a crash lost; notice an artifact that vanished.
+
+    ``serial_on_disk`` is the serial of a serial.assertion already checked to
+    be for the key on disk.
+    """
+    if key_id_on_disk and p.phase is Phase.UNREGISTERED:
+        p = replace(p, phase=Phase.KEY_READY, key_id=key_id_on_disk)
+    if key_id_on_disk and p.key_id and key_id_on_disk != p.key_id:
+        return _lost(p, f"state records device key {p.key_id} but the key on disk is {key_id_on_disk}")
+    if not key_id_on_disk and p.phase is not Phase.UNREGISTERED:
+        return _lost(p, f"state records device key {p.key_id} but device-key.pem is missing")
+    if serial_on_disk and p.phase is not Phase.REGISTERED:
+        p = replace(p, phase=Phase.REGISTERED, serial=serial_on_disk, serial_request="")
+    return p
+
+
+def _lost(p: Progress, message: str) -> Progress:
+    if p.phase is Phase.REGISTERED:
+        return replace(p, last_error="device-key-lost", last_error_message=message)
+    return replace(p, blocked_by="device-key-lost", last_error="device-key-lost", last_error_message=message)
+
+
+def display_state(p: Progress, activity: str) -> str:
+    """The D-Bus ``State``: registered and blocked win over what the daemon is doing."""
+    if p.phase is Phase.REGISTERED:
+        return "registered"
+    if p.blocked_by:
+        return "blocked"
+    return activity

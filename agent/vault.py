@@ -1,0 +1,238 @@
+"""The Serial Vault's device API: one HTTP attempt per call, every failure a typed error.
+
+Blocking (requests); the daemon calls it from a thread. No retries, no
+sleeps: registration.py decides what happens after a failure. Each call is
+bounded by (connect, read) timeouts, an overall deadline and a response size
+cap, so that a cancelled caller never leaves a thread hanging for long. TLS
+trusts the system store (not certifi) or the configured ca-file; proxies
+come from the environment. The api-key travels in its header and nowhere
+else: not in errors, not in logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import errno
+import json
+import os
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+
+import requests
+
+from . import __version__
+from .config import VaultConfig
+from .errors import VaultClockSkew, VaultRejected, VaultTransient, VaultUnavailable
+
+ASSERTION_TYPE = "application/x.ubuntu.assertion"
+MAX_RESPONSE_BYTES = 1024 * 1024  # a serial is ~2 KiB; anything near this is not one
+_CHUNK = 16 * 1024
+_SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem")
+# Refusals that mean "not now" rather than "no": retried with backoff.
+_TRANSIENT_STATUS = {408, 425, 429}
+# errno values of a network that is not there (yet), as opposed to a vault that answers badly.
+_NO_NETWORK = {errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.EADDRNOTAVAIL}
+# x509 verify codes that mean the device clock is outside the certificate's validity.
+_X509_NOT_YET_VALID, _X509_EXPIRED = 9, 10
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    retry_after: float | None
+
+
+def system_ca_bundle() -> str:
+    """The OS trust store, as a path requests accepts (file or directory)."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, *_SYSTEM_BUNDLES):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    return paths.capath or "/etc/ssl/certs"
+
+
+class Vault:
+    """A client for one vault base URL (ending in /), e.g. https://vault.example.com/v1/."""
+
+    def __init__(self, cfg: VaultConfig, user_agent: str = f"factory-agent/{__version__}") -> None:
+        self.cfg = cfg
+        self.session = requests.Session()
+        # Passed on every request: a session-level value loses to $REQUESTS_CA_BUNDLE (requests #3829).
+        self.verify = cfg.ca_file or system_ca_bundle()
+        self.session.headers.update({"User-Agent": user_agent, "api-key": cfg.api_key})
+        self.session.mount("https://", requests.adapters.HTTPAdapter(max_retries=0))
+        self.session.mount("http://", requests.adapters.HTTPAdapter(max_retries=0))
+
+    def close(self) -> None:
+        self.session.close()
+
+    def fetch_request_id(self) -> str:
+        status, headers, body = self._post("request-id", None, {})
+        if status != 200:
+            raise _status_error(status, headers, body)
+        try:
+            request_id = json.loads(body).get("request-id")
+        except (ValueError, AttributeError):
+            request_id = None
+        if not isinstance(request_id, str) or not request_id:
+            raise VaultTransient("cannot read the vault's request-id answer: no request-id in it")
+        return request_id
+
+    def post_serial(self, stream: bytes) -> Signed | Pending:
+        """POST the serial-request stream; the body of a 200/201 is checked by the caller."""
+        status, headers, body = self._post("serial", stream, {"Content-Type": ASSERTION_TYPE})
+        if status in (200, 201):
+            return Signed(body)
+        if status == 202:
+            return Pending(parse_retry_after(headers.get("Retry-After"), time.time()))
+        raise _status_error(status, headers, body)
+
+    def _post(self, path: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, requests.structures.CaseInsensitiveDict[str], bytes]:
+        url = self.cfg.url + path
+        deadline = time.monotonic() + self.cfg.timeout
+        try:
+            with self.session.post(url, data=data, headers=headers, stream=True, allow_redirects=False, verify=self.verify,
+                                   timeout=(self.cfg.connect_timeout, self.cfg.timeout)) as resp:
+                body = _read_capped(resp, deadline)
+                return resp.status_code, resp.headers, body
+        except _DeadlinePassed:
+            raise VaultTransient(f"the vault's answer from {url} did not arrive within {self.cfg.timeout:g} s") from None
+        except requests.exceptions.SSLError as exc:
+            raise _tls_error(exc, url) from None
+        except requests.exceptions.ConnectionError as exc:
+            if _no_network(exc):
+                raise VaultUnavailable(f"cannot reach the vault at {url}: {_cause(exc)}") from None
+            raise VaultTransient(f"cannot talk to the vault at {url}: {_cause(exc)}") from None
+        except requests.exceptions.Timeout:
+            raise VaultTransient(f"the vault at {url} did not answer in time") from None
+        except requests.exceptions.RequestException as exc:
+            raise VaultTransient(f"cannot talk to the vault at {url}: {_cause(exc)}") from None
+
+
+class _DeadlinePassed(Exception):
+    pass
+
+
+def _read_capped(resp: requests.Response, deadline: float) -> bytes:
+    """The body, at most MAX_RESPONSE_BYTES, all of it before ``deadline``.
+
+    Each recv is bounded by the read timeout, but a vault that drips a byte
+    every few seconds would never trip it: a timer shuts the socket down
+    when the deadline passes, which ends any blocked read at once.
+    """
+    declared = resp.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+        raise VaultTransient(f"the vault's answer is too large ({declared} bytes)")
+    fired = threading.Event()
+    sock = getattr(getattr(resp.raw, "_connection", None), "sock", None)
+
+    def abort() -> None:
+        fired.set()
+        with contextlib.suppress(OSError, AttributeError):
+            sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), abort)
+    timer.daemon = True
+    timer.start()
+    try:
+        chunks, size = [], 0
+        for chunk in resp.iter_content(_CHUNK):
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise VaultTransient(f"the vault's answer is too large (over {MAX_RESPONSE_BYTES} bytes)")
+            chunks.append(chunk)
+    except requests.exceptions.RequestException:
+        if fired.is_set():
+            raise _DeadlinePassed() from None
+        raise
+    finally:
+        timer.cancel()
+    if fired.is_set():
+        raise _DeadlinePassed()
+    return b"".join(chunks)
+
+
+def _status_error(status: int, headers: requests.structures.CaseInsensitiveDict[str], body: bytes) -> VaultRejected | VaultTransient:
+    retry_after = parse_retry_after(headers.get("Retry-After"), time.time())
+    if status >= 500 or status in _TRANSIENT_STATUS:
+        return VaultTransient(f"the vault answered HTTP {status}", retry_after)
+    code, message = _json_error(headers, body)
+    if code:
+        return VaultRejected(f"the vault refused: {code}: {message}" if message else f"the vault refused: {code}", code, retry_after)
+    return VaultRejected(f"the vault answered HTTP {status}", f"http-{status}", retry_after)
+
+
+def _json_error(headers: requests.structures.CaseInsensitiveDict[str], body: bytes) -> tuple[str, str]:
+    """(error_code, message) of the vault's JSON error body, or ("", "")."""
+    if not headers.get("Content-Type", "").split(";")[0].strip().lower() == "application/json":
+        return "", ""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return "", ""
+    if not isinstance(data, dict):
+        return "", ""
+    code, message = data.get("error_code"), data.get("message")
+    return (code if isinstance(code, str) else ""), (message if isinstance(message, str) else "")
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date; None if absent or invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        nested = current.args[0] if current.args and isinstance(current.args[0], BaseException) else None
+        reason = getattr(current, "reason", None)
+        current = current.__cause__ or current.__context__ or nested or (reason if isinstance(reason, BaseException) else None)
+    return seen
+
+
+def _no_network(exc: BaseException) -> bool:
+    for cause in _causes(exc):
+        if isinstance(cause, socket.gaierror):
+            return True  # DNS: no network yet, or no such name; both need the network to fix
+        if isinstance(cause, OSError) and cause.errno in _NO_NETWORK:
+            return True
+    return False
+
+
+def _tls_error(exc: BaseException, url: str) -> VaultClockSkew | VaultRejected:
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            if cause.verify_code in (_X509_NOT_YET_VALID, _X509_EXPIRED):
+                return VaultClockSkew(f"the vault's TLS certificate is not valid at this device's time: {cause.verify_message}")
+            return VaultRejected(f"cannot trust the vault's TLS certificate at {url}: {cause.verify_message}", "tls-certificate")
+    return VaultRejected(f"cannot set up TLS with the vault at {url}: {_cause(exc)}", "tls-certificate")
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost readable reason, without URLs' query strings or headers."""
+    for cause in reversed(_causes(exc)):
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+    text = str(_causes(exc)[-1])
+    return text.split("(Caused by")[0].strip()[:200] or type(exc).__name__

@@ -1,0 +1,249 @@
+"""`factory-agent run --once` as a real process against the real lab vault on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import assertions, serials
+from agent.labvault import Forced, LabVault
+from tests.conftest import DATA, REPO
+
+SOC_SERIAL = "00000000c0ffee01"
+
+
+@pytest.fixture(scope="session")
+def lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One lab vault directory per session: its RSA-4096 keys are generated once, then reused."""
+    directory = tmp_path_factory.mktemp("lab")
+    LabVault(directory)
+    return directory
+
+
+@pytest.fixture
+def lab(lab_dir: Path):
+    vault = LabVault(lab_dir)  # same keys and trust chain, fresh nonces, counters and faults
+    vault.start()
+    yield vault
+    vault.stop()
+
+
+def write_config(tmp: Path, url: str, lab_dir: Path, extra: str = "") -> Path:
+    path = tmp / "agent.toml"
+    path.write_text(f"""
+model-assertion = "{lab_dir / 'model.assert'}"
+[vault]
+url = "{url}"
+allow-insecure-http = true
+api-key-file = "{lab_dir / 'api-key'}"
+trusted-account-keys = ["{lab_dir / 'brand.account-key'}"]
+{extra}
+[serial]
+template = "ACME-{{soc_serial}}"
+[identity]
+wait-seconds = 0
+[identity.static]
+soc_serial = "{SOC_SERIAL}"
+""")
+    return path
+
+
+def seed_key(state: Path) -> None:
+    """The vectors' device key, as if a previous boot had generated it (reconcile adopts it)."""
+    state.mkdir(mode=0o700, exist_ok=True)
+    shutil.copy(DATA / "device" / "device-key.pem", state / "device-key.pem")
+    (state / "device-key.pem").chmod(0o600)
+
+
+def run_once(config: Path, state: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--once", "--bus", "none", "--config", str(config), "--state-dir", str(state)],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def assert_registered(done: subprocess.CompletedProcess[str], state: Path, lab: LabVault) -> assertions.Assertion:
+    assert done.returncode == 0, done.stderr
+    serial_text = (state / "serial.assertion").read_bytes()
+    trusted = assertions.decode_stream((lab.directory / "brand.account-key").read_bytes())
+    key_id = (DATA / "device" / "device-key.id").read_text().strip() if (state / "device-key.pem").read_bytes() == (
+        DATA / "device" / "device-key.pem").read_bytes() else assertions.decode(serial_text).header("device-key-sha3-384")
+    serial = serials.check_serial(serial_text, brand="acme", model="acme-gw", key_id=key_id, trusted=trusted)
+    assert serial.header("serial") == f"ACME-{SOC_SERIAL}"
+    assert f"state registered: serial ACME-{SOC_SERIAL}" in done.stderr
+    assert "Traceback" not in done.stderr
+    return serial
+
+
+def test_first_boot_generates_the_key_and_registers(tmp_path: Path, lab: LabVault) -> None:
+    state = tmp_path / "state"
+    done = run_once(write_config(tmp_path, lab.url, lab.directory), state)
+    serial = assert_registered(done, state, lab)
+    assert (state / "device-key.pem").stat().st_mode & 0o777 == 0o600
+    assert serial.body == b'hardware:\n  soc-serial: "00000000c0ffee01"\n' or b"soc-serial" in serial.body
+    assert lab.requests[("POST", "/v1/request-id")] == 1 and lab.requests[("POST", "/v1/serial")] == 1
+
+
+def test_the_second_run_makes_no_request(tmp_path: Path, lab: LabVault) -> None:
+    state, config = tmp_path / "state", write_config(tmp_path, lab.url, lab.directory)
+    seed_key(state)
+    assert_registered(run_once(config, state), state, lab)
+    before = sum(lab.requests.values())
+    lab.stop()  # not even reachable: a registered device does not need it
+    started = time.monotonic()
+    done = run_once(config, state)
+    assert done.returncode == 0 and "state registered" in done.stderr
+    assert sum(lab.requests.values()) == before and time.monotonic() - started < 10
+
+
+def test_model_assertion_is_appended_after_one_empty_line(tmp_path: Path, lab: LabVault) -> None:
+    state = tmp_path / "state"
+    seed_key(state)
+    seen: list[bytes] = []
+    original = lab.respond
+
+    def spy(method, path, api_key, body):
+        if path.endswith("/serial"):
+            seen.append(body or b"")
+        return original(method, path, api_key, body)
+
+    lab.respond = spy  # type: ignore[method-assign]
+    assert_registered(run_once(write_config(tmp_path, lab.url, lab.directory), state), state, lab)
+    request, model = assertions.decode_stream(seen[0])
+    assert (request.type, model.type) == ("serial-request", "model")
+    assert seen[0].count(b"\n\ntype: model\n") == 1
+
+
+def test_202_then_200(tmp_path: Path, lab: LabVault) -> None:
+    state = tmp_path / "state"
+    seed_key(state)
+    lab.faults.status["serial"] = [Forced(202, retry_after="1"), Forced(202, retry_after="1")]
+    done = run_once(write_config(tmp_path, lab.url, lab.directory), state)
+    assert_registered(done, state, lab)
+    assert lab.requests[("POST", "/v1/serial")] == 3 and "state polling" in done.stderr
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_5xx_then_200(tmp_path: Path, lab: LabVault, status: int) -> None:
+    state = tmp_path / "state"
+    seed_key(state)
+    lab.faults.status["request-id"] = [Forced(status, retry_after="1")]
+    lab.faults.status["serial"] = [Forced(status)]
+    done = run_once(write_config(tmp_path, lab.url, lab.directory), state)
+    assert_registered(done, state, lab)
+    assert f"HTTP {status}" in done.stderr and "state waiting-retry" in done.stderr
+
+
+def test_429_with_retry_after_is_honoured(tmp_path: Path, lab: LabVault) -> None:
+    state = tmp_path / "state"
+    seed_key(state)
+    lab.faults.status["request-id"] = [Forced(429, retry_after="2")]
+    started = time.monotonic()
+    assert_registered(run_once(write_config(tmp_path, lab.url, lab.directory), state), state, lab)
+    assert time.monotonic() - started >= 2
+
+
+def test_invalid_nonce_then_success(tmp_path: Path, lab: LabVault) -> None:
+    state = tmp_path / "state"
+    seed_key(state)
+    lab.faults.error_code["serial"] = ["invalid-nonce"]
+    done = run_once(write_config(tmp_path, lab.url, lab.directory), state)
+    assert_registered(done, state, lab)
+    assert lab.requests[("POST", "/v1/request-id")] == 2  # a fresh request-id, at once
+
+
+def test_invalid_api_key_blocks_with_the_vaults_message(tmp_path: Path, lab: LabVault) -> None:
+    state = tmp_path / "state"
+    seed_key(state)
+    config = write_config(tmp_path, lab.url, lab.directory)
+    (tmp_path / "wrong-key").write_text("not-the-key\n")
+    config.write_text(config.read_text().replace(f'"{lab.directory / "api-key"}"', f'"{tmp_path / "wrong-key"}"'))
+    done = run_once(config, state)
+    assert done.returncode == 1
+    assert "invalid-api-key: Invalid API key used" in done.stderr and "check vault.api-key-file" in done.stderr
+    assert "not-the-key" not in done.stderr and "Traceback" not in done.stderr
+    assert not (state / "serial.assertion").exists()
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [("other_device_key", "does not match"), ("bad_signature", "does not verify"), ("untrusted_key", "not trusted"),
+     ("wrong_brand", "does not match")],
+)
+def test_a_serial_that_is_not_ours_is_rejected_never_stored(tmp_path: Path, lab: LabVault, fault: str, message: str) -> None:
+    state = tmp_path / "state"
+    seed_key(state)
+    setattr(lab.faults, fault, "other-brand" if fault == "wrong_brand" else True)
+    done = run_once(write_config(tmp_path, lab.url, lab.directory), state)
+    assert done.returncode == 1 and "serial-rejected" in done.stderr and message in done.stderr
+    assert not (state / "serial.assertion").exists()
+
+
+def test_an_oversized_answer_is_transient(tmp_path: Path, lab: LabVault) -> None:
+    state = tmp_path / "state"
+    seed_key(state)
+    huge = b"type: serial\n" + b"x" * (2 * 1024 * 1024)
+    lab.faults.status["serial"] = [Forced(200, body=huge, content_type="application/x.ubuntu.assertion")]
+    done = run_once(write_config(tmp_path, lab.url, lab.directory), state)
+    assert_registered(done, state, lab)
+    assert "too large" in done.stderr and "vault-transient" in done.stderr
+    assert lab.requests[("POST", "/v1/serial")] == 2
+
+
+def test_vault_down_then_up(tmp_path: Path, lab_dir: Path) -> None:
+    state = tmp_path / "state"
+    seed_key(state)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_config(tmp_path, f"http://127.0.0.1:{port}/v1/", lab_dir)
+    vault = LabVault(lab_dir)
+    starter = threading.Timer(2.0, vault.start, kwargs={"port": port})
+    starter.start()
+    try:
+        done = run_once(config, state)
+    finally:
+        starter.cancel()
+        vault.stop()
+    assert_registered(done, state, vault)
+    assert "vault-unavailable" in done.stderr and "cannot reach the vault" in done.stderr
+
+
+def _tls_setup(tmp: Path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    ca_file = tmp / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return context, ca_file
+
+
+def test_https_with_the_test_ca_and_without_it(tmp_path: Path, lab_dir: Path) -> None:
+    context, ca_file = _tls_setup(tmp_path)
+    vault = LabVault(lab_dir)
+    url = vault.start(ssl_context=context)
+    try:
+        assert url.startswith("https://")
+        state = tmp_path / "state"
+        seed_key(state)
+        config = write_config(tmp_path, url, lab_dir, extra=f'ca-file = "{ca_file}"')
+        assert_registered(run_once(config, state), state, vault)
+
+        other = tmp_path / "other"
+        other.mkdir()
+        seed_key(other / "state")
+        done = run_once(write_config(other, url, lab_dir), other / "state")  # system trust store only
+        assert done.returncode == 1 and "tls-certificate" in done.stderr and "check vault.url and vault.ca-file" in done.stderr
+    finally:
+        vault.stop()

@@ -1,0 +1,138 @@
+"""Configuration: merged TOML files; every error names the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent import config
+from agent.errors import ConfigError
+from tests.conftest import DATA
+
+ACCOUNT_KEY = str(DATA / "brand" / "brand.account-key")
+
+
+def write(tmp: Path, name: str, text: str) -> Path:
+    path = tmp / name
+    path.write_text(text)
+    return path
+
+
+def base(tmp: Path, extra: str = "", vault: str = "") -> Path:
+    (tmp / "api-key").write_text("s3cret-key\n")
+    return write(tmp, "agent.toml", f"""
+brand = "acme"
+model = "acme-gw"
+{extra}
+[vault]
+url = "https://vault.example.com/v1"
+api-key-file = "api-key"
+trusted-account-keys = ["{ACCOUNT_KEY}"]
+{vault}
+""")
+
+
+def test_a_minimal_file(tmp_path: Path) -> None:
+    cfg = config.load([base(tmp_path)])
+    assert (cfg.brand, cfg.model) == ("acme", "acme-gw")
+    assert cfg.vault.url == "https://vault.example.com/v1/"  # a / appended, as snapd does
+    assert cfg.vault.api_key == "s3cret-key"  # read relative to the file, stripped
+    assert cfg.vault.trusted_account_keys[0].type == "account-key"
+    assert cfg.serial_template == "{soc_serial}"
+    assert cfg.identity.sources == ("soc-serial", "mmc-cid", "mac", "dmi") and cfg.identity.wait_seconds == 60.0
+    assert "s3cret" not in repr(cfg)
+
+
+def test_later_files_win_and_tables_merge(tmp_path: Path) -> None:
+    drop_in = write(tmp_path, "10-line.toml", '[serial]\ntemplate = "L1-{mac}"\n[identity.static]\nmac = "b8:27:eb:00:00:01"\n'
+                    '[vault]\ntimeout = 5\n')
+    cfg = config.load([base(tmp_path, vault="connect-timeout = 2"), drop_in])
+    assert cfg.serial_template == "L1-{mac}" and cfg.identity.static == {"mac": "b8:27:eb:00:00:01"}
+    assert (cfg.vault.timeout, cfg.vault.connect_timeout) == (5.0, 2.0)
+    assert cfg.vault.url == "https://vault.example.com/v1/"
+
+
+def test_model_assertion_gives_brand_and_model(tmp_path: Path) -> None:
+    cfg = config.load([base(tmp_path, extra=f'model-assertion = "{DATA / "brand" / "model-acme-gw.assert"}"')])
+    assert cfg.model_assertion is not None and cfg.model_assertion.type == "model"
+
+
+@pytest.mark.parametrize(
+    ("extra", "vault", "message"),
+    [
+        ("colour = 1", "", "unknown key 'colour'"),
+        ("", "urll = 1", "unknown key 'vault.urll'"),
+        ('brand = 7', "", "'brand' must be a string"),
+        ("", "timeout = -1", "'vault.timeout' must be a non-negative number"),
+        ("", "allow-insecure-http = \"yes\"", "'vault.allow-insecure-http' must be true or false"),
+        ("", 'api-key = "inline"', "are both set"),
+        ("", 'ca-file = 5', "'vault.ca-file' must be a path string"),
+        ("[identity]\nsources = [\"soc-serial\", \"tpm\"]", "", "unknown source"),
+        ("[serial]\ntemplate = \"{soc_serial\"", "", "'serial.template' is not a valid template"),
+        ('model = "Acme GW"', "", "'model' must be a lowercase model name"),
+        (f'model-assertion = "{DATA / "serial.assert"}"', "", "is a 'serial' assertion, not a model"),
+        ('model-assertion = "nope.assert"', "", "'model-assertion' cannot be read"),
+    ],
+)
+def test_errors_name_the_file_and_the_key(tmp_path: Path, extra: str, vault: str, message: str) -> None:
+    path = base(tmp_path, extra="" if extra.startswith(("brand", "model =")) else extra, vault=vault)
+    if extra.startswith(("brand", "model =")):  # replace the key instead of repeating it
+        key = extra.split(" ")[0]
+        path.write_text("\n".join(extra if line.startswith(key + " ") else line for line in path.read_text().splitlines()))
+    if extra.startswith("[") and "\n" in extra:  # a table must come after the top-level keys
+        path.write_text(path.read_text().replace(extra, "") + "\n" + extra + "\n")
+    with pytest.raises(ConfigError) as info:
+        config.load([path])
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_model_assertion_mismatch(tmp_path: Path) -> None:
+    path = base(tmp_path, extra=f'model-assertion = "{DATA / "brand" / "model-acme-gw.assert"}"')
+    path.write_text(path.read_text().replace('model = "acme-gw"', 'model = "other-gw"'))
+    with pytest.raises(ConfigError, match="model assertion says 'acme-gw'"):
+        config.load([path])
+
+
+def test_http_needs_allow_insecure_http(tmp_path: Path) -> None:
+    path = base(tmp_path)
+    path.write_text(path.read_text().replace("https://vault", "http://vault"))
+    with pytest.raises(ConfigError, match="allow-insecure-http"):
+        config.load([path])
+    path.write_text(path.read_text() + "allow-insecure-http = true\n")
+    assert config.load([path]).vault.url.startswith("http://")
+
+
+def test_api_key_problems(tmp_path: Path) -> None:
+    path = base(tmp_path)
+    (tmp_path / "api-key").unlink()
+    with pytest.raises(ConfigError, match=r"'vault.api-key-file' cannot be read .*api-key: No such file"):
+        config.load([path])
+    (tmp_path / "api-key").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        config.load([path])
+    (tmp_path / "api-key").write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        config.load([path])
+
+
+def test_trust_is_required_and_checked(tmp_path: Path) -> None:
+    path = base(tmp_path)
+    path.write_text(path.read_text().replace(f'["{ACCOUNT_KEY}"]', "[]"))
+    with pytest.raises(ConfigError, match="trusted-account-keys' is required"):
+        config.load([path])
+    path.write_text(path.read_text().replace("[]", f'["{DATA / "serial.assert"}"]'))
+    with pytest.raises(ConfigError, match="without an account-key"):
+        config.load([path])
+    (tmp_path / "junk").write_text("junk")
+    path.write_text(path.read_text().replace(str(DATA / "serial.assert"), str(tmp_path / "junk")))
+    with pytest.raises(ConfigError, match="invalid assertion"):
+        config.load([path])
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load([tmp_path / "absent.toml"])
+    bad = write(tmp_path, "bad.toml", "brand = \n")
+    with pytest.raises(ConfigError, match=f"cannot parse configuration {bad}"):
+        config.load([bad])
