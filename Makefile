@@ -4,7 +4,6 @@
 SHELL := /bin/bash
 DISTRO_PY := /usr/bin/python3
 VENV := .venv/latest
-DEMO_DIR ?= /tmp/factory-agent-demo
 
 # What a device has (Debian 12's own packages), plus the test tools.
 APT_PACKAGES := python3 python3-cryptography python3-requests python3-pyudev python3-dbus-next \
@@ -14,7 +13,7 @@ APT_PACKAGES := python3 python3-cryptography python3-requests python3-pyudev pyt
 # The latest PyPI releases of the same (systemd-python builds against libsystemd-dev).
 PYPI_PACKAGES := cryptography requests pyudev dbus-next systemd-python pytest pytest-timeout hypothesis mypy trustme
 
-.PHONY: all deps test test-distro test-latest demo clean
+.PHONY: all deps test test-distro test-latest demo bench clean
 
 all: test
 
@@ -45,20 +44,13 @@ test-latest: $(VENV)/.stamp
 	@echo "=== leg 2/2: venv with the latest PyPI releases"
 	$(VENV)/bin/python -m pytest
 
+# A lab vault on a free loopback port and the agent registering this machine with it.
 demo: deps
-	@echo "factory-agent demo: registration with a vault (lab vault + daemon) is not built yet;"
-	@echo "this shows what exists: device key generation, a signed serial-request, verification."
-	@rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
-	@echo; echo "--- 1. generate the RSA-4096 device key in a child process, store it durably (0600)"
-	$(DISTRO_PY) -m agent key --state-dir $(DEMO_DIR)/state --generate
-	@ls -l $(DEMO_DIR)/state
-	@echo; echo "--- 2. build the serial-request snapd would send, signed by the device key"
-	@printf 'hardware:\n  soc-serial: "demo-0001"\n' > $(DEMO_DIR)/body.yaml
-	$(DISTRO_PY) -m agent serial-request --state-dir $(DEMO_DIR)/state --brand acme --model acme-gw \
-		--request-id demo-request-id --serial DEMO-0001 --body-file $(DEMO_DIR)/body.yaml | tee $(DEMO_DIR)/serial-request.assert
-	@echo; echo "--- 3. verify it (self-signed by its device-key) and a vault-signed serial (brand key from snapd's vectors)"
-	$(DISTRO_PY) -m agent verify $(DEMO_DIR)/serial-request.assert
-	$(DISTRO_PY) -m agent verify tests/data/serial.assert --account-key tests/data/brand/brand-chain.assert
+	PY=$(DISTRO_PY) sh tests/demo.sh
+
+# Time-to-serial against the lab vault on loopback, as JSON (see tests/bench.py).
+bench: deps
+	$(DISTRO_PY) tests/bench.py
 
 clean:
 	rm -rf .venv build dist *.egg-info .pytest_cache .hypothesis

@@ -14,9 +14,13 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, assertions, keys, openpgp, store
 from .errors import AgentError, AssertionFormatError, ConfigError
+
+if TYPE_CHECKING:
+    from . import config
 
 EX_SOFTWARE = 70
 EX_CONFIG = 78

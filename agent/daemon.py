@@ -79,6 +79,8 @@ def load_state(st: store.Store, cfg: Config) -> tuple[Progress, keys.DeviceKey |
     recorded, corrupt = st.load_progress()
     if corrupt:
         log.warning("state.json was corrupt; moved aside to %s and rebuilt from the files present", corrupt)
+    if recorded.phase is Phase.REGISTERED and st.has_artifacts():
+        return recorded, None  # every later boot: nothing to load, nothing to sign
     key = store.load_device_key(st.dir)
     serial = _serial_on_disk(st, cfg, key)
     progress = registration.reconcile(recorded, key.key_id if key else None, serial)
@@ -156,23 +158,20 @@ class Driver:
             if step is Step.WAIT_IDENTITY:
                 self._set_activity("identifying")
                 self._start_background(tg)
-                assert self.identity_task is not None
-                self.identity = _result(await self.identity_task)
+                gathering, self.identity_task = self.identity_task, None  # a failed one starts afresh next time
+                assert gathering is not None
+                self.identity = _result(await gathering)
                 return None
             if step is Step.WAIT_KEY:
                 self._set_activity("generating-key")
                 self._start_background(tg)
-                assert self.key_task is not None
-                self.key = _result(await self.key_task)
+                generating, self.key_task = self.key_task, None
+                assert generating is not None
+                self.key = _result(await generating)
                 return registration.KeyReady(self.key.key_id)
             return await self._exchange(step)
         except AgentError as exc:
             return exc
-        finally:
-            for name in ("key_task", "identity_task"):
-                task = getattr(self, name)
-                if task is not None and task.done():
-                    setattr(self, name, None)  # a failed one starts again on the next try
 
     def _start_background(self, tg: asyncio.TaskGroup) -> None:
         """Identity and key generation run while the request-id is fetched."""

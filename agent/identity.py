@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("soc-serial", "mmc-cid", "mac", "dmi", "machine-id", "static")
 SUBSYSTEMS = {"soc-serial": "soc", "mmc-cid": "mmc", "mac": "net", "dmi": "dmi"}  # whose uevents matter
-DMI_FIELDS = {"product_serial": "dmi_product_serial", "product_uuid": "dmi_product_uuid", "board_serial": "dmi_board_serial"}
+DMI_FIELDS = {a: "dmi_" + a for a in ("product_serial", "product_uuid", "board_serial")}  # attribute -> field
 # What firmware and vendors ship in place of a real serial, compared case-insensitively.
 PLACEHOLDERS = frozenset({
     "none", "null", "n/a", "na", "unknown", "not specified", "not applicable", "not available", "not present",
@@ -272,16 +272,17 @@ def build_identity(found: Iterable[Value | Rejected], static: Mapping[str, str])
         elif kept is None:
             values[c.name] = c
         elif kept.value != c.value:
-            rejected.append(Rejected(c.name, c.value, c.source, c.path, f"overridden by {kept.source} value from {kept.path}"))
+            why = f"overridden by {kept.source} value from {kept.path}"
+            rejected.append(Rejected(c.name, c.value, c.source, c.path, why))
     return DeviceIdentity(tuple(values.values()), tuple(rejected))
 
 
 def explain_missing(identity: DeviceIdentity, missing: Iterable[str], allow_weak: bool) -> str:
     """For each missing field, what there was instead: a weak value, rejected candidates."""
     parts = []
-    weak = identity.fields(allow_weak=True)
+    weak = {} if allow_weak else {v.name: v.value for v in identity.values if v.weak}
     for name in missing:
-        why = [f"only weak identity {weak[name]} (identity.allow-weak is false)"] if name in weak and not allow_weak else []
+        why = [f"only weak identity {weak[name]} (identity.allow-weak is false)"] if name in weak else []
         why += [f"{r.value or 'unreadable'} at {r.path}: {r.reason}" for r in identity.rejected
                 if r.name == name or r.name.startswith(name + "_")]
         parts.append(f"{name}: {'; '.join(why) or 'no candidate found'}")
@@ -289,20 +290,30 @@ def explain_missing(identity: DeviceIdentity, missing: Iterable[str], allow_weak
 
 
 def proposed_serial(identity: DeviceIdentity, template: str, allow_weak: bool) -> str:
-    """``template`` filled from :meth:`DeviceIdentity.fields`: a usable serial, or an IdentityError."""
+    """``template`` filled from :meth:`DeviceIdentity.fields`: a usable serial, or an IdentityError.
+
+    A placeholder may name alternatives, ``{soc_serial|mmc_cid|mac}``: the
+    first field this device has is used, so one template serves a line of
+    mixed boards.
+    """
     fields = identity.fields(allow_weak)
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as exc:
         raise IdentityError(f"cannot use serial template {template!r}: {exc}") from None
+    chosen: dict[str, str] = {}
     for name in names:
-        if not _FIELD.fullmatch(name):
-            raise IdentityError(f"cannot use serial template {template!r}: {{{name}}} is not a plain field name")
-        if name not in fields:
-            hint = " (only as weak identity: set identity.allow-weak to use it)" if name in identity.fields() else ""
+        choices = name.split("|")
+        if not all(_FIELD.fullmatch(choice) for choice in choices):
+            raise IdentityError(f"cannot use serial template {template!r}: {{{name}}} is not a plain field name (or an a|b list of them)")
+        found = next((fields[choice] for choice in choices if choice in fields), None)
+        if found is None:
+            weak = [c for c in choices if c in identity.fields()]
+            hint = " (only as weak identity: set identity.allow-weak to use it)" if weak else ""
             raise IdentityError(f"cannot build proposed serial from {template!r}: no identity field {name!r}{hint}")
+        chosen[name] = found
     try:
-        serial = template.format_map(fields)
+        serial = template.format_map(chosen)
     except (ValueError, KeyError) as exc:
         raise IdentityError(f"cannot build proposed serial from {template!r}: {exc}") from None
     if not serial or "/" in serial or not serial.isprintable():
@@ -332,7 +343,8 @@ def format_identity(identity: DeviceIdentity) -> str:
              for v in identity.values]
     if identity.rejected:
         lines.append("rejected:")
-        lines += [f"  {r.name:<{width}}  {r.value or '-'}  ({r.source}: {r.path}): {r.reason}" for r in identity.rejected]
+        lines += [f"  {r.name:<{width}}  {r.value or '-'}  ({r.source}: {r.path}): {r.reason}"
+                  for r in identity.rejected]
     return "\n".join(lines)
 
 
@@ -355,7 +367,7 @@ def read_identity(cfg: config.IdentityConfig, *, cpuinfo: Path = Path("/proc/cpu
             "machine-id": lambda: _file_candidate(machine_id, "machine_id", "machine-id", machine_id_candidate),
         }
         found = [c for source in order for c in readers[source]()]
-    except (OSError, ImportError, pyudev.DeviceNotFoundError) as exc:
+    except (OSError, ImportError, UnicodeDecodeError, pyudev.DeviceNotFoundError) as exc:
         raise IdentityError(f"cannot read hardware identity through udev: {exc}") from exc
     return build_identity(found, cfg.static)
 
@@ -412,7 +424,8 @@ def _read_soc(ctx: Any, cpuinfo: Path, devicetree: Path) -> list[Value | Rejecte
         return accept("soc_serial", decode_attribute(text.encode()), "soc-serial", path)
 
     found = _file_candidate(cpuinfo, "soc_serial", "soc-serial", from_cpuinfo)
-    found += [c for dev in _devices(ctx, "soc") for c in _attr_candidate(dev, "serial_number", "soc_serial", "soc-serial")]
+    for dev in _devices(ctx, "soc"):
+        found += _attr_candidate(dev, "serial_number", "soc_serial", "soc-serial")
     return found + _file_candidate(devicetree / "serial-number", "soc_serial", "soc-serial", from_devicetree)
 
 

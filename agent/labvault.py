@@ -138,8 +138,8 @@ class _Refusal(Exception):
 def go_json(value: dict[str, Any]) -> bytes:
     """What Go's json.Encoder writes: compact, HTML-escaped, one trailing newline."""
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    for char, escape in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
-        text = text.replace(char, escape)
+    for char in "&<>\u2028\u2029":
+        text = text.replace(char, f"\\u{ord(char):04x}")
     return text.encode("utf-8") + b"\n"
 
 
@@ -470,7 +470,8 @@ def _check_stream(body: bytes | None) -> Assertion:
     except AssertionFormatError as exc:
         raise _Refusal("invalid-assertion", "could not validate serial-request self-signature "
                        f"(failed signature verification: openpgp: invalid signature: {exc})") from None
-    if rest and [rest[0].headers.get(h) for h in ("brand-id", "model")] != [request.header("brand-id"), request.header("model")]:
+    pair = ("brand-id", "model")
+    if rest and [rest[0].headers.get(h) for h in pair] != [request.headers.get(h) for h in pair]:
         raise _Refusal("mismatched-model")
     if all(request.headers.get(h) for h in _REMODEL_HEADERS):
         raise _Refusal("invalid-substore")  # a remodel needs a sub-store mapping; this vault has none
@@ -619,8 +620,9 @@ def serve(directory: Path, listen: str = "127.0.0.1:0", brand: str = "acme", mod
         except OSError as exc:
             raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
         store.write_durable(vault.directory / "url", url.encode("utf-8") + b"\n", mode=0o644)
-        print(f"lab vault listening on {url} (brand {brand}, model {model}); trust {vault.directory / 'brand.account-key'};"
-              f" api-key in {vault.directory / 'api-key'}", flush=True)
+        where = vault.directory
+        print(f"lab vault listening on {url} (brand {brand}, model {model}); trust {where / 'brand.account-key'};"
+              f" api-key in {where / 'api-key'}", flush=True)
         while not stopped.wait(1.0):
             pass
     finally:

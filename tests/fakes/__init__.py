@@ -1,1 +1,1 @@
-"""Stand-ins for the outside world that tests run the real code against (umockdev testbeds, ...)."""
+"""Stand-ins for the outside world that tests run the real code against (umockdev testbeds, scripted servers, ...)."""

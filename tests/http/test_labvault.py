@@ -8,11 +8,12 @@ import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -248,9 +249,10 @@ def test_empty_data(vault: LabVault) -> None:
     lambda request, model: request.rstrip(b"\n") + b"\n" + model,  # no empty line between the assertions
     lambda request, model: b"x" * (4 * 1024 * 1024 + 1),
 ])
-def test_invalid_assertion_carries_the_decoder_message(vault: LabVault, device_key: keys.DeviceKey, mangle: object) -> None:
+def test_invalid_assertion_carries_the_decoder_message(vault: LabVault, device_key: keys.DeviceKey,
+                                                       mangle: Callable[[bytes, bytes], bytes]) -> None:
     request, model = make_request(device_key, get_request_id(vault)), model_assertion(vault).encode()
-    data = mangle(request, model)  # type: ignore[operator]
+    data = mangle(request, model)
     if len(data) > 4 * 1024 * 1024:
         message = f"request body exceeds {4 * 1024 * 1024} bytes"
     else:
@@ -345,6 +347,20 @@ def test_wrong_method_and_unknown_path(vault: LabVault) -> None:
         assert (response.status_code, response.content) == (404, b"404 page not found\n"), url
         assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
     assert vault.requests[("GET", "/v1/nope")] == 1
+
+
+def test_malformed_content_length_and_internal_errors(vault: LabVault, monkeypatch: pytest.MonkeyPatch) -> None:
+    host, port = vault.url.split("/")[2].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(b"POST /v1/serial HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+        assert raw.makefile("rb").readline().startswith(b"HTTP/1.0 400 ")
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(vault, "respond", broken)
+    response = requests.get(vault.url + "version", timeout=10)
+    assert response.status_code == 500 and response.json()["error_code"] == "server-error"
 
 
 # --- fault knobs -----------------------------------------------------------

@@ -247,3 +247,74 @@ def test_https_with_the_test_ca_and_without_it(tmp_path: Path, lab_dir: Path) ->
         assert done.returncode == 1 and "tls-certificate" in done.stderr and "check vault.url and vault.ca-file" in done.stderr
     finally:
         vault.stop()
+
+
+def _daemon(config: Path, state: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--bus", "none", "--config", str(config), "--state-dir", str(state)],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for(predicate, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum", [15, 2])
+def test_the_daemon_keeps_serving_once_registered_and_stops_cleanly(tmp_path: Path, lab: LabVault, signum: int) -> None:
+    state = tmp_path / "state"
+    seed_key(state)
+    proc = _daemon(write_config(tmp_path, lab.url, lab.directory), state)
+    try:
+        _wait_for(lambda: (state / "serial.assertion").exists() and b'"registered"' in (state / "state.json").read_bytes())
+        time.sleep(0.3)
+        assert proc.poll() is None  # without --once it stays up (to serve its status)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in stderr
+
+
+def test_sigterm_during_key_generation_stops_at_once_and_leaves_no_key(tmp_path: Path, lab: LabVault) -> None:
+    state = tmp_path / "state"
+    lab.faults.status["request-id"] = [Forced(503, retry_after="60")]  # keep it busy with nothing else
+    proc = _daemon(write_config(tmp_path, lab.url, lab.directory), state)
+    try:
+        _wait_for(lambda: (state / "state.json").exists() or lab.requests[("POST", "/v1/request-id")] > 0)
+        time.sleep(0.2)  # the keygen child is running now
+        started = time.monotonic()
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=10)
+        assert time.monotonic() - started < 5
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in stderr
+    leftovers = [p.name for p in state.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+    assert not _keygen_children(proc.pid)
+
+
+def _keygen_children(parent: int) -> list[int]:
+    """Key generation children of ``parent`` still alive (the keygen child is passed its parent's pid)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"agent.keygen" in argv and str(parent).encode() in argv:
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def test_a_config_error_names_file_and_key_and_exits_78(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('brand = "acme"\nmodel = "acme-gw"\n[vault]\nurl = "http://vault.example/v1/"\n')
+    done = run_once(config, tmp_path / "state")
+    assert done.returncode == 78
+    assert done.stderr.strip() == (f"factory-agent: {config}: 'vault.url' is http://: set vault.allow-insecure-http = true "
+                                   "for a lab vault")

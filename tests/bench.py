@@ -1,0 +1,104 @@
+"""`make bench`: time-to-serial against the lab vault on loopback, as JSON.
+
+Whole-process runs of `factory-agent run --once`: medians over several runs
+with a fresh state directory (key generation included) and with a key
+already on disk, the key generation child alone, and peak RSS. Figures, not
+assertions: a noisy machine makes timed tests flaky, so no test checks them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[0] = str(REPO)  # not tests/: its http/ package would shadow the stdlib
+
+import logging  # noqa: E402
+
+from agent.labvault import LabVault  # noqa: E402
+
+logging.disable(logging.WARNING)  # the lab vault's duplicate-assertion notes: every run re-uses one serial
+
+ENV = dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB, the process or any child it waited for) of one run."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"bench run failed: {' '.join(cmd)}\n{stderr}")
+    return elapsed, usage.ru_maxrss
+
+
+def config(tmp: Path, lab: LabVault) -> Path:
+    path = tmp / "agent.toml"
+    path.write_text(f"""
+model-assertion = "{lab.directory / 'model.assert'}"
+[vault]
+url = "{lab.url}"
+allow-insecure-http = true
+api-key-file = "{lab.directory / 'api-key'}"
+trusted-account-keys = ["{lab.directory / 'brand.account-key'}"]
+[serial]
+template = "BENCH-{{soc_serial}}"
+[identity.static]
+soc_serial = "0000000000bench1"
+""")
+    return path
+
+
+def summary(samples: list[tuple[float, int]]) -> dict[str, object]:
+    seconds = [s for s, _ in samples]
+    return {"median_s": round(statistics.median(seconds), 3), "min_s": round(min(seconds), 3),
+            "max_s": round(max(seconds), 3), "runs": len(seconds), "peak_rss_kib": max(r for _, r in samples)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=7)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="factory-agent-bench-"))
+    try:
+        lab = LabVault(tmp / "lab")
+        lab.start()
+        cfg = config(tmp, lab)
+        run = [sys.executable, "-m", "agent", "run", "--once", "--bus", "none", "--config", str(cfg), "--state-dir"]
+        fresh, with_key, keygen = [], [], []
+        for i in range(args.runs):
+            state = tmp / f"fresh-{i}"
+            fresh.append(timed(run + [str(state)]))
+            seeded = tmp / f"seeded-{i}"
+            seeded.mkdir(mode=0o700)
+            shutil.copy2(state / "device-key.pem", seeded / "device-key.pem")
+            with_key.append(timed(run + [str(seeded)]))
+            keygen.append(timed([sys.executable, "-m", "agent.keygen", "4096", str(os.getpid())]))
+        lab.stop()
+        report = {
+            "machine": {"python": platform.python_version(), "arch": platform.machine(), "cpus": os.cpu_count()},
+            "time_to_serial_fresh_state": summary(fresh),
+            "key_generation_rsa4096_child": summary(keygen),
+            "time_to_serial_key_on_disk": summary(with_key),
+            "rest_beyond_keygen_median_s": round(statistics.median(s for s, _ in with_key), 3),
+        }
+        print(json.dumps(report, indent=2))
+        return 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
