@@ -115,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     state_dir = resolve_state_dir(args.state_dir, os.environ)
     try:
-        return asyncio.run(daemon.main(cfg, state_dir, once=args.once))
+        return asyncio.run(daemon.main(cfg, state_dir, once=args.once, bus=args.bus))
     except asyncio.CancelledError:  # SIGTERM/SIGINT: a clean stop
         return 0
 
@@ -136,6 +136,14 @@ def cmd_identity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from . import status
+
+    return asyncio.run(status.run(args.bus, wait=args.wait, timeout=args.timeout, as_json=args.json))
+
+
 def cmd_lab_vault(args: argparse.Namespace) -> int:
     from . import labvault
 
@@ -152,9 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="configuration file (repeatable, later wins; default /etc/factory-agent/agent.toml and agent.toml.d/*.toml)")
     p.add_argument("--state-dir", metavar="DIR")
-    p.add_argument("--bus", choices=["none"], default="none", help="D-Bus status service (not built yet: none)")
+    p.add_argument("--bus", choices=["system", "session", "none"], default="system",
+                   help="where to publish io.factoryagent.Agent1 (default: system; none: no D-Bus)")
     p.add_argument("--once", action="store_true", help="exit 0 when registered, 1 when blocked")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="the daemon's state over D-Bus (exit 0 registered, 1 blocked, 2 in progress, "
+                                      "3 --wait timed out, 69 no daemon)")
+    p.add_argument("--json", action="store_true", help="a stable JSON document (schema 1)")
+    p.add_argument("--wait", action="store_true", help="follow the daemon until registered or blocked")
+    p.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS", help="give up waiting after this long (exit 3)")
+    p.add_argument("--bus", choices=["system", "session"], default="system")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("identity", help="gather and print the hardware identity with the source of each value")
     p.add_argument("--json", action="store_true")

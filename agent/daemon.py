@@ -21,10 +21,15 @@ from pathlib import Path
 from random import Random
 from typing import Protocol, TypeVar
 
-from . import __version__, assertions, identity, keys, registration, serials, store, vault
+from typing import TYPE_CHECKING
+
+from . import __version__, assertions, keys, registration, serials, store
 from .config import Config
-from .errors import AgentError, SerialRejectedError
+from .errors import AgentError, NotRegisteredError, SerialRejectedError
 from .registration import Phase, Progress, Step
+
+if TYPE_CHECKING:  # imported when first needed: the status is published before they load
+    from . import dbus_service, identity, vault
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,20 @@ class Status:
 
 class Publisher(Protocol):
     def publish(self, status: Status) -> None: ...
+
+
+class Publishers:
+    """Fan one status out to every reporter (log, D-Bus, systemd)."""
+
+    def __init__(self, *publishers: Publisher) -> None:
+        self.publishers = list(publishers)
+
+    def add(self, publisher: Publisher) -> None:
+        self.publishers.append(publisher)
+
+    def publish(self, status: Status) -> None:
+        for publisher in self.publishers:
+            publisher.publish(status)
 
 
 class LogPublisher:
@@ -113,7 +132,7 @@ class Driver:
         self.cfg, self.store, self.publisher = cfg, st, publisher
         self.rng = rng or Random()
         self.key_bits = key_bits
-        self.vault = vault.Vault(cfg.vault)
+        self._vault: vault.Vault | None = None
         self.kick = asyncio.Event()
         self.progress = Progress()
         self.key: keys.DeviceKey | None = None
@@ -129,9 +148,35 @@ class Driver:
         """Retry(): unblock a refusal, or cut a wait short."""
         self.kick.set()
 
-    async def run(self, tg: asyncio.TaskGroup, once: bool) -> Progress:
+    def serial_assertion(self) -> str:
+        """GetSerialAssertion(): the stored bytes, once registered."""
+        if self.progress.phase is not Phase.REGISTERED:
+            raise NotRegisteredError(f"not registered yet (state {self.status().state})")
+        text = self.store.read_serial()
+        if text is None:
+            raise NotRegisteredError(f"not registered: {self.store.dir / store.SERIAL_FILE} is missing")
+        return text.decode("utf-8")
+
+    @property
+    def vault(self) -> vault.Vault:
+        if self._vault is None:
+            from . import vault
+
+            self._vault = vault.Vault(self.cfg.vault)
+        return self._vault
+
+    def close(self) -> None:
+        if self._vault is not None:
+            self._vault.close()
+
+    async def load(self) -> None:
         self.progress, self.key = await asyncio.to_thread(load_state, self.store, self.cfg)
+
+    async def run(self, tg: asyncio.TaskGroup, once: bool) -> Progress:
         self._publish()
+        if self.progress.phase is not Phase.REGISTERED:
+            # requests and pyudev take ~100 ms to import: in a thread, so D-Bus keeps answering meanwhile
+            await asyncio.to_thread(_import_adapters)
         while True:
             step = registration.next_step(self.progress, self._context())
             if step in (Step.DONE, Step.BLOCKED):
@@ -176,6 +221,8 @@ class Driver:
     def _start_background(self, tg: asyncio.TaskGroup) -> None:
         """Identity and key generation run while the request-id is fetched."""
         if self.identity is None and self.identity_task is None:
+            from . import identity
+
             self.identity_task = tg.create_task(_captured(identity.gather_identity(self.cfg.identity)))
         if self.key is None and self.key_task is None:
             self.key_task = tg.create_task(_captured(self._generate_key()))
@@ -192,6 +239,8 @@ class Driver:
         else:
             self._set_activity("requesting")
             request = self._serial_request()
+        from . import vault
+
         answer = await asyncio.to_thread(self.vault.post_serial, self._stream(request))
         if isinstance(answer, vault.Pending):
             return registration.Accepted(request.decode(), answer.retry_after)
@@ -201,6 +250,8 @@ class Driver:
 
     def _serial_request(self) -> bytes:
         assert self.key is not None and self.identity is not None and self.request_id is not None
+        from . import identity
+
         allow_weak = self.cfg.identity.allow_weak
         request = assertions.build_serial_request(
             brand=self.cfg.brand, model=self.cfg.model, request_id=self.request_id[0],
@@ -222,11 +273,15 @@ class Driver:
         decision = registration.apply(self.progress, outcome, self.rng)
         if decision.forget_request_id:
             self.request_id = None
+        progress = decision.progress
         if self.identity is not None:
-            fields = self.identity.fields(self.cfg.identity.allow_weak)
-            decision = registration.Decision(_with_identity(decision.progress, fields), decision.delay, decision.forget_request_id)
-        await self._commit(decision.progress)
-        if decision.delay > 0 and not math.isinf(decision.delay):
+            progress = _with_identity(progress, self.identity.fields(self.cfg.identity.allow_weak))
+        waiting = 0 < decision.delay < math.inf
+        if waiting:  # announced with the transition itself: one PropertiesChanged, not two
+            self.next_retry = time.time() + decision.delay
+            self.activity = "waiting-clock" if progress.last_error == "clock-skew" else "waiting-retry"
+        await self._commit(progress)
+        if waiting:
             await self._sleep(decision.delay)
 
     async def _commit(self, progress: Progress) -> None:
@@ -237,9 +292,6 @@ class Driver:
         self._publish()
 
     async def _sleep(self, delay: float) -> None:
-        waiting = "waiting-clock" if self.progress.last_error == "clock-skew" else "waiting-retry"
-        self.next_retry = time.time() + delay
-        self._set_activity(waiting)
         self.kick.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.kick.wait(), delay)
@@ -256,7 +308,7 @@ class Driver:
         return False
 
     def _set_activity(self, activity: str) -> None:
-        self.activity = activity
+        self.activity, self.next_retry = activity, 0.0
         self._publish()
 
     def status(self) -> Status:
@@ -278,6 +330,13 @@ class Driver:
 T = TypeVar("T")
 
 
+def _import_adapters() -> None:
+    import importlib
+
+    for name in ("agent.identity", "agent.vault"):
+        importlib.import_module(name)
+
+
 async def _captured(work: Awaitable[T]) -> T | AgentError:
     try:
         return await work
@@ -295,24 +354,42 @@ def _with_identity(p: Progress, fields: dict[str, str]) -> Progress:
     return p if p.identity == fields else replace(p, identity=fields)
 
 
-async def main(cfg: Config, state_dir: Path, *, once: bool, publisher: Publisher | None = None,
+async def main(cfg: Config, state_dir: Path, *, once: bool, bus: str = "none", publisher: Publisher | None = None,
                on_driver: Callable[[Driver], None] | None = None) -> int:
-    """Run until registered (``once``) or until SIGTERM/SIGINT; the exit status for the CLI."""
+    """Run until registered (``once``) or until SIGTERM/SIGINT; the exit status for the CLI.
+
+    The status is published (D-Bus name owned) as soon as the state is
+    loaded, before the modules the registration itself needs are imported.
+    """
     loop, me = asyncio.get_running_loop(), asyncio.current_task()
     assert me is not None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, me.cancel)
-    driver = Driver(cfg, store.Store(state_dir), publisher or LogPublisher())
+    publishers = Publishers(publisher or LogPublisher())
+    driver = Driver(cfg, store.Store(state_dir), publishers)
     if on_driver:
         on_driver(driver)
+    await driver.load()
+    service = await _publish_on_bus(bus, driver)
+    if service is not None:
+        publishers.add(service)
     try:
         async with asyncio.TaskGroup() as tg:
+            watchers = [tg.create_task(service.fail_on_disconnect())] if service else []
             progress = await driver.run(tg, once)
-            for task in (driver.key_task, driver.identity_task):
+            for task in (*watchers, driver.key_task, driver.identity_task):
                 if task is not None:
                     task.cancel()
     finally:
-        driver.vault.close()
-    if progress.phase is Phase.REGISTERED:
-        return 0
-    return 1
+        if service is not None:
+            service.close()
+        driver.close()
+    return 0 if progress.phase is Phase.REGISTERED else 1
+
+
+async def _publish_on_bus(bus: str, driver: Driver) -> dbus_service.Service | None:
+    if bus == "none":
+        return None
+    from . import dbus_service
+
+    return await dbus_service.publish(bus, driver.status(), driver.serial_assertion, driver.retry)

@@ -128,3 +128,17 @@ class SerialRejectedError(AgentError):
 
     code = "serial-rejected"
     dbus_name = DBUS_ERROR_PREFIX + "SerialRejected"
+
+
+class NotRegisteredError(AgentError):
+    """Asked for the serial before there is one."""
+
+    code = "not-registered"
+    dbus_name = DBUS_ERROR_PREFIX + "NotRegistered"
+
+
+class BusError(AgentError):
+    """The D-Bus connection failed, or another instance owns the name."""
+
+    code = "dbus"
+    dbus_name = DBUS_ERROR_PREFIX + "Bus"

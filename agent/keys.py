@@ -66,7 +66,6 @@ def _keygen_result(returncode: int, stdout: bytes, stderr: bytes) -> bytes:
     if returncode != 0:
         cause = stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit status {returncode}"]
         raise DeviceKeyError(f"cannot generate device key: {cause[0]}")
-    load_key(stdout)  # refuse to hand out anything we could not load back
     return stdout
 
 
@@ -79,11 +78,18 @@ def generate_key_pem(bits: int = DEVICE_KEY_BITS, timeout: float | None = None) 
         raise DeviceKeyError(f"cannot generate device key: no key after {timeout:g} s") from None
     except OSError as exc:
         raise DeviceKeyError(f"cannot generate device key: {exc.strerror}") from None
-    return _keygen_result(done.returncode, done.stdout, done.stderr)
+    pem = _keygen_result(done.returncode, done.stdout, done.stderr)
+    load_key(pem)  # refuse to hand out anything we could not load back
+    return pem
 
 
 async def generate_key_pem_async(bits: int = DEVICE_KEY_BITS) -> bytes:
-    """As generate_key_pem, for the event loop: no thread, and cancelling it kills the child at once."""
+    """As generate_key_pem, for the event loop: no thread, and cancelling it kills the child at once.
+
+    The PEM is not loaded back here: that can take a quarter of a second
+    (cryptography 38 validates RSA keys on load), which the loop must not
+    spend; the caller loads it in a thread (store.save_device_key does).
+    """
     cmd, env = _keygen_command(bits)
     try:
         proc = await asyncio.create_subprocess_exec(

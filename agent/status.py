@@ -1,0 +1,227 @@
+"""`factory-agent status`: the daemon's state for a technician or a test-station script.
+
+It reads io.factoryagent.Agent1 over D-Bus (GetAll), and with --wait follows
+PropertiesChanged until the device is registered or blocked: it subscribes
+before reading, so no change is missed, and never polls the daemon. On a
+terminal the wait is one live line; in a pipe, one plain line per change.
+
+Exit status (fixed): 0 registered, 1 blocked, 2 still in progress, 3 --wait
+timed out, 69 the daemon cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from . import dbus_service
+from .errors import BusError
+
+EXIT_REGISTERED, EXIT_BLOCKED, EXIT_PENDING, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 2, 3, 69
+JSON_SCHEMA = 1
+# D-Bus property -> --json key. Append-only: scripts parse these.
+JSON_KEYS = {
+    "State": "state", "Serial": "serial", "Brand": "brand", "Model": "model", "DeviceKeyId": "device-key-id",
+    "Attempts": "attempts", "LastError": "last-error", "LastErrorMessage": "last-error-message",
+    "Action": "action", "NextRetry": "next-retry", "Identity": "identity", "Version": "version",
+}
+_PROPS = "org.freedesktop.DBus.Properties"
+_MATCH = (f"type='signal',sender='{dbus_service.BUS_NAME}',path='{dbus_service.OBJECT_PATH}',"
+          f"interface='{_PROPS}',member='PropertiesChanged'")
+_OWNER_MATCH = (f"type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+                f"member='NameOwnerChanged',arg0='{dbus_service.BUS_NAME}'")
+_NO_OWNER = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
+
+
+def exit_code(props: dict[str, Any]) -> int:
+    state = props.get("State", "")
+    if state == "registered":
+        return EXIT_REGISTERED
+    if state == "blocked":
+        return EXIT_BLOCKED
+    return EXIT_PENDING  # any other, or a state added later: still in progress
+
+
+def to_json(props: dict[str, Any]) -> dict[str, Any]:
+    """The stable --json document: {"schema": 1, "state": ..., ...}; next-retry in unix microseconds."""
+    data: dict[str, Any] = {"schema": JSON_SCHEMA}
+    data.update({key: props[name] for name, key in JSON_KEYS.items() if name in props})
+    return data
+
+
+def describe(props: dict[str, Any], now: float) -> list[str]:
+    """The human report, one 'Name: value' line each."""
+    lines = [f"State: {props.get('State', '?')}"]
+    if props.get("Serial"):
+        lines.append(f"Serial: {props['Serial']}")
+    lines += [f"Brand: {props.get('Brand', '')}", f"Model: {props.get('Model', '')}",
+              f"Device key: {props.get('DeviceKeyId') or '(none yet)'}", f"Attempts: {props.get('Attempts', 0)}"]
+    if props.get("LastError"):
+        lines.append(f"Last error: {props['LastError']}: {props.get('LastErrorMessage', '')}")
+    if props.get("Action"):
+        lines.append(f"Action: {props['Action']}")
+    if props.get("NextRetry"):
+        lines.append(f"Next retry: in {_countdown(props, now)}")
+    identity = props.get("Identity") or {}
+    if identity:
+        lines.append("Identity: " + ", ".join(f"{k}={v}" for k, v in identity.items()))
+    return lines
+
+
+def live_line(props: dict[str, Any], started: float, now: float) -> str:
+    """One line: state, elapsed, attempts, countdown to the next retry, and the action when blocked."""
+    parts = [props.get("State", "?"), f"{int(now - started)}s", f"attempts {props.get('Attempts', 0)}"]
+    if props.get("State") == "registered":
+        parts.append(f"serial {props.get('Serial', '')}")
+    elif props.get("NextRetry"):
+        parts.append(f"retry in {_countdown(props, now)}")
+    if props.get("LastError"):
+        parts.append(f"{props['LastError']}: {props.get('LastErrorMessage', '')}")
+    if props.get("State") == "blocked" and props.get("Action"):
+        parts.append(f"action: {props['Action']}")
+    return " | ".join(parts)
+
+
+def _countdown(props: dict[str, Any], now: float) -> str:
+    return f"{max(0, round(props['NextRetry'] / 1_000_000 - now))}s"
+
+
+class Client:
+    """A connection to the bus that keeps a copy of the daemon's properties up to date."""
+
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+        self.props: dict[str, Any] = {}
+        self.changed = asyncio.Event()
+        self.owner_changed = asyncio.Event()
+
+    @classmethod
+    async def connect(cls, bus_kind: str) -> Client:
+        lib, _, aio = dbus_service.backend()
+        bus_type = lib.BusType.SYSTEM if bus_kind == "system" else lib.BusType.SESSION
+        try:
+            bus = await aio.MessageBus(bus_type=bus_type).connect()
+        except (OSError, ValueError, lib.errors.DBusError) as exc:
+            raise BusError(f"cannot connect to the {bus_kind} bus: {exc}") from None
+        return cls(bus)
+
+    async def _call(self, destination: str, path: str, interface: str, member: str, signature: str, body: list[Any]) -> Any:
+        lib, _, _ = dbus_service.backend()
+        message = lib.Message(destination=destination, path=path, interface=interface, member=member,
+                              signature=signature, body=body)
+        reply = await self.bus.call(message)
+        if reply.message_type == lib.MessageType.ERROR:
+            raise BusError(f"{reply.error_name}: {reply.body[0] if reply.body else ''}")
+        return reply.body
+
+    async def follow(self) -> None:
+        """Subscribe to PropertiesChanged (before the first read, so nothing is missed)."""
+        self.bus.add_message_handler(self._on_message)
+        for rule in (_MATCH, _OWNER_MATCH):
+            await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s", [rule])
+
+    async def read_all(self) -> dict[str, Any]:
+        body = await self._call(dbus_service.BUS_NAME, dbus_service.OBJECT_PATH, _PROPS, "GetAll", "s",
+                                [dbus_service.INTERFACE])
+        self.props = {name: variant.value for name, variant in body[0].items()}
+        return self.props
+
+    def _on_message(self, message: Any) -> None:
+        if message.member == "NameOwnerChanged" and message.body and message.body[0] == dbus_service.BUS_NAME:
+            self.owner_changed.set()
+        if (message.member == "PropertiesChanged" and message.path == dbus_service.OBJECT_PATH
+                and message.body and message.body[0] == dbus_service.INTERFACE):
+            self.props.update({name: variant.value for name, variant in message.body[1].items()})
+            self.changed.set()
+
+    def close(self) -> None:
+        self.bus.disconnect()
+
+
+async def run(bus_kind: str, *, wait: bool, timeout: float, as_json: bool, out: TextIO = sys.stdout,
+              err: TextIO = sys.stderr) -> int:
+    try:
+        client = await Client.connect(bus_kind)
+    except BusError as exc:
+        print(f"factory-agent: cannot reach the daemon: {exc}", file=err)
+        return EXIT_UNREACHABLE
+    try:
+        deadline = time.time() + timeout if timeout > 0 else float("inf")
+        if wait:
+            await client.follow()
+        try:
+            props = await _first_read(client, wait, deadline)
+        except BusError as exc:
+            print(f"factory-agent: cannot reach the daemon on the {bus_kind} bus: {exc}", file=err)
+            return EXIT_UNREACHABLE
+        code = await _wait(client, deadline, out) if wait else exit_code(props)
+        _report(client.props, as_json, out, wait)
+        return code
+    finally:
+        client.close()
+
+
+async def _first_read(client: Client, wait: bool, deadline: float) -> dict[str, Any]:
+    """GetAll; with --wait, a daemon that is not there yet is waited for (it may still be starting)."""
+    while True:
+        try:
+            return await client.read_all()
+        except BusError as exc:
+            remaining = deadline - time.time()
+            if not wait or not str(exc).startswith(_NO_OWNER) or remaining <= 0:
+                raise
+        client.owner_changed.clear()
+        with contextlib.suppress(TimeoutError):  # the signal, or a look every second in case it was missed
+            await asyncio.wait_for(client.owner_changed.wait(), min(remaining, 1.0))
+
+
+async def _wait(client: Client, deadline: float, out: TextIO) -> int:
+    started = time.time()
+    show: Callable[[bool], None] = _live(client, started, out) if out.isatty() else _plain(client, out)
+    show(True)
+    while exit_code(client.props) == EXIT_PENDING:
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            show(False)
+            return EXIT_TIMEOUT
+        client.changed.clear()
+        try:  # a tick only redraws the clock on a terminal; the state itself comes from signals
+            await asyncio.wait_for(client.changed.wait(), min(remaining, 1.0 if out.isatty() else remaining))
+            show(True)
+        except TimeoutError:
+            show(False)
+    return exit_code(client.props)
+
+
+def _live(client: Client, started: float, out: TextIO) -> Callable[[bool], None]:
+    def show(changed: bool) -> None:
+        line = live_line(client.props, started, time.time())
+        out.write("\r\x1b[K" + line + ("\n" if exit_code(client.props) != EXIT_PENDING else ""))
+        out.flush()
+
+    return show
+
+
+def _plain(client: Client, out: TextIO) -> Callable[[bool], None]:
+    last: list[str] = []
+
+    def show(changed: bool) -> None:
+        line = live_line(client.props, time.time(), time.time()).split(" | ", 2)
+        text = " | ".join([line[0]] + line[2:])  # no elapsed counter: a line per change, not per tick
+        if changed and last != [text]:
+            last[:] = [text]
+            print(text, file=out, flush=True)
+
+    return show
+
+
+def _report(props: dict[str, Any], as_json: bool, out: TextIO, waited: bool) -> None:
+    if as_json:
+        print(json.dumps(to_json(props), indent=2, sort_keys=True), file=out)
+    elif not waited:
+        print("\n".join(describe(props, time.time())), file=out)

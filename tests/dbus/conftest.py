@@ -1,0 +1,167 @@
+"""A private dbus-daemon per test session, the lab vault, and the real daemon as a child process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.labvault import LabVault
+from tests.conftest import DATA, REPO
+
+BUS_NAME = "io.factoryagent.Agent1"
+PATH = "/io/factoryagent/Agent1"
+
+
+@pytest.fixture(scope="session")
+def bus_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private session-type bus: nothing from the host's buses leaks in."""
+    if shutil.which("dbus-daemon") is None:
+        pytest.skip("dbus-daemon (Debian package dbus-daemon) is not installed")
+    socket_dir = tmp_path_factory.mktemp("bus")
+    proc = subprocess.Popen(
+        ["dbus-daemon", "--session", "--nofork", "--print-address=1", f"--address=unix:dir={socket_dir}"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    address = proc.stdout.readline().strip()
+    yield address
+    proc.terminate()
+    proc.wait(timeout=5)
+
+
+@pytest.fixture(params=["dbus_next", "dbus_fast"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The daemon's D-Bus library: every D-Bus test runs on both."""
+    pytest.importorskip(request.param)
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("lab")
+    LabVault(directory)
+    return directory
+
+
+@pytest.fixture
+def lab(lab_dir: Path) -> Iterator[LabVault]:
+    vault = LabVault(lab_dir)
+    vault.start()
+    yield vault
+    vault.stop()
+
+
+def write_config(tmp: Path, lab: LabVault, api_key_file: Path | None = None) -> Path:
+    path = tmp / "agent.toml"
+    path.write_text(f"""
+model-assertion = "{lab.directory / 'model.assert'}"
+[vault]
+url = "{lab.url}"
+allow-insecure-http = true
+api-key-file = "{api_key_file or lab.directory / 'api-key'}"
+trusted-account-keys = ["{lab.directory / 'brand.account-key'}"]
+[serial]
+template = "DBUS-{{soc_serial}}"
+[identity]
+wait-seconds = 0
+[identity.static]
+soc_serial = "0000000000dbus01"
+""")
+    return path
+
+
+def seed_key(state: Path) -> None:
+    state.mkdir(mode=0o700, exist_ok=True)
+    shutil.copy(DATA / "device" / "device-key.pem", state / "device-key.pem")
+    (state / "device-key.pem").chmod(0o600)
+
+
+class Daemon:
+    """`factory-agent run --bus session` on the private bus."""
+
+    def __init__(self, address: str, backend: str, config: Path, state: Path, *extra: str) -> None:
+        self.env = dict(os.environ, PYTHONPATH=str(REPO), DBUS_SESSION_BUS_ADDRESS=address, FACTORY_AGENT_DBUS=backend)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--bus", "session", "--config", str(config), "--state-dir", str(state),
+             *extra],
+            cwd=REPO, env=self.env, stderr=subprocess.PIPE, text=True,
+        )
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        _, stderr = self.proc.communicate(timeout=15)
+        return stderr
+
+
+def busctl(address: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["busctl", f"--address={address}", *args], capture_output=True, text=True, timeout=10, check=False)
+
+
+def get_property(address: str, name: str) -> str:
+    done = busctl(address, "get-property", BUS_NAME, PATH, BUS_NAME, name)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def wait_for(predicate: Any, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def owned(address: str) -> bool:
+    return busctl(address, "status", BUS_NAME).returncode == 0
+
+
+class Recorder:
+    """An independent client (dbus-next) that records every PropertiesChanged of the agent, in order."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.signals: list[dict[str, Any]] = []
+
+    async def __aenter__(self) -> Recorder:
+        from dbus_next import Message
+        from dbus_next.aio import MessageBus
+
+        self.bus = await MessageBus(bus_address=self.address).connect()
+        self.bus.add_message_handler(self._on_message)
+        rule = f"type='signal',path='{PATH}',interface='org.freedesktop.DBus.Properties',member='PropertiesChanged'"
+        await self.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                    interface="org.freedesktop.DBus", member="AddMatch", signature="s", body=[rule]))
+        return self
+
+    def _on_message(self, message: Any) -> None:
+        if message.member == "PropertiesChanged" and message.path == PATH and message.body[0] == BUS_NAME:
+            self.signals.append({k: v.value for k, v in message.body[1].items()})
+
+    async def call(self, member: str, signature: str = "", body: list[Any] | None = None,
+                   interface: str = BUS_NAME) -> Any:
+        from dbus_next import Message
+
+        return await self.bus.call(Message(destination=BUS_NAME, path=PATH, interface=interface, member=member,
+                                           signature=signature, body=body or []))
+
+    async def get_all(self) -> dict[str, Any]:
+        reply = await self.call("GetAll", "s", [BUS_NAME], interface="org.freedesktop.DBus.Properties")
+        return {k: v.value for k, v in reply.body[0].items()}
+
+    async def until(self, predicate: Any, seconds: float = 30.0) -> None:
+        deadline = time.monotonic() + seconds
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out; signals: {self.signals}"
+            await asyncio.sleep(0.05)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.bus.disconnect()
