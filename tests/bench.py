@@ -26,6 +26,7 @@ sys.path[0] = str(REPO)  # not tests/: its http/ package would shadow the stdlib
 import logging  # noqa: E402
 
 from agent.labvault import LabVault  # noqa: E402
+from tests.fakes.agentconf import write_agent_config  # noqa: E402
 
 logging.disable(logging.WARNING)  # the lab vault's duplicate-assertion notes: every run re-uses one serial
 
@@ -45,20 +46,7 @@ def timed(cmd: list[str]) -> tuple[float, int]:
 
 
 def config(tmp: Path, lab: LabVault) -> Path:
-    path = tmp / "agent.toml"
-    path.write_text(f"""
-model-assertion = "{lab.directory / 'model.assert'}"
-[vault]
-url = "{lab.url}"
-allow-insecure-http = true
-api-key-file = "{lab.directory / 'api-key'}"
-trusted-account-keys = ["{lab.directory / 'brand.account-key'}"]
-[serial]
-template = "BENCH-{{soc_serial}}"
-[identity.static]
-soc_serial = "0000000000bench1"
-""")
-    return path
+    return write_agent_config(tmp, lab.url, lab.directory, template="BENCH-{soc_serial}", soc_serial="0000000000bench1")
 
 
 def summary(samples: list[tuple[float, int]]) -> dict[str, object]:

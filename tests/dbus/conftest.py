@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from agent.labvault import LabVault
-from tests.conftest import DATA, REPO
+from tests.conftest import REPO
+from tests.fakes.agentconf import seed_key, write_agent_config
 
 BUS_NAME = "io.factoryagent.Agent1"
 PATH = "/io/factoryagent/Agent1"
@@ -61,28 +62,8 @@ def lab(lab_dir: Path) -> Iterator[LabVault]:
 
 
 def write_config(tmp: Path, lab: LabVault, api_key_file: Path | None = None) -> Path:
-    path = tmp / "agent.toml"
-    path.write_text(f"""
-model-assertion = "{lab.directory / 'model.assert'}"
-[vault]
-url = "{lab.url}"
-allow-insecure-http = true
-api-key-file = "{api_key_file or lab.directory / 'api-key'}"
-trusted-account-keys = ["{lab.directory / 'brand.account-key'}"]
-[serial]
-template = "DBUS-{{soc_serial}}"
-[identity]
-wait-seconds = 0
-[identity.static]
-soc_serial = "0000000000dbus01"
-""")
-    return path
-
-
-def seed_key(state: Path) -> None:
-    state.mkdir(mode=0o700, exist_ok=True)
-    shutil.copy(DATA / "device" / "device-key.pem", state / "device-key.pem")
-    (state / "device-key.pem").chmod(0o600)
+    return write_agent_config(tmp, lab.url, lab.directory, template="DBUS-{soc_serial}", soc_serial="0000000000dbus01",
+                              api_key_file=api_key_file)
 
 
 class Daemon:

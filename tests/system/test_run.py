@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 from agent import assertions, serials
 from agent.labvault import Forced, LabVault
 from tests.conftest import DATA, REPO
+from tests.fakes.agentconf import seed_key, write_agent_config
 
 SOC_SERIAL = "00000000c0ffee01"
 
@@ -38,30 +38,7 @@ def lab(lab_dir: Path):
 
 
 def write_config(tmp: Path, url: str, lab_dir: Path, extra: str = "") -> Path:
-    path = tmp / "agent.toml"
-    path.write_text(f"""
-model-assertion = "{lab_dir / 'model.assert'}"
-[vault]
-url = "{url}"
-allow-insecure-http = true
-api-key-file = "{lab_dir / 'api-key'}"
-trusted-account-keys = ["{lab_dir / 'brand.account-key'}"]
-{extra}
-[serial]
-template = "ACME-{{soc_serial}}"
-[identity]
-wait-seconds = 0
-[identity.static]
-soc_serial = "{SOC_SERIAL}"
-""")
-    return path
-
-
-def seed_key(state: Path) -> None:
-    """The vectors' device key, as if a previous boot had generated it (reconcile adopts it)."""
-    state.mkdir(mode=0o700, exist_ok=True)
-    shutil.copy(DATA / "device" / "device-key.pem", state / "device-key.pem")
-    (state / "device-key.pem").chmod(0o600)
+    return write_agent_config(tmp, url, lab_dir, template="ACME-{soc_serial}", soc_serial=SOC_SERIAL, vault_extra=extra)
 
 
 def run_once(config: Path, state: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
