@@ -107,12 +107,12 @@ def _load_config(args: argparse.Namespace) -> "config.Config":
 
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
-    from . import daemon
+    from . import daemon, systemd
 
-    logging.basicConfig(level=logging.INFO, format="factory-agent: %(message)s", stream=sys.stderr)
+    systemd.setup_logging()
     cfg = _load_config(args)
+    systemd.redact([cfg.vault.api_key])  # defence in depth: it is never logged, and never shown if it were
     state_dir = resolve_state_dir(args.state_dir, os.environ)
     try:
         return asyncio.run(daemon.main(cfg, state_dir, once=args.once, bus=args.bus))

@@ -23,7 +23,7 @@ from typing import Protocol, TypeVar
 
 from typing import TYPE_CHECKING
 
-from . import __version__, assertions, keys, registration, serials, store
+from . import __version__, assertions, keys, registration, serials, store, systemd
 from .config import Config
 from .errors import AgentError, NotRegisteredError, SerialRejectedError
 from .registration import Phase, Progress, Step
@@ -87,7 +87,8 @@ class LogPublisher:
             line += f" ({status.last_error}: {status.last_error_message})"
             if status.action:
                 line += f"; action: {status.action}"
-        log.info(line, extra={"FACTORY_AGENT_STATE": status.state, "FACTORY_AGENT_ERROR": status.last_error})
+        level = logging.WARNING if status.state == "blocked" else logging.INFO
+        log.log(level, line, extra=systemd.journal_fields(status.state, status.last_error, status.serial))
 
 
 def load_state(st: store.Store, cfg: Config) -> tuple[Progress, keys.DeviceKey | None]:
@@ -97,7 +98,8 @@ def load_state(st: store.Store, cfg: Config) -> tuple[Progress, keys.DeviceKey |
         log.info("removed temporary files left by a crash: %s", ", ".join(removed))
     recorded, corrupt = st.load_progress()
     if corrupt:
-        log.warning("state.json was corrupt; moved aside to %s and rebuilt from the files present", corrupt)
+        log.warning("state.json was corrupt; moved aside to %s and rebuilt from the files present", corrupt,
+                    extra={"MESSAGE_ID": systemd.MESSAGE_ID_STATE_CORRUPT})
     if recorded.phase is Phase.REGISTERED and st.has_artifacts():
         return recorded, None  # every later boot: nothing to load, nothing to sign
     key = store.load_device_key(st.dir)
@@ -365,7 +367,7 @@ async def main(cfg: Config, state_dir: Path, *, once: bool, bus: str = "none", p
     assert me is not None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, me.cancel)
-    publishers = Publishers(publisher or LogPublisher())
+    publishers = Publishers(publisher or LogPublisher(), systemd.StatusPublisher())
     driver = Driver(cfg, store.Store(state_dir), publishers)
     if on_driver:
         on_driver(driver)
@@ -373,14 +375,19 @@ async def main(cfg: Config, state_dir: Path, *, once: bool, bus: str = "none", p
     service = await _publish_on_bus(bus, driver)
     if service is not None:
         publishers.add(service)
+    first = driver.status()  # ready = the state is loaded and the name owned; not "registered"
+    systemd.notify_ready(systemd.status_line(first.state, first.serial, first.last_error, first.action))
     try:
         async with asyncio.TaskGroup() as tg:
-            watchers = [tg.create_task(service.fail_on_disconnect())] if service else []
+            helpers = [tg.create_task(systemd.watchdog_loop())]
+            if service is not None:
+                helpers.append(tg.create_task(service.fail_on_disconnect()))
             progress = await driver.run(tg, once)
-            for task in (*watchers, driver.key_task, driver.identity_task):
+            for task in (*helpers, driver.key_task, driver.identity_task):
                 if task is not None:
                     task.cancel()
     finally:
+        systemd.notify_stopping()
         if service is not None:
             service.close()
         driver.close()

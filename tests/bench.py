@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,35 @@ def config(tmp: Path, lab: LabVault) -> Path:
     return write_agent_config(tmp, lab.url, lab.directory, template="BENCH-{soc_serial}", soc_serial="0000000000bench1")
 
 
+def cold_start(tmp: Path, cfg: Path, state: Path, runs: int) -> dict[str, object]:
+    """exec -> D-Bus name owned and READY=1 (the daemon sends READY only after owning the name)."""
+    bus = subprocess.Popen(["dbus-daemon", "--session", "--nofork", "--print-address=1", f"--address=unix:dir={tmp}"],
+                           stdout=subprocess.PIPE, text=True)
+    assert bus.stdout is not None
+    address = bus.stdout.readline().strip()
+    samples = []
+    try:
+        for i in range(runs):
+            notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            notify.bind(str(tmp / f"notify-{i}"))
+            notify.settimeout(30)
+            env = dict(ENV, DBUS_SESSION_BUS_ADDRESS=address, NOTIFY_SOCKET=str(tmp / f"notify-{i}"))
+            started = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--bus", "session", "--config", str(cfg),
+                                     "--state-dir", str(state)], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+            while b"READY=1" not in notify.recv(4096):
+                pass
+            elapsed = time.perf_counter() - started
+            proc.terminate()
+            _, status, usage = os.wait4(proc.pid, 0)
+            samples.append((elapsed, usage.ru_maxrss))
+            notify.close()
+    finally:
+        bus.terminate()
+        bus.wait()
+    return summary(samples)
+
+
 def summary(samples: list[tuple[float, int]]) -> dict[str, object]:
     seconds = [s for s, _ in samples]
     return {"median_s": round(statistics.median(seconds), 3), "min_s": round(min(seconds), 3),
@@ -74,6 +104,12 @@ def main() -> int:
             shutil.copy2(state / "device-key.pem", seeded / "device-key.pem")
             with_key.append(timed(run + [str(seeded)]))
             keygen.append(timed([sys.executable, "-m", "agent.keygen", "4096", str(os.getpid())]))
+        registered = tmp / "fresh-0"
+        cold_registered = cold_start(tmp, cfg, registered, args.runs)
+        unregistered = tmp / "cold-unregistered"
+        unregistered.mkdir(mode=0o700)
+        shutil.copy2(registered / "device-key.pem", unregistered / "device-key.pem")
+        cold_unregistered = cold_start(tmp, cfg, unregistered, 1)  # after READY it goes on to register
         lab.stop()
         report = {
             "machine": {"python": platform.python_version(), "arch": platform.machine(), "cpus": os.cpu_count()},
@@ -81,6 +117,8 @@ def main() -> int:
             "key_generation_rsa4096_child": summary(keygen),
             "time_to_serial_key_on_disk": summary(with_key),
             "rest_beyond_keygen_median_s": round(statistics.median(s for s, _ in with_key), 3),
+            "cold_start_to_dbus_name_and_ready_registered_device": cold_registered,
+            "cold_start_to_dbus_name_and_ready_key_on_disk_first_run": cold_unregistered,
         }
         print(json.dumps(report, indent=2))
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -295,3 +296,35 @@ def test_a_config_error_names_file_and_key_and_exits_78(tmp_path: Path) -> None:
     assert done.returncode == 78
     assert done.stderr.strip() == (f"factory-agent: {config}: 'vault.url' is http://: set vault.allow-insecure-http = true "
                                    "for a lab vault")
+
+
+def test_sd_notify_ready_status_watchdog_and_stopping_from_the_real_daemon(tmp_path: Path, lab: LabVault) -> None:
+    state = tmp_path / "state"
+    seed_key(state)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    env = dict(os.environ, PYTHONPATH=str(REPO), NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="400000")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--bus", "none", "--config",
+         str(write_config(tmp_path, lab.url, lab.directory)), "--state-dir", str(state)],
+        cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
+    )
+    messages: list[str] = []
+    try:
+        while not any(m.startswith("STATUS=registered") for m in messages):
+            messages += notify.recv(4096).decode().splitlines()
+        time.sleep(0.5)  # the watchdog keeps pinging while it serves
+        proc.terminate()
+        proc.wait(timeout=10)
+        notify.settimeout(0.5)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                messages += notify.recv(4096).decode().splitlines()
+    finally:
+        proc.kill()
+        notify.close()
+    assert messages[0] == "READY=1" and messages[1].startswith("STATUS=")  # ready before any network
+    statuses = [m for m in messages if m.startswith("STATUS=")]
+    assert "STATUS=requesting" in statuses and statuses[-1] == f"STATUS=registered: serial ACME-{SOC_SERIAL}"
+    assert messages.count("WATCHDOG=1") >= 2 and messages[-1] == "STOPPING=1"

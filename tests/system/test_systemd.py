@@ -91,6 +91,8 @@ def analyze(*args: str) -> subprocess.CompletedProcess[str]:
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     text = UNIT.read_text()
     assert text.count("ExecStart=/usr/bin/factory-agent ") == 1
+    if not any(Path(d, "dbus.socket").exists() for d in ("/usr/lib/systemd/system", "/lib/systemd/system")):
+        pytest.skip("verify resolves Requires=dbus.socket: install dbus-system-bus-common")
     done = analyze("verify", "--man=no", str(unit_copy(tmp_path, text)))
     # verify exits 0 on unknown keys and bad values alike: it only warns. So: no output at all.
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
@@ -104,8 +106,9 @@ def test_verify_would_catch_a_typo(tmp_path: Path) -> None:
 
 
 def test_unit_sandbox_exposure_stays_low(tmp_path: Path) -> None:
+    """1.6 with systemd 252 (root, network, netlink and /proc/cpuinfo are what the job needs)."""
     copy = unit_copy(tmp_path, UNIT.read_text())
-    done = analyze("security", "--offline=yes", "--threshold=25", "--no-pager", str(copy))
+    done = analyze("security", "--offline=yes", "--threshold=20", "--no-pager", str(copy))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
 
 
@@ -398,7 +401,7 @@ def test_plain_stderr_lines_elsewhere(tmp_path: Path, prelude: str, journal_stre
 
 SERVICE = """
 import asyncio, sys
-from dbus_next import PropertyAccess, RequestNameReply
+from dbus_next import PropertyAccess
 from dbus_next.aio import MessageBus
 from dbus_next.service import ServiceInterface, dbus_property, method
 

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
@@ -52,6 +53,25 @@ def test_status_line_never_shows_a_secret() -> None:
     systemd.redact(["hunter2-api-key"])
     assert systemd.status_line("blocked", "", "invalid-api-key", "key hunter2-api-key refused") == \
         "blocked: invalid-api-key: key *** refused"
+
+
+def test_status_publisher_sends_only_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[str] = []
+    monkeypatch.setattr(systemd, "notify_status", sent.append)
+    publisher = systemd.StatusPublisher()
+    for state, error in [("starting", ""), ("requesting", ""), ("requesting", ""), ("waiting-retry", "vault-transient")]:
+        publisher.publish(SimpleNamespace(state=state, serial="", last_error=error, action=""))  # type: ignore[arg-type]
+    assert sent == ["starting", "requesting", "waiting-retry (last error: vault-transient)"]
+
+
+def test_journal_fields() -> None:
+    assert systemd.journal_fields("registered", "", "ACME-1") == {
+        "FACTORY_AGENT_STATE": "registered", "FACTORY_AGENT_SERIAL": "ACME-1",
+        "MESSAGE_ID": systemd.MESSAGE_ID_REGISTERED}
+    assert systemd.journal_fields("blocked", "invalid-api-key") == {
+        "FACTORY_AGENT_STATE": "blocked", "FACTORY_AGENT_ERROR": "invalid-api-key",
+        "MESSAGE_ID": systemd.MESSAGE_ID_BLOCKED}
+    assert systemd.journal_fields("requesting") == {"FACTORY_AGENT_STATE": "requesting"}
 
 
 @pytest.mark.parametrize(("usec", "pid", "expected"), [
