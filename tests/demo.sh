@@ -6,8 +6,9 @@ PY=${PY:-/usr/bin/python3}
 cd "$(dirname "$0")/.."
 demo=$(mktemp -d /tmp/factory-agent-demo.XXXXXX)
 vault_pid=
+bus_pid=
 cleanup() {
-    [ -n "$vault_pid" ] && kill "$vault_pid" 2>/dev/null && wait "$vault_pid" 2>/dev/null
+    for pid in $vault_pid $bus_pid; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null; done
     rm -rf "$demo"
 }
 trap cleanup EXIT INT TERM
@@ -49,11 +50,22 @@ cat "$demo/agent.toml"
 step "3. this machine's identity, as the agent sees it through udev"
 $PY -m agent identity --config "$demo/agent.toml"
 
-step "4. factory-agent run --once: generate the device key (RSA-4096), get a request-id, send the signed serial-request, verify and store the serial"
+step "4. the daemon on a private D-Bus: generate the device key (RSA-4096), get a request-id, send the signed serial-request, verify and store the serial; factory-agent status --wait follows it"
+dbus-daemon --session --nofork --print-address=1 --address="unix:dir=$demo" > "$demo/bus" 2>/dev/null &
+bus_pid=$!
+until [ -s "$demo/bus" ]; do sleep 0.05; done
+DBUS_SESSION_BUS_ADDRESS=$(head -n 1 "$demo/bus")
+export DBUS_SESSION_BUS_ADDRESS
 start=$(date +%s.%N)
-$PY -m agent run --once --bus none --config "$demo/agent.toml" --state-dir "$demo/state"
+$PY -m agent run --bus session --config "$demo/agent.toml" --state-dir "$demo/state" 2> "$demo/daemon.log" &
+daemon_pid=$!
+$PY -m agent status --bus session --wait --timeout 300
 end=$(date +%s.%N)
 echo "registered in $(echo "$end - $start" | bc) s"
+echo; echo "factory-agent status:"
+$PY -m agent status --bus session
+kill "$daemon_pid"; wait "$daemon_pid" || true
+echo; echo "the daemon's log:"; cat "$demo/daemon.log"
 
 step "5. the serial assertion, verified against the brand's account-key"
 cat "$demo/state/serial.assertion"
