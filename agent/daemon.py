@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__, assertions, keys, registration, serials, store, systemd
 from .config import Config
-from .errors import AgentError, NotRegisteredError, SerialRejectedError
+from .errors import AgentError, DeviceKeyLostError, NotRegisteredError, SerialRejectedError
 from .registration import Phase, Progress, Step
 
 if TYPE_CHECKING:  # imported when first needed: the status is published before they load
@@ -102,7 +102,9 @@ def load_state(st: store.Store, cfg: Config) -> tuple[Progress, keys.DeviceKey |
                     extra={"MESSAGE_ID": systemd.MESSAGE_ID_STATE_CORRUPT})
     if recorded.phase is Phase.REGISTERED and st.has_artifacts():
         return recorded, None  # every later boot: nothing to load, nothing to sign
-    key = store.load_device_key(st.dir)
+    if recorded.key_id and st.has_key() and st.read_serial() is None:
+        return recorded, None  # the key is loaded (and checked against the record) in the background
+    key = store.load_device_key(st.dir)  # a crash left something to adopt, or something is missing
     serial = _serial_on_disk(st, cfg, key)
     progress = registration.reconcile(recorded, key.key_id if key else None, serial)
     if progress != recorded:
@@ -115,14 +117,14 @@ def _serial_on_disk(st: store.Store, cfg: Config, key: keys.DeviceKey | None) ->
     if text is None or key is None:
         return None
     try:
-        return _check(cfg, key, text).header("serial")
+        return _check(cfg, key.key_id, text).header("serial")
     except AgentError as exc:
         log.warning("ignoring %s: %s", st.dir / store.SERIAL_FILE, exc)
         return None
 
 
-def _check(cfg: Config, key: keys.DeviceKey, body: bytes) -> assertions.Assertion:
-    return serials.check_serial(body, brand=cfg.brand, model=cfg.model, key_id=key.key_id,
+def _check(cfg: Config, key_id: str, body: bytes) -> assertions.Assertion:
+    return serials.check_serial(body, brand=cfg.brand, model=cfg.model, key_id=key_id,
                                 trusted=cfg.vault.trusted_account_keys, model_assertion=cfg.model_assertion)
 
 
@@ -210,7 +212,7 @@ class Driver:
                 self.identity = _result(await gathering)
                 return None
             if step is Step.WAIT_KEY:
-                self._set_activity("generating-key")
+                self._set_activity("generating-key" if not self.progress.key_id else self.activity)
                 self._start_background(tg)
                 generating, self.key_task = self.key_task, None
                 assert generating is not None
@@ -230,11 +232,17 @@ class Driver:
             self.key_task = tg.create_task(_captured(self._generate_key()))
 
     async def _generate_key(self) -> keys.DeviceKey:
+        """The recorded key, loaded off the loop (slow on cryptography 38), or a new one."""
+        if self.progress.key_id:
+            key = await asyncio.to_thread(store.load_device_key, self.store.dir)
+            if key is None or key.key_id != self.progress.key_id:
+                found = key.key_id if key else "none"
+                raise DeviceKeyLostError(f"state records device key {self.progress.key_id} but device-key.pem holds {found}")
+            return key
         pem = await keys.generate_key_pem_async(self.key_bits)
         return await asyncio.to_thread(store.save_device_key, self.store.dir, pem)
 
     async def _exchange(self, step: Step) -> registration.Outcome:
-        assert self.key is not None
         if step is Step.POLL:
             self._set_activity("polling")
             request = self.progress.serial_request.encode()
@@ -246,7 +254,7 @@ class Driver:
         answer = await asyncio.to_thread(self.vault.post_serial, self._stream(request))
         if isinstance(answer, vault.Pending):
             return registration.Accepted(request.decode(), answer.retry_after)
-        serial = _check(self.cfg, self.key, answer.body)
+        serial = _check(self.cfg, self.progress.key_id, answer.body)
         await asyncio.to_thread(self.store.save_serial, serial.encode())  # the artifact before the record
         return registration.Registered(serial.header("serial"))
 

@@ -40,6 +40,13 @@ class DeviceKeyError(AgentError):
     dbus_name = DBUS_ERROR_PREFIX + "DeviceKey"
 
 
+class DeviceKeyLostError(DeviceKeyError):
+    """The state records a device key that is gone or replaced: the identity is lost, a person must act."""
+
+    code = "device-key-lost"
+    dbus_name = DBUS_ERROR_PREFIX + "DeviceKeyLost"
+
+
 class StoreError(AgentError):
     """The state directory cannot be read or written safely."""
 

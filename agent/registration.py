@@ -33,6 +33,7 @@ from typing import Union
 from .errors import (
     AgentError,
     AssertionFormatError,
+    DeviceKeyLostError,
     IdentityError,
     SerialRejectedError,
     VaultClockSkew,
@@ -240,7 +241,7 @@ def needs_person(error: AgentError) -> bool:
     """Refusals that retrying cannot fix: blocked until Retry() or a restart."""
     if isinstance(error, VaultRejected):
         return error.error_code not in TRANSIENT_VAULT_CODES and error.error_code != "invalid-nonce"
-    return isinstance(error, (SerialRejectedError, IdentityError))
+    return isinstance(error, (SerialRejectedError, IdentityError, DeviceKeyLostError))
 
 
 def error_code(error: AgentError) -> str:

@@ -151,6 +151,9 @@ class Store:
         data = json.dumps(progress_to_json(p), indent=2, sort_keys=True).encode() + b"\n"
         self._write(STATE_FILE, data, 0o600)
 
+    def has_key(self) -> bool:
+        return (self.dir / DEVICE_KEY_FILE).is_file()
+
     def has_artifacts(self) -> bool:
         """Both the device key and the serial assertion are on disk."""
         return (self.dir / DEVICE_KEY_FILE).is_file() and (self.dir / SERIAL_FILE).is_file()

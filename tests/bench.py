@@ -50,19 +50,20 @@ def config(tmp: Path, lab: LabVault) -> Path:
     return write_agent_config(tmp, lab.url, lab.directory, template="BENCH-{soc_serial}", soc_serial="0000000000bench1")
 
 
-def cold_start(tmp: Path, cfg: Path, state: Path, runs: int) -> dict[str, object]:
+def cold_start(tmp: Path, cfg: Path, state: Path, runs: int, name: str) -> dict[str, object]:
     """exec -> D-Bus name owned and READY=1 (the daemon sends READY only after owning the name)."""
     bus = subprocess.Popen(["dbus-daemon", "--session", "--nofork", "--print-address=1", f"--address=unix:dir={tmp}"],
-                           stdout=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert bus.stdout is not None
     address = bus.stdout.readline().strip()
     samples = []
     try:
         for i in range(runs):
             notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            notify.bind(str(tmp / f"notify-{i}"))
+            path = tmp / f"notify-{name}-{i}"
+            notify.bind(str(path))
             notify.settimeout(30)
-            env = dict(ENV, DBUS_SESSION_BUS_ADDRESS=address, NOTIFY_SOCKET=str(tmp / f"notify-{i}"))
+            env = dict(ENV, DBUS_SESSION_BUS_ADDRESS=address, NOTIFY_SOCKET=str(path))
             started = time.perf_counter()
             proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--bus", "session", "--config", str(cfg),
                                      "--state-dir", str(state)], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
@@ -105,11 +106,11 @@ def main() -> int:
             with_key.append(timed(run + [str(seeded)]))
             keygen.append(timed([sys.executable, "-m", "agent.keygen", "4096", str(os.getpid())]))
         registered = tmp / "fresh-0"
-        cold_registered = cold_start(tmp, cfg, registered, args.runs)
+        cold_registered = cold_start(tmp, cfg, registered, args.runs, "registered")
         unregistered = tmp / "cold-unregistered"
         unregistered.mkdir(mode=0o700)
         shutil.copy2(registered / "device-key.pem", unregistered / "device-key.pem")
-        cold_unregistered = cold_start(tmp, cfg, unregistered, 1)  # after READY it goes on to register
+        cold_unregistered = cold_start(tmp, cfg, unregistered, 1, "unregistered")  # after READY it goes on to register
         lab.stop()
         report = {
             "machine": {"python": platform.python_version(), "arch": platform.machine(), "cpus": os.cpu_count()},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import ssl
@@ -328,3 +329,24 @@ def test_sd_notify_ready_status_watchdog_and_stopping_from_the_real_daemon(tmp_p
     statuses = [m for m in messages if m.startswith("STATUS=")]
     assert "STATUS=requesting" in statuses and statuses[-1] == f"STATUS=registered: serial ACME-{SOC_SERIAL}"
     assert messages.count("WATCHDOG=1") >= 2 and messages[-1] == "STOPPING=1"
+
+
+def _record(state: Path, key_id: str) -> None:
+    (state / "state.json").write_text(json.dumps({"schema": 1, "phase": "key-ready", "key-id": key_id}))
+
+
+def test_a_recorded_key_is_loaded_in_the_background_and_used(tmp_path: Path, lab: LabVault) -> None:
+    state = tmp_path / "state"
+    seed_key(state)
+    _record(state, (DATA / "device" / "device-key.id").read_text().strip())
+    assert_registered(run_once(write_config(tmp_path, lab.url, lab.directory), state), state, lab)
+
+
+def test_a_key_file_that_is_not_the_recorded_key_blocks(tmp_path: Path, lab: LabVault) -> None:
+    state = tmp_path / "state"
+    seed_key(state)
+    _record(state, "x" * 64)
+    done = run_once(write_config(tmp_path, lab.url, lab.directory), state)
+    assert done.returncode == 1 and "device-key-lost" in done.stderr and "reflash" in done.stderr
+    assert not (state / "serial.assertion").exists()
+    assert (state / "device-key.pem").read_bytes() == (DATA / "device" / "device-key.pem").read_bytes()  # untouched
