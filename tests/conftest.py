@@ -30,6 +30,27 @@ def brand_key() -> keys.DeviceKey:
 
 
 @pytest.fixture(scope="session")
+def lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One lab vault directory per session: its RSA-4096 root and brand keys are generated once."""
+    from agent.labvault import LabVault
+
+    directory = tmp_path_factory.mktemp("lab")
+    LabVault(directory)
+    return directory
+
+
+@pytest.fixture
+def lab(lab_dir: Path):
+    """A lab vault serving on 127.0.0.1 with the session's keys and fresh nonces, counters and faults."""
+    from agent.labvault import LabVault
+
+    vault = LabVault(lab_dir)
+    vault.start()
+    yield vault
+    vault.stop()
+
+
+@pytest.fixture(scope="session")
 def small_key() -> keys.DeviceKey:
     """A 2048-bit key for tests that sign many times; never a product default."""
     private = rsa.generate_private_key(65537, 2048)

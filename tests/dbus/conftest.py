@@ -46,21 +46,6 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture(scope="session")
-def lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("lab")
-    LabVault(directory)
-    return directory
-
-
-@pytest.fixture
-def lab(lab_dir: Path) -> Iterator[LabVault]:
-    vault = LabVault(lab_dir)
-    vault.start()
-    yield vault
-    vault.stop()
-
-
 def write_config(tmp: Path, lab: LabVault, api_key_file: Path | None = None) -> Path:
     return write_agent_config(tmp, lab.url, lab.directory, template="DBUS-{soc_serial}", soc_serial="0000000000dbus01",
                               api_key_file=api_key_file)

@@ -23,22 +23,6 @@ from tests.fakes.agentconf import seed_key, write_agent_config
 SOC_SERIAL = "00000000c0ffee01"
 
 
-@pytest.fixture(scope="session")
-def lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One lab vault directory per session: its RSA-4096 keys are generated once, then reused."""
-    directory = tmp_path_factory.mktemp("lab")
-    LabVault(directory)
-    return directory
-
-
-@pytest.fixture
-def lab(lab_dir: Path):
-    vault = LabVault(lab_dir)  # same keys and trust chain, fresh nonces, counters and faults
-    vault.start()
-    yield vault
-    vault.stop()
-
-
 def write_config(tmp: Path, url: str, lab_dir: Path, extra: str = "") -> Path:
     return write_agent_config(tmp, url, lab_dir, template="ACME-{soc_serial}", soc_serial=SOC_SERIAL, vault_extra=extra)
 
