@@ -14,7 +14,7 @@ APT_PACKAGES := python3 python3-cryptography python3-requests python3-pyudev pyt
 # The latest PyPI releases of the same (systemd-python builds against libsystemd-dev).
 PYPI_PACKAGES := cryptography requests pyudev dbus-next systemd-python pytest pytest-timeout hypothesis mypy trustme dbus-fast
 
-.PHONY: all deps test test-distro test-latest demo bench clean
+.PHONY: all deps test test-distro test-latest demo bench deb clean
 
 all: test
 
@@ -52,6 +52,22 @@ demo: deps
 # Time-to-serial against the lab vault on loopback, as JSON (see tests/bench.py).
 bench: deps
 	$(DISTRO_PY) tests/bench.py
+
+# The Debian package (arch: all) into dist/, from a copy of the tree with packaging/debian as debian/.
+DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+	python3-build python3-installer python3-wheel fakeroot dpkg-dev lintian
+deb:
+	@missing=$$(for p in $(DEB_BUILD_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
+	rm -rf build/deb && mkdir -p build/deb/factory-agent dist
+	git ls-files -z -co --exclude-standard | while IFS= read -r -d '' f; do [ -e "$$f" ] && printf '%s\0' "$$f"; done \
+		| xargs -0 cp --parents -t build/deb/factory-agent  # the working tree, as a developer has it
+	cp -r packaging/debian build/deb/factory-agent/debian
+	cd build/deb/factory-agent && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b  # Debian's python3, not a pyenv one
+	cp build/deb/factory-agent_*_all.deb dist/
+	lintian --fail-on error,warning --info dist/factory-agent_*_all.deb
+	@ls -l dist/*.deb
 
 clean:
 	rm -rf .venv build dist *.egg-info .pytest_cache .hypothesis
