@@ -113,10 +113,17 @@ class VaultClockSkew(VaultError):
 
 
 class VaultTransient(VaultError):
-    """Timeouts, 5xx, 429, truncated or oversized answers: retried with backoff."""
+    """Timeouts, 5xx, 429, truncated or oversized answers: retried with backoff.
+
+    ``error_code`` is the vault's own, when its JSON body named one (``server-error`` on a 500).
+    """
 
     code = "vault-transient"
     dbus_name = DBUS_ERROR_PREFIX + "VaultTransient"
+
+    def __init__(self, message: str, retry_after: float | None = None, error_code: str = "") -> None:
+        super().__init__(message, retry_after)
+        self.error_code = error_code
 
 
 class VaultRejected(VaultError):

@@ -35,6 +35,7 @@ from .errors import (
     AssertionFormatError,
     DeviceKeyLostError,
     IdentityError,
+    RemoteFormatError,
     SerialRejectedError,
     VaultClockSkew,
     VaultError,
@@ -215,7 +216,8 @@ def _failed(p: Progress, error: AgentError, rng: Random) -> Decision:
     spent = isinstance(error, (VaultError, AssertionFormatError, SerialRejectedError))
     if isinstance(error, VaultUnavailable):
         return Decision(noted, NO_NETWORK_DELAY * rng.uniform(0.8, 1.2), spent)
-    counted = replace(noted, attempts=p.attempts + 1) if isinstance(error, VaultError) else noted
+    answered = isinstance(error, (VaultError, RemoteFormatError, SerialRejectedError))  # an exchange took place
+    counted = replace(noted, attempts=p.attempts + 1) if answered else noted
     if isinstance(error, VaultClockSkew):
         step = CLOCK_SCHEDULE[min(p.clock_tries, len(CLOCK_SCHEDULE) - 1)]
         return Decision(replace(counted, clock_tries=p.clock_tries + 1), step, spent)
@@ -248,6 +250,8 @@ def error_code(error: AgentError) -> str:
     """The stable LastError value: the vault's own error_code for its refusals."""
     if isinstance(error, VaultRejected):
         return error.error_code
+    if isinstance(error, VaultTransient) and error.error_code in TRANSIENT_VAULT_CODES:
+        return error.error_code  # the vault's own name for its trouble (a 500 says server-error)
     if isinstance(error, AssertionFormatError):
         return VaultTransient.code  # a garbled answer: the vault's or the network's trouble
     return error.code

@@ -21,8 +21,10 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import requests
+import urllib3
 
 from . import __version__
 from .config import VaultConfig
@@ -67,9 +69,10 @@ class Vault:
         self.session = requests.Session()
         # Passed on every request: a session-level value loses to $REQUESTS_CA_BUNDLE (requests #3829).
         self.verify = cfg.ca_file or system_ca_bundle()
-        self.session.headers.update({"User-Agent": user_agent, "api-key": cfg.api_key})
-        self.session.mount("https://", requests.adapters.HTTPAdapter(max_retries=0))
-        self.session.mount("http://", requests.adapters.HTTPAdapter(max_retries=0))
+        # Connection: close, so that every call connects afresh and its deadline knows the socket.
+        self.session.headers.update({"User-Agent": user_agent, "api-key": cfg.api_key, "Connection": "close"})
+        self.session.mount("https://", _Adapter(max_retries=0))
+        self.session.mount("http://", _Adapter(max_retries=0))
 
     def close(self) -> None:
         self.session.close()
@@ -97,74 +100,143 @@ class Vault:
 
     def _post(self, path: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, requests.structures.CaseInsensitiveDict[str], bytes]:
         url = self.cfg.url + path
-        deadline = time.monotonic() + self.cfg.timeout
-        try:
-            with self.session.post(url, data=data, headers=headers, stream=True, allow_redirects=False, verify=self.verify,
-                                   timeout=(self.cfg.connect_timeout, self.cfg.timeout)) as resp:
-                body = _read_capped(resp, deadline)
-                return resp.status_code, resp.headers, body
-        except _DeadlinePassed:
-            raise VaultTransient(f"the vault's answer from {url} did not arrive within {self.cfg.timeout:g} s") from None
-        except requests.exceptions.SSLError as exc:
-            raise _tls_error(exc, url) from None
-        except requests.exceptions.ConnectionError as exc:
-            if _no_network(exc):
-                raise VaultUnavailable(f"cannot reach the vault at {url}: {_cause(exc)}") from None
-            raise VaultTransient(f"cannot talk to the vault at {url}: {_cause(exc)}") from None
-        except requests.exceptions.Timeout:
-            raise VaultTransient(f"the vault at {url} did not answer in time") from None
-        except requests.exceptions.RequestException as exc:
-            raise VaultTransient(f"cannot talk to the vault at {url}: {_cause(exc)}") from None
+        with _Deadline(self.cfg.timeout) as deadline:
+            try:
+                with self.session.post(url, data=data, headers=headers, stream=True, allow_redirects=False, verify=self.verify,
+                                       timeout=(self.cfg.connect_timeout, self.cfg.timeout)) as resp:
+                    body = _read_capped(resp)
+                    if deadline.fired.is_set():
+                        raise _DeadlinePassed()
+                    return resp.status_code, resp.headers, body
+            except (_DeadlinePassed, requests.exceptions.RequestException) as exc:
+                if deadline.fired.is_set():
+                    raise VaultTransient(f"the vault's answer from {url} did not arrive within {self.cfg.timeout:g} s") from None
+                if isinstance(exc, requests.exceptions.SSLError):
+                    raise _tls_error(exc, url) from None
+                if isinstance(exc, requests.exceptions.ConnectionError):
+                    if _no_network(exc):
+                        raise VaultUnavailable(f"cannot reach the vault at {url}: {_cause(exc)}") from None
+                    raise VaultTransient(f"cannot talk to the vault at {url}: {_cause(exc)}") from None
+                if isinstance(exc, requests.exceptions.Timeout):
+                    raise VaultTransient(f"the vault at {url} did not answer in time") from None
+                raise VaultTransient(f"cannot talk to the vault at {url}: {_cause(exc)}") from None
 
 
 class _DeadlinePassed(Exception):
     pass
 
 
-def _read_capped(resp: requests.Response, deadline: float) -> bytes:
-    """The body, at most MAX_RESPONSE_BYTES, all of it before ``deadline``.
+_calls = threading.local()  # .deadline: the _Deadline of the call in progress on this thread
+
+
+class _Deadline:
+    """The whole exchange, status line and headers included, ends ``seconds`` after it began.
 
     Each recv is bounded by the read timeout, but a vault that drips a byte
-    every few seconds would never trip it: a timer shuts the socket down
-    when the deadline passes, which ends any blocked read at once.
+    every few seconds would never trip it: when the deadline passes, every
+    socket this call connected is shut down, which ends any blocked read at
+    once. The sockets are taken when they connect (see _Adapter), because
+    http.client lets go of a socket whose response will close the connection.
     """
+
+    def __init__(self, seconds: float) -> None:
+        self.fired = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        _calls.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+        _calls.deadline = None
+
+    def watch(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            self._sockets.append(sock)
+            fired = self.fired.is_set()
+        if fired:
+            _shut(sock)
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired.set()
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _watch(sock: socket.socket | None) -> None:
+    deadline = getattr(_calls, "deadline", None)
+    if deadline is not None:
+        deadline.watch(sock)
+
+
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        _watch(self.sock)
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        _watch(self.sock)
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    """requests' adapter, with connections whose sockets the call's _Deadline can shut down."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if not proxy.lower().startswith("socks"):  # a SOCKS manager brings its own connection classes
+            manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        return manager
+
+
+def _read_capped(resp: requests.Response) -> bytes:
+    """The body, at most MAX_RESPONSE_BYTES (the caller's _Deadline bounds the time)."""
     declared = resp.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
         raise VaultTransient(f"the vault's answer is too large ({declared} bytes)")
-    fired = threading.Event()
-    sock = getattr(getattr(resp.raw, "_connection", None), "sock", None)
-
-    def abort() -> None:
-        fired.set()
-        with contextlib.suppress(OSError, AttributeError):
-            sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
-
-    timer = threading.Timer(max(0.0, deadline - time.monotonic()), abort)
-    timer.daemon = True
-    timer.start()
-    try:
-        chunks, size = [], 0
-        for chunk in resp.iter_content(_CHUNK):
-            size += len(chunk)
-            if size > MAX_RESPONSE_BYTES:
-                raise VaultTransient(f"the vault's answer is too large (over {MAX_RESPONSE_BYTES} bytes)")
-            chunks.append(chunk)
-    except requests.exceptions.RequestException:
-        if fired.is_set():
-            raise _DeadlinePassed() from None
-        raise
-    finally:
-        timer.cancel()
-    if fired.is_set():
-        raise _DeadlinePassed()
+    chunks, size = [], 0
+    for chunk in resp.iter_content(_CHUNK):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise VaultTransient(f"the vault's answer is too large (over {MAX_RESPONSE_BYTES} bytes)")
+        chunks.append(chunk)
     return b"".join(chunks)
 
 
 def _status_error(status: int, headers: requests.structures.CaseInsensitiveDict[str], body: bytes) -> VaultRejected | VaultTransient:
     retry_after = parse_retry_after(headers.get("Retry-After"), time.time())
-    if status >= 500 or status in _TRANSIENT_STATUS:
-        return VaultTransient(f"the vault answered HTTP {status}", retry_after)
     code, message = _json_error(headers, body)
+    if status >= 500 or status in _TRANSIENT_STATUS:
+        detail = (f": {code}: {message}" if message else f": {code}") if code else ""
+        return VaultTransient(f"the vault answered HTTP {status}{detail}", retry_after, code)
     if code:
         return VaultRejected(f"the vault refused: {code}: {message}" if message else f"the vault refused: {code}", code, retry_after)
     return VaultRejected(f"the vault answered HTTP {status}", f"http-{status}", retry_after)
@@ -207,7 +279,8 @@ def _causes(exc: BaseException) -> list[BaseException]:
         seen.append(current)
         nested = current.args[0] if current.args and isinstance(current.args[0], BaseException) else None
         reason = getattr(current, "reason", None)
-        current = current.__cause__ or current.__context__ or nested or (reason if isinstance(reason, BaseException) else None)
+        context = None if current.__suppress_context__ else current.__context__  # "raise ... from None" hides it
+        current = current.__cause__ or context or nested or (reason if isinstance(reason, BaseException) else None)
     return seen
 
 
