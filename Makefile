@@ -10,11 +10,11 @@ APT_PACKAGES := python3 python3-cryptography python3-requests python3-pyudev pyt
 	python3-systemd python3-pytest python3-pytest-timeout python3-hypothesis \
 	python3-venv python3-pip python3-dev gcc pkg-config libsystemd-dev gnupg \
 	python3-trustme umockdev gir1.2-umockdev-1.0 python3-gi python3-dbus-fast dbus-daemon \
-	dbus-system-bus-common systemd
+	dbus-system-bus-common systemd strace
 # The latest PyPI releases of the same (systemd-python builds against libsystemd-dev).
 PYPI_PACKAGES := cryptography requests pyudev dbus-next systemd-python pytest pytest-timeout hypothesis mypy trustme dbus-fast
 
-.PHONY: all deps test test-distro test-latest demo bench deb clean
+.PHONY: all deps test test-distro test-latest demo bench crash deb clean
 
 all: test
 
@@ -52,6 +52,11 @@ demo: deps
 # Time-to-serial against the lab vault on loopback, as JSON (see tests/bench.py).
 bench: deps
 	$(DISTRO_PY) tests/bench.py
+
+# Crash injection: the real daemon SIGKILLed at every named point of a registration, then at 200
+# random instants; every restart must finish with the same key and one verified serial. Figures as JSON.
+crash: deps
+	$(DISTRO_PY) tests/crash/run_crash.py --kills 200
 
 # The Debian package (arch: all) into dist/, from a copy of the tree with packaging/debian as debian/.
 DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \

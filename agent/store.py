@@ -96,9 +96,17 @@ def load_device_key(state_dir: Path) -> keys.DeviceKey | None:
 
 
 def ensure_state_dir(state_dir: Path) -> None:
-    """Create the state directory (0700) if needed and check that we can write there."""
+    """Create the state directory (0700) if needed and check that we can write there.
+
+    A directory made here is fsynced into its parent (each level made), so
+    that a power cut cannot take it, and the key about to be written in it,
+    away with the parent's unsynced entry.
+    """
+    made = [path for path in (state_dir, *state_dir.parents) if not path.exists()]
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in made:
+            fsync_dir(path.parent)
     except OSError as exc:
         raise StoreError(f"cannot create state directory {state_dir}: {exc.strerror}") from None
     if not os.access(state_dir, os.W_OK | os.X_OK):
