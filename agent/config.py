@@ -8,6 +8,7 @@ is read here, never logged, and hidden from repr().
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,10 @@ from .errors import AssertionFormatError, ConfigError
 
 DEFAULT_FILE = Path("/etc/factory-agent/agent.toml")
 IDENTITY_SOURCES = ("soc-serial", "mmc-cid", "mac", "dmi", "machine-id")
+MODES = ("standalone", "snapd")
+# snapd mode: where the loopback relay listens. A fixed port, not an ephemeral one: snapd keeps
+# re-posting to the device-service.url the hook set, so the relay must come back where it was.
+DEFAULT_RELAY_LISTEN = "127.0.0.1:8622"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +47,14 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """snapd mode's relay: a loopback address (port 0: any free port, for tests)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8622
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     brand: str
     model: str
@@ -50,10 +63,13 @@ class Config:
     serial_template: str
     identity: IdentityConfig
     files: tuple[Path, ...]
+    mode: str = "standalone"  # standalone: the agent owns key and serial; snapd: snapd does, through the relay
+    relay: RelayConfig = field(default_factory=RelayConfig)
 
 
 # key -> (type, default); a nested dict is a table. "path" is a str relative to its file.
 _SCHEMA: dict[str, Any] = {
+    "mode": ("str", "standalone"),
     "brand": ("str", ""),
     "model": ("str", ""),
     "model-assertion": ("path", ""),
@@ -75,6 +91,7 @@ _SCHEMA: dict[str, Any] = {
         "allow-weak": ("bool", False),
         "static": "table-of-str",
     },
+    "relay": {"listen": ("str", DEFAULT_RELAY_LISTEN)},
 }
 
 
@@ -196,7 +213,28 @@ def _build(merged: Mapping[str, Any], origin: Mapping[str, Path], files: tuple[P
         serial_template=_check_template(_get(merged, "serial.template"), fail),
         identity=_build_identity(merged, fail),
         files=files,
+        mode=_check_mode(_get(merged, "mode"), fail),
+        relay=_build_relay(_get(merged, "relay.listen"), fail),
     )
+
+
+def _check_mode(mode: str, fail: Any) -> str:
+    if mode not in MODES:
+        raise fail("mode", f"must be one of {', '.join(map(repr, MODES))}, not {mode!r}")
+    return mode
+
+
+def _build_relay(listen: str, fail: Any) -> RelayConfig:
+    """A loopback HOST:PORT ([::1]:PORT for IPv6): the relay adds the api-key, so it never listens beyond the device."""
+    host, sep, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not sep or not loopback or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise fail("relay.listen", f"must be a loopback HOST:PORT such as {DEFAULT_RELAY_LISTEN!r}, not {listen!r}")
+    return RelayConfig(host, int(port))
 
 
 def _load_model(path: str, fail: Any) -> assertions.Assertion | None:

@@ -156,3 +156,40 @@ class BusError(AgentError):
 
     code = "dbus"
     dbus_name = DBUS_ERROR_PREFIX + "Bus"
+
+
+class NotReadyError(AgentError):
+    """Asked for something the daemon is still gathering (the registration settings before the identity)."""
+
+    code = "not-ready"
+    dbus_name = DBUS_ERROR_PREFIX + "NotReady"
+
+
+class WrongModeError(AgentError):
+    """Asked for a snapd-mode service of an agent that runs standalone (or the reverse)."""
+
+    code = "wrong-mode"
+    dbus_name = DBUS_ERROR_PREFIX + "WrongMode"
+
+
+class RelayRefusedError(AgentError):
+    """snapd mode: the relay refused to forward a serial-request; ``code`` says why.
+
+    ``relay-wrong-model``: not the configured brand and model; ``relay-other-device-key``: signed by a
+    device key other than the one the relay already serves; ``relay-bad-request``: not a valid,
+    self-signed serial-request stream.
+    """
+
+    code = "relay-refused"
+    dbus_name = DBUS_ERROR_PREFIX + "RelayRefused"
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RelayError(AgentError):
+    """snapd mode: the relay cannot listen (its port is taken); the daemon exits and systemd tries again."""
+
+    code = "relay"
+    dbus_name = DBUS_ERROR_PREFIX + "Relay"

@@ -20,6 +20,12 @@ registered. Errors never change the phase except to drop a saved
 serial-request whose request-id the vault no longer honours. Every retry
 decision lives here, keyed on the error's type (and, for refusals, on the
 vault's error_code), so it is tested as a table without an event loop.
+
+In snapd mode snapd owns the key and its own retry schedule; the relay feeds
+what passes through it to the same ``apply()`` (KeyReady when it binds the
+one device key it serves, GotRequestId, Accepted, Registered, or the error),
+so ``LastError``, ``Action`` and ``blocked`` mean what they mean standalone.
+The delay is not used there: snapd decides when it comes back.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from .errors import (
     AssertionFormatError,
     DeviceKeyLostError,
     IdentityError,
+    RelayRefusedError,
     RemoteFormatError,
     SerialRejectedError,
     VaultClockSkew,
@@ -84,6 +91,11 @@ ACTIONS = {
     "reflash or clear the state directory",
     "device-key": "the device key cannot be generated or stored: check free space in the state directory; retrying",
     "vault-unavailable": "cannot reach the vault: check the network and vault.url; retrying",
+    # snapd mode: the relay's own refusals (snapd retries on its own schedule, up to 24 h apart)
+    "relay-wrong-model": "snapd asked for a serial for another brand or model: check brand, model and "
+    "model-assertion against the device's model (snap model), then Retry",
+    "relay-other-device-key": "snapd presented a device key other than the one this agent already serves: "
+    "the device's identity changed (snapd state reset?); if intended, clear the agent's state directory and restart it",
 }
 DEFAULT_REFUSAL_ACTION = "the vault refused the request (see LastErrorMessage): fix the cause, then Retry"
 
@@ -243,6 +255,8 @@ def needs_person(error: AgentError) -> bool:
     """Refusals that retrying cannot fix: blocked until Retry() or a restart."""
     if isinstance(error, VaultRejected):
         return error.error_code not in TRANSIENT_VAULT_CODES and error.error_code != "invalid-nonce"
+    if isinstance(error, RelayRefusedError):
+        return error.code != "relay-bad-request"  # garbage is the sender's problem, not the device's
     return isinstance(error, (SerialRejectedError, IdentityError, DeviceKeyLostError))
 
 
@@ -288,6 +302,17 @@ def reconcile(p: Progress, key_id_on_disk: str | None, serial_on_disk: str | Non
         return _lost(p, f"state records device key {p.key_id} but device-key.pem is missing")
     if serial_on_disk and p.phase is not Phase.REGISTERED:
         p = replace(p, phase=Phase.REGISTERED, serial=serial_on_disk, serial_request="")
+    return p
+
+
+def reconcile_snapd(p: Progress, serial_on_disk: str | None) -> Progress:
+    """snapd mode: adopt a serial.assertion whose record a crash lost (no key file to look for: snapd has it).
+
+    ``serial_on_disk`` is the serial of a serial.assertion already checked to
+    be for the device key recorded in ``p``.
+    """
+    if serial_on_disk and p.phase is not Phase.REGISTERED:
+        return replace(p, phase=Phase.REGISTERED, serial=serial_on_disk, serial_request="")
     return p
 
 

@@ -1,5 +1,7 @@
 """Is this answer the device's serial, signed by a key we trust? The checks snapd makes, and ours.
 
+And, in snapd mode, is this serial-request one the relay may forward?
+
 No I/O. No clock: the serial's timestamp is checked against the signing
 key's validity, never against the device clock, which may be at 1970.
 """
@@ -9,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from . import assertions
-from .errors import AssertionFormatError, RemoteFormatError, SerialRejectedError
+from . import assertions, openpgp
+from .errors import AssertionFormatError, RelayRefusedError, RemoteFormatError, SerialRejectedError
 
 
 def check_serial(
@@ -87,3 +89,31 @@ def _valid_at(account_key: assertions.Assertion, when: datetime) -> bool:
     if when < since:
         return False
     return "until" not in account_key.headers or when < assertions.check_timestamp(account_key.headers, "until")
+
+
+def check_serial_request(data: bytes, *, brand: str, model: str, key_id: str) -> assertions.Assertion:
+    """The serial-request heading the stream ``data`` that snapd posts, if the relay may forward it.
+
+    It must be a serial-request self-signed by its device key (so a key is
+    never bound on a forged request), for the configured ``brand`` and
+    ``model``, and, once the relay serves a device key (``key_id``), by that
+    key. Raises RelayRefusedError. The rest of the stream (the model
+    assertion) is the vault's to judge.
+    """
+    try:
+        request = assertions.decode_stream(data)[0]
+        if request.type != "serial-request":
+            raise RelayRefusedError(f"cannot relay a {request.type!r} assertion: a serial-request must come first",
+                                    "relay-bad-request")
+        assertions.verify(request, openpgp.decode_public_key(request.header("device-key")))
+    except (AssertionFormatError, IndexError) as exc:
+        cause = exc if isinstance(exc, AssertionFormatError) else "empty request"
+        raise RelayRefusedError(f"cannot relay the serial-request: {cause}", "relay-bad-request") from None
+    got = (request.header("brand-id"), request.header("model"))
+    if got != (brand, model):
+        raise RelayRefusedError(f"cannot relay a serial-request for brand {got[0]!r}, model {got[1]!r}: "
+                                f"this device is {brand!r}, {model!r}", "relay-wrong-model")
+    if key_id and request.sign_key_id != key_id:
+        raise RelayRefusedError(f"cannot relay a serial-request signed by device key {request.sign_key_id}: "
+                                f"the relay serves device key {key_id} only", "relay-other-device-key")
+    return request
