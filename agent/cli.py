@@ -144,6 +144,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return asyncio.run(status.run(args.bus, wait=args.wait, timeout=args.timeout, as_json=args.json))
 
 
+def cmd_registration_settings(args: argparse.Namespace) -> int:
+    from . import settings
+
+    return settings.run(args.bus, args.timeout, args.json)
+
+
 def cmd_lab_vault(args: argparse.Namespace) -> int:
     from . import labvault
 
@@ -172,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS", help="give up waiting after this long (exit 3)")
     p.add_argument("--bus", choices=["system", "session"], default="system")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("registration-settings",
+                       help="snapd mode: the settings the prepare-device hook hands to snapd, one `snapctl set` "
+                            "argument per line (exit 0 printed, 1 refused, 3 --timeout passed, 69 no bus)")
+    p.add_argument("--bus", choices=["system", "session"], default="system")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="wait this long for the daemon and its identity (default 300)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of snapctl arguments")
+    p.set_defaults(func=cmd_registration_settings)
 
     p = sub.add_parser("identity", help="gather and print the hardware identity with the source of each value")
     p.add_argument("--json", action="store_true")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__, assertions, keys, registration, serials, store, systemd
 from .config import Config
-from .errors import AgentError, DeviceKeyLostError, NotRegisteredError, SerialRejectedError
+from .errors import AgentError, DeviceKeyLostError, NotRegisteredError, SerialRejectedError, WrongModeError
 from .registration import Phase, Progress, Step
 
 if TYPE_CHECKING:  # imported when first needed: the status is published before they load
@@ -91,8 +91,8 @@ class LogPublisher:
         log.log(level, line, extra=systemd.journal_fields(status.state, status.last_error, status.serial))
 
 
-def load_state(st: store.Store, cfg: Config) -> tuple[Progress, keys.DeviceKey | None]:
-    """Read the state directory and reconcile it with the artifacts on disk (blocking)."""
+def load_recorded(st: store.Store) -> Progress:
+    """The state directory made ready, and the progress it records (blocking)."""
     removed = st.prepare()
     if removed:
         log.info("removed temporary files left by a crash: %s", ", ".join(removed))
@@ -100,6 +100,12 @@ def load_state(st: store.Store, cfg: Config) -> tuple[Progress, keys.DeviceKey |
     if corrupt:
         log.warning("state.json was corrupt; moved aside to %s and rebuilt from the files present", corrupt,
                     extra={"MESSAGE_ID": systemd.MESSAGE_ID_STATE_CORRUPT})
+    return recorded
+
+
+def load_state(st: store.Store, cfg: Config) -> tuple[Progress, keys.DeviceKey | None]:
+    """Read the state directory and reconcile it with the artifacts on disk (blocking)."""
+    recorded = load_recorded(st)
     if recorded.phase is Phase.REGISTERED and st.has_artifacts():
         return recorded, None  # every later boot: nothing to load, nothing to sign
     if recorded.key_id and st.has_key() and st.read_serial() is None:
@@ -160,6 +166,11 @@ class Driver:
         if text is None:
             raise NotRegisteredError(f"not registered: {self.store.dir / store.SERIAL_FILE} is missing")
         return text.decode("utf-8")
+
+    def registration_settings(self) -> dict[str, str]:
+        """GetRegistrationSettings(): for snapd mode only (snapd.SnapdDriver)."""
+        raise WrongModeError("the agent runs in standalone mode: it registers with its own device key and has no "
+                             "settings for snapd (set mode = \"snapd\" on Ubuntu Core)")
 
     @property
     def vault(self) -> vault.Vault:
@@ -376,7 +387,7 @@ async def main(cfg: Config, state_dir: Path, *, once: bool, bus: str = "none", p
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, me.cancel)
     publishers = Publishers(publisher or LogPublisher(), systemd.StatusPublisher())
-    driver = Driver(cfg, store.Store(state_dir), publishers)
+    driver = _driver_class(cfg)(cfg, store.Store(state_dir), publishers)
     if on_driver:
         on_driver(driver)
     await driver.load()
@@ -402,9 +413,18 @@ async def main(cfg: Config, state_dir: Path, *, once: bool, bus: str = "none", p
     return 0 if progress.phase is Phase.REGISTERED else 1
 
 
+def _driver_class(cfg: Config) -> type[Driver]:
+    if cfg.mode == "snapd":
+        from .snapd import SnapdDriver
+
+        return SnapdDriver
+    return Driver
+
+
 async def _publish_on_bus(bus: str, driver: Driver) -> dbus_service.Service | None:
     if bus == "none":
         return None
     from . import dbus_service
 
-    return await dbus_service.publish(bus, driver.status(), driver.serial_assertion, driver.retry)
+    return await dbus_service.publish(bus, driver.status(), driver.serial_assertion, driver.retry,
+                                      driver.registration_settings)

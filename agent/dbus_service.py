@@ -1,5 +1,5 @@
 # mypy: allow-untyped-decorators, allow-subclassing-any, allow-untyped-calls
-"""io.factoryagent.Agent1 on D-Bus: the technician's live view, and Retry().
+"""io.factoryagent.Agent1 on D-Bus: the technician's live view, Retry(), and the hook's settings.
 
 The only module that imports dbus-next, which Debian 12 ships but which has
 had no release since 2021; it runs unchanged on dbus-fast, its maintained
@@ -82,9 +82,11 @@ def _dbus_error(exc: Exception) -> Exception:
 class Agent1(_service.ServiceInterface):  # type: ignore[name-defined]
     """The exported interface; each member is a line or two delegating to the daemon."""
 
-    def __init__(self, snapshot: Snapshot, get_serial: Callable[[], str], on_retry: Callable[[], None]) -> None:
+    def __init__(self, snapshot: Snapshot, get_serial: Callable[[], str], on_retry: Callable[[], None],
+                 get_settings: Callable[[], dict[str, str]]) -> None:
         super().__init__(INTERFACE)
         self.snapshot, self._get_serial, self._on_retry = snapshot, get_serial, on_retry
+        self._get_settings = get_settings
 
     def _value(self, name: str) -> Any:
         return getattr(self.snapshot, PROPERTIES[name][1])
@@ -102,6 +104,14 @@ class Agent1(_service.ServiceInterface):  # type: ignore[name-defined]
     def Retry(self) -> None:
         try:
             self._on_retry()
+        except Exception as exc:
+            raise _dbus_error(exc) from None
+
+    @_service.method()
+    @_signature("a{ss}")
+    def GetRegistrationSettings(self) -> dict[str, str]:
+        try:
+            return dict(self._get_settings())
         except Exception as exc:
             raise _dbus_error(exc) from None
 
@@ -192,14 +202,15 @@ class Service:
         self.bus.disconnect()
 
 
-async def publish(bus_kind: str, snapshot: Snapshot, get_serial: Callable[[], str], on_retry: Callable[[], None]) -> Service:
+async def publish(bus_kind: str, snapshot: Snapshot, get_serial: Callable[[], str], on_retry: Callable[[], None],
+                  get_settings: Callable[[], dict[str, str]]) -> Service:
     """Connect to the ``system`` or ``session`` bus, export the object, then own the name (no queueing)."""
     bus_type = _lib.BusType.SYSTEM if bus_kind == "system" else _lib.BusType.SESSION
     try:
         bus = await _aio.MessageBus(bus_type=bus_type).connect()
     except (OSError, ValueError, _lib.errors.DBusError) as exc:
         raise BusError(f"cannot connect to the {bus_kind} bus: {exc}") from None
-    interface = Agent1(snapshot, get_serial, on_retry)
+    interface = Agent1(snapshot, get_serial, on_retry, get_settings)
     bus.export(OBJECT_PATH, interface)  # before the name: whoever sees the name finds the object
     try:
         reply = await bus.request_name(BUS_NAME, _lib.NameFlag.DO_NOT_QUEUE)

@@ -52,6 +52,23 @@ class Pending:
     retry_after: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """snapd mode: the vault's answer to one relayed call, as it came, whatever its status."""
+
+    status: int
+    headers: requests.structures.CaseInsensitiveDict[str]
+    body: bytes
+
+    @property
+    def retry_after(self) -> float | None:
+        return parse_retry_after(self.headers.get("Retry-After"), time.time())
+
+    def refusal(self) -> VaultRejected | VaultTransient:
+        """The typed error of an answer that is not a success, as the other calls raise it."""
+        return _status_error(self.status, self.headers, self.body)
+
+
 def system_ca_bundle() -> str:
     """The OS trust store, as a path requests accepts (file or directory)."""
     paths = ssl.get_default_verify_paths()
@@ -97,6 +114,14 @@ class Vault:
         if status == 202:
             return Pending(parse_retry_after(headers.get("Retry-After"), time.time()))
         raise _status_error(status, headers, body)
+
+    def forward(self, path: str, data: bytes | None, content_type: str | None = None) -> Exchange:
+        """snapd mode: POST snapd's request to ``path`` ("request-id" or "serial") with the api-key added.
+
+        Any HTTP answer comes back as it is, for the relay to pass on; no answer
+        raises the same typed errors as the other calls.
+        """
+        return Exchange(*self._post(path, data, {"Content-Type": content_type} if content_type else {}))
 
     def _post(self, path: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, requests.structures.CaseInsensitiveDict[str], bytes]:
         url = self.cfg.url + path

@@ -1,0 +1,124 @@
+"""`factory-agent registration-settings`: what the prepare-device hook hands to snapd, from the running daemon.
+
+It calls GetRegistrationSettings() on io.factoryagent.Agent1, and waits, within
+``--timeout``, for a daemon that is being started or D-Bus-activated, or is still
+gathering the identity. It prints one ``snapctl set`` argument per line,
+``KEY=VALUE`` where VALUE is a JSON string: snapctl stores a value that parses as
+JSON as that JSON, so a serial of digits stays a string (snapd wants strings)
+and a multi-line body stays on one line. The daemon's answer holds no api-key.
+
+Exit status: 0 printed; 1 the daemon refused (standalone mode, no usable
+identity); 3 no settings within --timeout; 69 the bus itself cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+from . import dbus_service
+from .errors import DBUS_ERROR_PREFIX, NotReadyError
+
+EXIT_OK, EXIT_REFUSED, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 3, 69
+KEYS = ("device-service.url", "registration.proposed-serial", "registration.body")
+POLL_SECONDS = 0.5
+# Answers that mean "not yet": no daemon (it may be starting), an activation under way or that failed
+# (systemd may start it again), or a daemon still gathering the identity.
+_NOT_YET = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner",
+            "org.freedesktop.DBus.Error.NoReply", "org.freedesktop.DBus.Error.Spawn.", NotReadyError.dbus_name)
+
+
+class _Refused(Exception):
+    pass
+
+
+def format_lines(settings: dict[str, str]) -> str:
+    """The snapctl set arguments, one per line, in KEYS order."""
+    return "".join(f"{key}={json.dumps(settings[key])}\n" for key in KEYS)
+
+
+def check_settings(settings: Any) -> dict[str, str]:
+    if not isinstance(settings, dict):
+        raise _Refused("the daemon's answer is not a dictionary of settings")
+    missing = [key for key in KEYS if not isinstance(settings.get(key), str) or not settings[key]]
+    if missing:
+        raise _Refused(f"the daemon's settings lack {', '.join(missing)}")
+    return {key: settings[key] for key in KEYS}
+
+
+async def _connect(bus_kind: str) -> Any:
+    lib, _, aio = dbus_service.backend()
+    bus_type = lib.BusType.SYSTEM if bus_kind == "system" else lib.BusType.SESSION
+    return await aio.MessageBus(bus_type=bus_type).connect()
+
+
+async def _ask(bus: Any) -> Any:
+    """GetRegistrationSettings(); (error name, text) of an error reply."""
+    lib, _, _ = dbus_service.backend()
+    reply = await bus.call(lib.Message(destination=dbus_service.BUS_NAME, path=dbus_service.OBJECT_PATH,
+                                       interface=dbus_service.INTERFACE, member="GetRegistrationSettings"))
+    if reply.message_type == lib.MessageType.ERROR:
+        text = str(reply.body[0]) if reply.body else ""
+        return (reply.error_name or "", text)
+    return reply.body[0] if reply.body else None
+
+
+async def fetch(bus_kind: str, timeout: float) -> tuple[int, str]:
+    """(exit status, the settings lines or the one-line reason)."""
+    deadline = time.monotonic() + timeout
+    bus, reason, reached = None, "no answer yet", False
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                code = EXIT_TIMEOUT if reached else EXIT_UNREACHABLE
+                return code, f"no registration settings from factory-agent within {timeout:g} s: {reason}"
+            try:
+                if bus is None:
+                    bus = await asyncio.wait_for(_connect(bus_kind), remaining)
+                    reached = True
+                answer = await asyncio.wait_for(_ask(bus), remaining)
+            except (OSError, ValueError, EOFError, TimeoutError) as exc:  # no bus (yet), or it went away
+                bus, reason = _drop(bus), f"cannot reach the {bus_kind} bus: {exc or type(exc).__name__}"
+            except Exception as exc:  # dbus-next/dbus-fast errors have no common base we can name here
+                bus, reason = _drop(bus), f"cannot talk to the {bus_kind} bus: {type(exc).__name__}: {exc}"
+            else:
+                if not isinstance(answer, tuple):
+                    return EXIT_OK, format_lines(check_settings(answer))
+                name, text = answer
+                reason = f"{_short(name)}: {text}" if text else _short(name)
+                if not name.startswith(_NOT_YET):
+                    return EXIT_REFUSED, f"factory-agent cannot give registration settings: {reason}"
+            await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+    except _Refused as exc:
+        return EXIT_REFUSED, str(exc)
+    finally:
+        _drop(bus)
+
+
+def _drop(bus: Any) -> Any:
+    """Disconnect ``bus`` (if any); None, to forget it."""
+    if bus is not None:
+        bus.disconnect()
+    return None
+
+
+def _short(name: str) -> str:
+    return name[len(DBUS_ERROR_PREFIX):] if name.startswith(DBUS_ERROR_PREFIX) else name
+
+
+def run(bus_kind: str, timeout: float, as_json: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    code, text = asyncio.run(fetch(bus_kind, timeout))
+    if code != EXIT_OK:
+        print(f"factory-agent: {text}", file=err)
+        return code
+    if as_json:
+        settings = {line.partition("=")[0]: json.loads(line.partition("=")[2]) for line in text.splitlines()}
+        print(json.dumps(settings, indent=2, sort_keys=True), file=out)
+    else:
+        out.write(text)
+    out.flush()
+    return code

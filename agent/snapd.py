@@ -1,0 +1,217 @@
+"""snapd mode (Ubuntu Core): snapd owns the device key and the serial request; the agent relays, checks, reports.
+
+The gadget's prepare-device hook gets the settings from GetRegistrationSettings():
+the relay's URL for ``device-service.url``, the proposed serial and the identity as
+YAML. snapd then calls the relay (relay.py), which forwards each call to the vault
+with the api-key; the api-key never enters snapd's configuration. What passes
+through feeds registration.apply() exactly as in standalone mode, so D-Bus shows
+the same State, LastError and Action. No key is generated here. The relay serves
+one device key: the first one snapd presents with a valid, self-signed
+serial-request, recorded durably before that request goes anywhere. A serial
+coming back is checked as standalone checks it (serials.check_serial), stored,
+and only then handed to snapd.
+
+snapd retries on its own schedule (60 s inside an attempt, then 5 min doubling
+to 24 h between attempts), so nothing here waits or retries; ``blocked`` ends when
+snapd starts a new exchange, or at Retry().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from random import Random
+from typing import TYPE_CHECKING
+
+from . import daemon, keys, registration, relay, serials, store
+from .config import Config
+from .errors import AgentError, IdentityError, NotReadyError, RelayRefusedError, SerialRejectedError, VaultError
+from .registration import Phase, Progress
+
+if TYPE_CHECKING:
+    from . import vault
+    from .vault import Exchange
+
+log = logging.getLogger(__name__)
+
+# snapd gives one whole HTTP exchange 30 s (snapd-device-protocol.md §3.4): the relay must answer
+# before that, vault call included, or snapd gives up on an answer that was on its way.
+RELAY_VAULT_TIMEOUT = 25.0
+IDLE = "waiting-snapd"  # State between exchanges: settings available, snapd's move
+
+
+def load_snapd_state(st: store.Store, cfg: Config) -> Progress:
+    """The recorded progress, adopting a serial.assertion whose record a crash lost (blocking)."""
+    recorded = daemon.load_recorded(st)
+    text = st.read_serial()
+    serial = None
+    if text is not None and recorded.key_id:
+        try:
+            serial = daemon._check(cfg, recorded.key_id, text).header("serial")
+        except AgentError as exc:
+            log.warning("ignoring %s: %s", st.dir / store.SERIAL_FILE, exc)
+    progress = registration.reconcile_snapd(recorded, serial)
+    if progress != recorded:
+        st.save_progress(progress)
+    return progress
+
+
+class SnapdDriver(daemon.Driver):
+    """Serves the relay and the settings; every exchange is one registration.apply()."""
+
+    def __init__(self, cfg: Config, st: store.Store, publisher: daemon.Publisher, rng: Random | None = None,
+                 key_bits: int = keys.DEVICE_KEY_BITS) -> None:
+        super().__init__(cfg, st, publisher, rng, key_bits)
+        self.relay: relay.Relay | None = None
+        self.exchange_lock = asyncio.Lock()  # snapd makes one call at a time; so does anyone else
+        self.state_lock = asyncio.Lock()  # one read-modify-write of progress at a time
+        self.retry_requested = False
+
+    @property
+    def vault(self) -> vault.Vault:
+        if self._vault is None:
+            from . import vault
+
+            timeout = min(self.cfg.vault.timeout, RELAY_VAULT_TIMEOUT)
+            self._vault = vault.Vault(replace(self.cfg.vault, timeout=timeout))
+        return self._vault
+
+    async def load(self) -> None:
+        self.progress = await asyncio.to_thread(load_snapd_state, self.store, self.cfg)
+        self.retry_requested = self.progress.blocked_by == "identity"  # a restart tries the identity again
+
+    def retry(self) -> None:
+        self.retry_requested = True
+        self.kick.set()
+
+    def registration_settings(self) -> dict[str, str]:
+        """GetRegistrationSettings(): what the hook hands to snapd with snapctl set."""
+        if self.identity is None:
+            if self.progress.blocked_by == "identity":
+                self.retry()  # the hook's call is snapd's new attempt: gather again, for the next one
+                raise IdentityError(self.progress.last_error_message)
+            raise NotReadyError(f"cannot give the registration settings yet: state {self.status().state}")
+        if self.relay is None or not self.relay.url:
+            raise NotReadyError("cannot give the registration settings yet: the relay is not listening")
+        from . import identity
+
+        allow_weak = self.cfg.identity.allow_weak
+        return {
+            "device-service.url": self.relay.url,
+            "registration.proposed-serial": identity.proposed_serial(self.identity, self.cfg.serial_template, allow_weak),
+            "registration.body": identity.registration_body(self.identity, allow_weak).decode("ascii"),
+        }
+
+    async def run(self, tg: asyncio.TaskGroup, once: bool) -> Progress:
+        self._publish()
+        await asyncio.to_thread(daemon._import_adapters)
+        self.relay = relay.Relay(self)
+        log.info("relay for snapd listening on %s", await self.relay.start(self.cfg.relay.host, self.cfg.relay.port))
+        watching = tg.create_task(self.relay.watch())
+        try:
+            while True:
+                if self.retry_requested:
+                    await self._unblock()
+                if self.identity is None and self.progress.blocked_by != "identity":
+                    await self._gather_identity()
+                if once and (self.progress.phase is Phase.REGISTERED or self.progress.blocked_by):
+                    return self.progress
+                self.kick.clear()
+                await self.kick.wait()
+        finally:
+            watching.cancel()
+            self.relay.close()
+
+    async def _gather_identity(self) -> None:
+        from . import identity
+
+        self._set_activity("identifying")
+        try:
+            found = await identity.gather_identity(self.cfg.identity)
+            identity.proposed_serial(found, self.cfg.serial_template, self.cfg.identity.allow_weak)  # usable?
+        except IdentityError as exc:
+            if self.progress.phase is Phase.REGISTERED:
+                log.warning("cannot gather the identity: %s", exc)  # snapd needs no settings any more
+            else:
+                await self._record(exc)
+            return
+        self.identity = found
+        async with self.state_lock:
+            self.activity = IDLE
+            await self._commit(daemon._with_identity(self.progress, found.fields(self.cfg.identity.allow_weak)))
+
+    async def _unblock(self) -> None:
+        self.retry_requested = False
+        blocked_by = self.progress.blocked_by
+        if blocked_by:
+            async with self.state_lock:
+                await self._commit(registration.unblock(self.progress))
+            self.identity = None if blocked_by == "identity" else self.identity
+
+    # --- the relay's Handler --------------------------------------------------
+
+    async def relay_request_id(self) -> relay.Response:
+        async with self.exchange_lock:
+            await self._begin("requesting")
+            try:
+                answer = await asyncio.to_thread(self.vault.forward, "request-id", None)
+            except VaultError as exc:
+                return await self._failed(exc)
+            error = None if answer.status == 200 else answer.refusal()
+            await self._record(error or registration.GotRequestId())
+            return relay.passed_on(answer.status, answer.headers.get("Content-Type"), answer.body, error)
+
+    async def relay_serial(self, body: bytes) -> relay.Response:
+        async with self.exchange_lock:
+            await self._begin("polling" if self.progress.phase is Phase.POLLING else "requesting")
+            try:
+                request = serials.check_serial_request(body, brand=self.cfg.brand, model=self.cfg.model,
+                                                       key_id=self.progress.key_id)
+                if not self.progress.key_id:  # the one key served from now on: durable before it is used
+                    await self._record(registration.KeyReady(request.sign_key_id), self.activity)
+                from . import vault
+
+                answer = await asyncio.to_thread(self.vault.forward, "serial", body, vault.ASSERTION_TYPE)
+                return await self._answered(request.sign_key_id, request.encode(), answer)
+            except AgentError as exc:  # refused here, no answer, or an answer that is not this device's serial
+                return await self._failed(exc)
+
+    async def _answered(self, key_id: str, request: bytes, answer: Exchange) -> relay.Response:
+        content_type = answer.headers.get("Content-Type")
+        if answer.status in (200, 201):
+            serial = daemon._check(self.cfg, key_id, answer.body)
+            await asyncio.to_thread(self.store.save_serial, serial.encode())  # the artifact before the record
+            await self._record(registration.Registered(serial.header("serial")))
+            return relay.passed_on(answer.status, content_type, answer.body)
+        if answer.status == 202:
+            await self._record(registration.Accepted(request.decode("utf-8"), answer.retry_after))
+            return relay.passed_on(answer.status, content_type, answer.body)
+        error = answer.refusal()
+        await self._record(error)
+        return relay.passed_on(answer.status, content_type, answer.body, error)
+
+    async def _begin(self, activity: str) -> None:
+        """A new exchange is snapd's retry: it ends a block (but not one on the identity, which is ours)."""
+        if self.progress.blocked_by and self.progress.blocked_by != "identity":
+            async with self.state_lock:
+                await self._commit(registration.unblock(self.progress))
+        self._set_activity(activity)
+
+    async def _failed(self, error: AgentError) -> relay.Response:
+        if isinstance(error, RelayRefusedError):
+            log.warning("relay refused snapd's request: %s", error)
+        elif isinstance(error, SerialRejectedError):
+            log.error("rejected the vault's serial: %s", error)
+        await self._record(error)
+        return relay.error_response(error)
+
+    async def _record(self, outcome: registration.Outcome, activity: str = IDLE) -> None:
+        """Apply ``outcome``, persist, then publish (one PropertiesChanged); snapd decides what comes next."""
+        async with self.state_lock:
+            progress = registration.apply(self.progress, outcome, self.rng).progress
+            if self.identity is not None:
+                progress = daemon._with_identity(progress, self.identity.fields(self.cfg.identity.allow_weak))
+            self.activity, self.next_retry = activity, 0.0
+            await self._commit(progress)
+        self.kick.set()  # run(once=True) looks again
