@@ -1,0 +1,173 @@
+"""snapd mode end to end: a client that behaves as snapd does drives the agent's relay against the lab vault.
+
+The agent is the real daemon (`run --bus session`, mode = "snapd") on the private
+bus; the settings come from the hook, through the fake snapctl, as snapd would
+read them; the vault is the lab vault on 127.0.0.1. What snapd would see is
+checked on the client's side, what the technician sees on D-Bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from agent import assertions, keys, registration, store
+from agent.labvault import Forced, LabVault
+from tests.dbus.conftest import Daemon, Recorder, owned, wait_for
+from tests.fakes.snapd_client import Attempt, SnapdClient
+from tests.fakes.snapdmode import SOC_SERIAL, hook_env, run_hook, set_values, snapctl_calls, write_snapd_config
+
+
+class SnapdMode:
+    """The agent in snapd mode, and the settings its hook gave snapd."""
+
+    def __init__(self, tmp: Path, bus_address: str, backend: str, lab: LabVault, api_key_file: Path | None = None) -> None:
+        self.tmp, self.bus_address, self.lab = tmp, bus_address, lab
+        self.state = tmp / "state"
+        self.daemon = Daemon(bus_address, backend, write_snapd_config(tmp, lab.url, lab.directory,
+                                                                      api_key_file=api_key_file), self.state)
+        wait_for(lambda: owned(bus_address))
+        hook = run_hook(hook_env(tmp, bus_address, backend))
+        assert hook.returncode == 0, hook.stderr
+        self.settings = {k: str(v) for k, v in set_values(snapctl_calls(tmp)[-1]).items()}
+        self.model = assertions.decode((lab.directory / "model.assert").read_bytes())
+
+    def client(self, key: keys.DeviceKey) -> SnapdClient:
+        return SnapdClient(self.settings, key, self.model)
+
+    def props(self, until: Any = None) -> dict[str, Any]:
+        async def read() -> dict[str, Any]:
+            async with Recorder(self.bus_address) as rec:
+                if until is not None:
+                    box: dict[str, Any] = {}
+
+                    async def check() -> bool:
+                        box.update(await rec.get_all())
+                        return bool(until(box))
+
+                    deadline = asyncio.get_running_loop().time() + 20
+                    while not await check():
+                        assert asyncio.get_running_loop().time() < deadline, box
+                        await asyncio.sleep(0.05)
+                return await rec.get_all()
+
+        return asyncio.run(read())
+
+    def stop(self) -> str:
+        log = self.daemon.stop()
+        assert "Traceback" not in log and self.lab.api_key not in log
+        return log
+
+
+def _serial_posts(lab: LabVault) -> int:
+    return lab.requests[("POST", "/v1/serial")]
+
+
+def test_a_snapd_registration_through_the_relay(tmp_path: Path, bus_address: str, backend: str, lab: LabVault,
+                                                device_key: keys.DeviceKey) -> None:
+    mode = SnapdMode(tmp_path, bus_address, backend, lab)
+    try:
+        attempt = mode.client(device_key).register()
+        props = mode.props(until=lambda p: p.get("State") == "registered")
+    finally:
+        mode.stop()
+    assert attempt.error == "" and attempt.serial is not None
+    assert [(endpoint, a.status) for endpoint, a in attempt.answers] == [("request-id", 200), ("serial", 200)]
+    assert attempt.serial.header("serial") == f"SNAPD-{SOC_SERIAL}"  # the hook's proposed serial
+    assert attempt.serial.body.decode() == mode.settings["registration.body"]  # the identity, in the serial
+    assert props["State"] == "registered" and props["Serial"] == f"SNAPD-{SOC_SERIAL}"
+    assert props["DeviceKeyId"] == device_key.key_id  # snapd's key, which the agent never held
+    assert props["LastError"] == "" and props["Action"] == ""
+    assert (mode.state / store.SERIAL_FILE).read_bytes() == attempt.serial.encode()  # recorded durably
+    assert not (mode.state / store.DEVICE_KEY_FILE).exists()  # no key generated in snapd mode
+    recorded = json.loads((mode.state / store.STATE_FILE).read_text())
+    assert (recorded["phase"], recorded["key-id"]) == ("registered", device_key.key_id)
+    (request,) = [a for a in lab.signed]
+    assert request.header("device-key-sha3-384") == device_key.key_id
+
+
+def test_a_vault_refusal_reaches_snapd_as_json_and_shows_on_dbus(tmp_path: Path, bus_address: str, backend: str,
+                                                                 lab: LabVault, device_key: keys.DeviceKey) -> None:
+    wrong = tmp_path / "wrong-api-key"
+    wrong.write_text("not-the-vaults-key\n")
+    mode = SnapdMode(tmp_path, bus_address, backend, lab, api_key_file=wrong)
+    try:
+        attempt = mode.client(device_key).register()
+        props = mode.props(until=lambda p: p.get("LastError") == "invalid-api-key")
+    finally:
+        mode.stop()
+    (endpoint, answer), = attempt.answers
+    assert (endpoint, answer.status, answer.content_type) == ("request-id", 400, "application/json")
+    assert json.loads(answer.body)["message"] == "Invalid API key used"  # the vault's own words
+    assert attempt.error == "cannot retrieve request-id for making a request for a serial: Invalid API key used"
+    assert props["State"] == "blocked"
+    assert props["Action"] == registration.ACTIONS["invalid-api-key"]
+    assert "Invalid API key used" in props["LastErrorMessage"]
+
+
+def test_the_relay_refuses_another_brand_and_a_second_device_key(tmp_path: Path, bus_address: str, backend: str,
+                                                                 lab: LabVault, device_key: keys.DeviceKey,
+                                                                 small_key: keys.DeviceKey) -> None:
+    mode = SnapdMode(tmp_path, bus_address, backend, lab)
+    try:
+        other_brand = mode.client(device_key).register(brand="other-brand")
+        after_brand = mode.props(until=lambda p: p.get("LastError") == "relay-wrong-model")
+        posts = _serial_posts(lab)
+        registered = mode.client(device_key).register()
+        second_key = mode.client(small_key).register()
+        after_key = mode.props(until=lambda p: p.get("LastError") == "relay-other-device-key")
+        posts_after = _serial_posts(lab)
+    finally:
+        mode.stop()
+    _assert_refused(other_brand, "relay-wrong-model", "brand 'other-brand'")
+    assert posts == 0  # it never reached the vault
+    assert after_brand["State"] == "blocked" and after_brand["Action"] == registration.ACTIONS["relay-wrong-model"]
+    assert registered.error == "" and registered.serial is not None  # snapd's next attempt unblocks and registers
+    _assert_refused(second_key, "relay-other-device-key", small_key.key_id)
+    assert posts_after == posts + 1  # the registration only
+    assert after_key["State"] == "registered" and after_key["DeviceKeyId"] == device_key.key_id
+
+
+def _assert_refused(attempt: Attempt, code: str, detail: str) -> None:
+    endpoint, answer = attempt.answers[-1]
+    assert (endpoint, answer.status, answer.content_type) == ("serial", 400, "application/json")
+    body = json.loads(answer.body)
+    assert body["error_code"] == code and detail in body["message"]
+    assert attempt.error == f"cannot deliver device serial request: {body['message']}"
+
+
+def test_202_and_5xx_pass_through_so_snapd_polls_and_retries(tmp_path: Path, bus_address: str, backend: str,
+                                                             lab: LabVault, device_key: keys.DeviceKey) -> None:
+    lab.faults.status["serial"] = [Forced(503)]
+    lab.faults.accepted_times = 1
+    mode = SnapdMode(tmp_path, bus_address, backend, lab)
+    try:
+        attempt = mode.client(device_key).register()
+        props = mode.props(until=lambda p: p.get("State") == "registered")
+    finally:
+        mode.stop()
+    statuses = [(endpoint, a.status, a.content_type) for endpoint, a in attempt.answers]
+    assert statuses == [("request-id", 200, "application/json; charset=UTF-8"),
+                        ("serial", 503, "application/json"),  # the vault's text/plain 503, made JSON for snapd
+                        ("request-id", 200, "application/json; charset=UTF-8"),
+                        ("serial", 202, None), ("serial", 200, "application/x.ubuntu.assertion")]
+    assert attempt.serial is not None and props["Serial"] == attempt.serial.header("serial")
+    assert props["LastError"] == ""
+
+
+def test_a_serial_the_agent_cannot_trust_is_not_handed_to_snapd(tmp_path: Path, bus_address: str, backend: str,
+                                                                lab: LabVault, device_key: keys.DeviceKey) -> None:
+    lab.faults.untrusted_key = True
+    mode = SnapdMode(tmp_path, bus_address, backend, lab)
+    try:
+        attempt = mode.client(device_key).register()
+        props = mode.props(until=lambda p: p.get("LastError") == "serial-rejected")
+    finally:
+        mode.stop()
+    endpoint, answer = attempt.answers[-1]
+    assert (endpoint, answer.status, answer.content_type) == ("serial", 400, "application/json")
+    assert "not trusted" in json.loads(answer.body)["message"] and attempt.serial is None
+    assert props["State"] == "blocked" and props["Action"] == registration.ACTIONS["serial-rejected"]
+    assert not (mode.state / store.SERIAL_FILE).exists()

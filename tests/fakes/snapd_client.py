@@ -1,0 +1,160 @@
+"""A device-service client that behaves as snapd 2.57 does (shared/reference/snapd-device-protocol.md §3).
+
+It reads the gadget settings the prepare-device hook set (device-service.url,
+registration.proposed-serial, registration.body), then makes one registration
+attempt as snapd's request-serial task does: POST request-id (no body, no
+Content-Type; 200 and a JSON ``request-id`` required), then the serial-request
+signed by its own device key plus the model assertion, as one stream, with
+snapd's headers. 200/201: exactly one serial, with the device's brand, model and
+key id. 202: the identical request again after the poll delay. Above 500: the
+whole exchange again after the retry delay (a fresh request-id unless polling).
+Anything else ends the attempt with the message snapd would log: the JSON
+``message`` only when Content-Type is exactly application/json.
+
+http.client, not requests: nothing shared with the agent's vault client.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+
+from agent import assertions, keys
+
+USER_AGENT = "snapd/2.57.6 (series 16) ubuntu-core/22 (amd64) linux/6.1.0-test"
+ASSERTION_TYPE = "application/x.ubuntu.assertion"
+
+
+@dataclass
+class Answer:
+    status: int
+    content_type: str | None
+    body: bytes
+
+
+@dataclass
+class Attempt:
+    """How one attempt ended: ``serial`` set on success, ``error`` (snapd's log text) otherwise."""
+
+    serial: assertions.Assertion | None = None
+    error: str = ""
+    answers: list[tuple[str, Answer]] = field(default_factory=list)  # (endpoint, answer), in order
+
+
+class Retry(Exception):
+    """snapd would retry this step after 60 s (status above 500)."""
+
+
+class SnapdClient:
+    def __init__(self, settings: dict[str, str], key: keys.DeviceKey, model: assertions.Assertion,
+                 brand: str | None = None, poll_delay: float = 0.1, retry_delay: float = 0.1, max_rounds: int = 5) -> None:
+        base = settings["device-service.url"]
+        self.base = base if base.endswith("/") else base + "/"  # snapd appends the slash
+        self.proposed_serial = settings.get("registration.proposed-serial", "")
+        self.body = settings.get("registration.body", "").encode("utf-8")
+        self.key, self.model = key, model
+        self.brand = brand or model.header("brand-id")
+        self.poll_delay, self.retry_delay, self.max_rounds = poll_delay, retry_delay, max_rounds
+
+    def _post(self, endpoint: str, body: bytes | None, headers: dict[str, str]) -> Answer:
+        url = urllib.parse.urljoin(self.base, endpoint)  # RFC 3986 resolution, as Go's ResolveReference
+        parts = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)  # snapd's 30 s
+        try:
+            sent = {"User-Agent": USER_AGENT, **headers, "Content-Length": str(len(body or b""))}
+            conn.request("POST", parts.path, body=body or b"", headers=sent)
+            response = conn.getresponse()
+            return Answer(response.status, response.getheader("Content-Type"), response.read())
+        finally:
+            conn.close()
+
+    @staticmethod
+    def message(answer: Answer) -> str:
+        """snapd's text for a failed status: the JSON message only for Content-Type exactly application/json."""
+        if answer.content_type == "application/json":
+            try:
+                data = json.loads(answer.body)
+            except ValueError:
+                data = None
+            if isinstance(data, dict):
+                if isinstance(data.get("message"), str) and data["message"]:
+                    return data["message"]
+                errors = data.get("error_list")
+                if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+                    return str(errors[0].get("message", ""))
+        return f"unexpected status {answer.status}"
+
+    def request_id(self, attempt: Attempt) -> str:
+        answer = self._post("request-id", None, {})
+        attempt.answers.append(("request-id", answer))
+        if answer.status > 500:
+            raise Retry(f"cannot retrieve request-id for making a request for a serial: unexpected status {answer.status}")
+        if answer.status != 200:
+            raise ValueError(f"cannot retrieve request-id for making a request for a serial: {self.message(answer)}")
+        request_id = json.loads(answer.body).get("request-id")
+        if not isinstance(request_id, str) or not request_id:
+            raise Retry("cannot read request-id")
+        return request_id
+
+    def serial_request(self, request_id: str, brand: str | None = None, model: str | None = None,
+                       key: keys.DeviceKey | None = None) -> bytes:
+        """The stream snapd posts: serial-request (its device key, the hook's serial and body) + model."""
+        key = key or self.key
+        request = assertions.build_serial_request(
+            brand=brand or self.brand, model=model or self.model.header("model"), request_id=request_id,
+            device_key=key.public, signer=key.sign, created=int(time.time()),
+            serial=self.proposed_serial, body=self.body)
+        return assertions.encode_stream([request, self.model])
+
+    def post_serial(self, stream: bytes, attempt: Attempt) -> Answer:
+        answer = self._post("serial", stream, {"Snap-Device-Capabilities": "serial-stream",
+                                               "Content-Type": ASSERTION_TYPE})
+        attempt.answers.append(("serial", answer))
+        return answer
+
+    def register(self, key: keys.DeviceKey | None = None, brand: str | None = None) -> Attempt:
+        """One attempt, as snapd's request-serial task makes it, retries and polls included."""
+        key = key or self.key
+        attempt = Attempt()
+        stream: bytes | None = None  # kept only while polling (snapd saves it after a 202)
+        for _ in range(self.max_rounds):
+            try:
+                if stream is None:
+                    fresh = self.serial_request(self.request_id(attempt), brand=brand, key=key)
+                answer = self.post_serial(stream or fresh, attempt)
+            except Retry:
+                time.sleep(self.retry_delay)
+                continue
+            except ValueError as exc:
+                attempt.error = str(exc)
+                return attempt
+            if answer.status in (200, 201):
+                return self._accept(answer, key, attempt)
+            if answer.status == 202:
+                stream = stream or fresh
+                time.sleep(self.poll_delay)
+                continue
+            if answer.status > 500:
+                time.sleep(self.retry_delay)
+                continue
+            attempt.error = f"cannot deliver device serial request: {self.message(answer)}"
+            return attempt
+        attempt.error = "gave up after too many rounds"
+        return attempt
+
+    def _accept(self, answer: Answer, key: keys.DeviceKey, attempt: Attempt) -> Attempt:
+        """§2.4 steps 1-3: decodes, exactly one serial, and it is this device's."""
+        serials = [a for a in assertions.decode_stream(answer.body) if a.type == "serial"]
+        if len(serials) != 1:
+            attempt.error = f"cannot accept {len(serials)} serial assertions"
+            return attempt
+        serial = serials[0]
+        got = (serial.header("brand-id"), serial.header("model"), serial.header("device-key-sha3-384"))
+        if got != (self.brand, self.model.header("model"), key.key_id):
+            attempt.error = "obtained serial assertion does not match provided device identity information"
+            return attempt
+        attempt.serial = serial
+        return attempt
