@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__, assertions, keys, openpgp, store
+from . import __version__, assertions, errors, keys, openpgp, store
 from .errors import AgentError, AssertionFormatError, ConfigError
 
 if TYPE_CHECKING:
@@ -113,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     systemd.setup_logging()
     cfg = _load_config(args)
     systemd.redact([cfg.vault.api_key])  # defence in depth: it is never logged, and never shown if it were
+    errors.conceal([cfg.vault.api_key])  # nor quoted in an error message, whoever wrote the text
     state_dir = resolve_state_dir(args.state_dir, os.environ)
     try:
         return asyncio.run(daemon.main(cfg, state_dir, once=args.once, bus=args.bus))

@@ -9,14 +9,47 @@ value for ``LastError`` and ``dbus_name`` the D-Bus error name.
 
 from __future__ import annotations
 
+import unicodedata
+from collections.abc import Iterable
+
 DBUS_ERROR_PREFIX = "io.factoryagent.Agent1.Error."
+# Control, format (bidi overrides, zero-width) and line/paragraph separator characters.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+_concealed: set[str] = set()  # see conceal()
+
+
+def conceal(values: Iterable[str]) -> None:
+    """Secrets (the api-key) that no error message made from now on may carry: they show as "***".
+
+    Messages quote what others wrote (the vault's refusal, a proxy's error page), and one that
+    echoes the api-key it was sent would otherwise put it in LastErrorMessage, which anyone may read.
+    """
+    _concealed.update(stripped for value in values if (stripped := value.strip()))
+
+
+def one_line(text: str) -> str:
+    """``text`` with every character that could break or disguise a line escaped as Python does.
+
+    An error's message ends up as the CLI's one stderr line, a journal MESSAGE and
+    ``LastErrorMessage``; parts of it come from files, paths and the vault, which may hold
+    newlines or terminal escapes.
+    """
+    if text.isprintable():  # the common case; isprintable() is False for every unsafe character
+        return text
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in _UNSAFE_CATEGORIES
+                   else ch for ch in text)
 
 
 class AgentError(Exception):
-    """Base of every error the agent expects and reports."""
+    """Base of every error the agent expects and reports; its message is always one line."""
 
     code = "internal"
     dbus_name = DBUS_ERROR_PREFIX + "Internal"
+
+    def __init__(self, message: str = "") -> None:
+        for secret in sorted(_concealed, key=len, reverse=True):  # longest first: one may contain another
+            message = message.replace(secret, "***")
+        super().__init__(one_line(message))
 
 
 class ConfigError(AgentError):
