@@ -9,6 +9,10 @@ is read here, never logged, and hidden from repr().
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
+import ssl
+import string
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +28,14 @@ MODES = ("standalone", "snapd")
 # snapd mode: where the loopback relay listens. A fixed port, not an ephemeral one: snapd keeps
 # re-posting to the device-service.url the hook set, so the relay must come back where it was.
 DEFAULT_RELAY_LISTEN = "127.0.0.1:8622"
+# Longest accepted timeout or wait: a day is far beyond any sane value, and keeps timers in range.
+MAX_SECONDS = 86400.0
+# Keys whose value is a secret: an error about them names the key and the type, never the value.
+SECRET_KEYS = frozenset({"vault.api-key"})
+# A serial template placeholder: a field name, or alternatives a|b (identity.proposed_serial).
+TEMPLATE_FIELD = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+# What an api-key may hold: it travels as an HTTP header value, so visible ASCII and inner spaces.
+_API_KEY = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +133,11 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"cannot parse configuration {path}: {exc}") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes the bytes itself, outside its own error
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"cannot parse configuration {path}: not UTF-8 text (line {line})") from None
+    except RecursionError:
+        raise ConfigError(f"cannot parse configuration {path}: arrays or tables nested too deeply") from None
 
 
 def _check_table(table: Mapping[str, Any], schema: Mapping[str, Any], path: Path, prefix: str) -> dict[str, Any]:
@@ -146,22 +163,30 @@ def _check_table(table: Mapping[str, Any], schema: Mapping[str, Any], path: Path
 def _check_value(kind: str, value: Any, path: Path, name: str) -> Any:
     ok = {
         "str": isinstance(value, str),
-        "path": isinstance(value, str),
+        "path": isinstance(value, str) and "\0" not in value,
         "bool": isinstance(value, bool),
-        "seconds": isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+        "seconds": isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= MAX_SECONDS,
         "strs": isinstance(value, list) and all(isinstance(v, str) for v in value),
-        "paths": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        "paths": isinstance(value, list) and all(isinstance(v, str) and "\0" not in v for v in value),
     }[kind]
     if not ok:
-        expected = {"str": "a string", "path": "a path string", "bool": "true or false",
-                    "seconds": "a non-negative number of seconds", "strs": "a list of strings",
-                    "paths": "a list of path strings"}[kind]
-        raise ConfigError(f"{path}: {name!r} must be {expected}, not {value!r}")
+        expected = {"str": "a string", "path": "a path string (without NUL)", "bool": "true or false",
+                    "seconds": f"a non-negative number of seconds (at most {MAX_SECONDS:g})", "strs": "a list of strings",
+                    "paths": "a list of path strings (without NUL)"}[kind]
+        raise ConfigError(f"{path}: {name!r} must be {expected}, not {_shown(name, value)}")
     if kind == "path" and value:
         return str(path.parent / value)
     if kind == "paths":
         return [str(path.parent / v) for v in value]
     return float(value) if kind == "seconds" else value
+
+
+def _shown(name: str, value: Any) -> str:
+    """How an error quotes a bad value: never a secret's, and never at length."""
+    if name in SECRET_KEYS:
+        return f"a {type(value).__name__} (the value is not shown)"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _merge(into: dict[str, Any], origin: dict[str, Path], table: Mapping[str, Any], path: Path, prefix: str) -> None:
@@ -264,10 +289,13 @@ def _build_vault(merged: Mapping[str, Any], fail: Any) -> VaultConfig:
     timeout, connect = _get(merged, "vault.timeout"), _get(merged, "vault.connect-timeout")
     if timeout <= 0 or connect <= 0:
         raise fail("vault.timeout", "and vault.connect-timeout must be positive")
+    ca_file = _get(merged, "vault.ca-file") or None
+    if ca_file is not None:
+        _check_ca_file(ca_file, fail)
     return VaultConfig(
         url=url,
         api_key=_api_key(merged, fail),
-        ca_file=_get(merged, "vault.ca-file") or None,
+        ca_file=ca_file,
         allow_insecure_http=_get(merged, "vault.allow-insecure-http"),
         trusted_account_keys=_account_keys(_get(merged, "vault.trusted-account-keys"), fail),
         connect_timeout=connect,
@@ -276,22 +304,39 @@ def _build_vault(merged: Mapping[str, Any], fail: Any) -> VaultConfig:
 
 
 def _api_key(merged: Mapping[str, Any], fail: Any) -> str:
+    """The api-key, checked here because it is sent as an HTTP header: a value http.client cannot
+    encode, or requests refuses (and quotes in its error), would fail every exchange, or show the key."""
     inline, path = _get(merged, "vault.api-key"), _get(merged, "vault.api-key-file")
     if inline and path:
         raise fail("vault.api-key", "and vault.api-key-file are both set: keep one")
+    key, where = inline.strip(), "vault.api-key"
     if path:
+        where = "vault.api-key-file"
         try:
-            inline = Path(path).read_text(encoding="utf-8").strip()
+            key = Path(path).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             cause = getattr(exc, "strerror", None) or "not UTF-8 text"
-            raise fail("vault.api-key-file", f"cannot be read ({path}: {cause})") from None
-        if not inline:
-            raise fail("vault.api-key-file", f"is empty ({path})")
-    if not inline:
+            raise fail(where, f"cannot be read ({path}: {cause})") from None
+        if not key:
+            raise fail(where, f"is empty ({path})")
+    if not key:
         raise fail("vault.api-key-file", "(or vault.api-key) is required")
-    if any(c in inline for c in "\r\n\0"):
-        raise fail("vault.api-key", "must be a single line")
-    return str(inline)
+    if not _API_KEY.fullmatch(key):
+        detail = f" ({path})" if path else ""
+        raise fail(where, f"must hold one line of printable ASCII: the api-key is sent as an HTTP header{detail}")
+    return str(key)
+
+
+def _check_ca_file(path: str, fail: Any) -> None:
+    """A CA file the TLS layer can load (a directory is a c_rehash'ed one, used as is): else every
+    exchange would fail later, and requests reports a missing one as a bare OSError."""
+    if os.path.isdir(path):
+        return
+    try:
+        ssl.create_default_context(cafile=path)
+    except OSError as exc:  # ssl.SSLError is an OSError without strerror
+        cause = exc.strerror if exc.strerror and not isinstance(exc, ssl.SSLError) else "no PEM certificate in it"
+        raise fail("vault.ca-file", f"cannot be used ({path}: {cause})") from None
 
 
 def _account_keys(paths: Sequence[str], fail: Any) -> tuple[assertions.Assertion, ...]:
@@ -313,12 +358,19 @@ def _account_keys(paths: Sequence[str], fail: Any) -> tuple[assertions.Assertion
 
 
 def _check_template(template: str, fail: Any) -> str:
-    try:
-        template.format_map(_AnyFields())
-    except (ValueError, IndexError, AttributeError) as exc:
-        raise fail("serial.template", f"is not a valid template ({exc})") from None
+    """The rules identity.proposed_serial applies, so that a bad template stops here, not at registration."""
     if not template:
         raise fail("serial.template", "must not be empty")
+    try:
+        fields = [(name, spec) for _, name, spec, _ in string.Formatter().parse(template) if name is not None]
+        for name, spec in fields:
+            if not all(TEMPLATE_FIELD.fullmatch(choice) for choice in name.split("|")):
+                raise ValueError(f"{{{name}}} is not a field name (or an a|b list of them)")
+            if "{" in (spec or ""):
+                raise ValueError(f"{{{name}:{spec}}} nests a field in its format")
+        template.format_map(_AnyFields())
+    except (ValueError, LookupError, TypeError, AttributeError) as exc:
+        raise fail("serial.template", f"is not a valid template ({exc})") from None
     return template
 
 
