@@ -16,6 +16,7 @@ import email.utils
 import errno
 import json
 import os
+import re
 import socket
 import ssl
 import threading
@@ -28,11 +29,13 @@ import urllib3
 
 from . import __version__
 from .config import VaultConfig
-from .errors import VaultClockSkew, VaultRejected, VaultTransient, VaultUnavailable
+from .errors import VaultClockSkew, VaultRejected, VaultTransient, VaultUnavailable, one_line
 
 ASSERTION_TYPE = "application/x.ubuntu.assertion"
 MAX_RESPONSE_BYTES = 1024 * 1024  # a serial is ~2 KiB; anything near this is not one
 _CHUNK = 16 * 1024
+MAX_QUOTED = 300  # characters of the vault's error_code or message that reach LastErrorMessage and the log
+_DIGITS = re.compile(r"[0-9]+")  # str.isdigit() also says yes to "²" and "١", which int() refuses
 _SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem")
 # Refusals that mean "not now" rather than "no": retried with backoff.
 _TRANSIENT_STATUS = {408, 425, 429}
@@ -98,10 +101,8 @@ class Vault:
         status, headers, body = self._post("request-id", None, {})
         if status != 200:
             raise _status_error(status, headers, body)
-        try:
-            request_id = json.loads(body).get("request-id")
-        except (ValueError, AttributeError):
-            request_id = None
+        data = _json(body)
+        request_id = data.get("request-id") if isinstance(data, dict) else None
         if not isinstance(request_id, str) or not request_id:
             raise VaultTransient("cannot read the vault's request-id answer: no request-id in it")
         return request_id
@@ -144,6 +145,8 @@ class Vault:
                     raise VaultTransient(f"cannot talk to the vault at {url}: {_cause(exc)}") from None
                 if isinstance(exc, requests.exceptions.Timeout):
                     raise VaultTransient(f"the vault at {url} did not answer in time") from None
+                raise VaultTransient(f"cannot talk to the vault at {url}: {_cause(exc)}") from None
+            except OSError as exc:  # not wrapped by requests: a CA file that vanished after the config was loaded
                 raise VaultTransient(f"cannot talk to the vault at {url}: {_cause(exc)}") from None
 
 
@@ -245,7 +248,7 @@ class _Adapter(requests.adapters.HTTPAdapter):
 def _read_capped(resp: requests.Response) -> bytes:
     """The body, at most MAX_RESPONSE_BYTES (the caller's _Deadline bounds the time)."""
     declared = resp.headers.get("Content-Length")
-    if declared and declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+    if declared and _DIGITS.fullmatch(declared) and int(declared) > MAX_RESPONSE_BYTES:
         raise VaultTransient(f"the vault's answer is too large ({declared} bytes)")
     chunks, size = [], 0
     for chunk in resp.iter_content(_CHUNK):
@@ -271,14 +274,25 @@ def _json_error(headers: requests.structures.CaseInsensitiveDict[str], body: byt
     """(error_code, message) of the vault's JSON error body, or ("", "")."""
     if not headers.get("Content-Type", "").split(";")[0].strip().lower() == "application/json":
         return "", ""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return "", ""
+    data = _json(body)
     if not isinstance(data, dict):
         return "", ""
     code, message = data.get("error_code"), data.get("message")
-    return (code if isinstance(code, str) else ""), (message if isinstance(message, str) else "")
+    return (_quoted(code) if isinstance(code, str) else ""), (_quoted(message) if isinstance(message, str) else "")
+
+
+def _json(body: bytes) -> Any:
+    """The JSON value of ``body``, or None when it is not JSON (or nested beyond the parser's depth)."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _quoted(text: str) -> str:
+    """The vault's own words as we repeat them: one line, and not at length."""
+    text = one_line(text.strip())
+    return text if len(text) <= MAX_QUOTED else text[:MAX_QUOTED - 3] + "..."
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -286,8 +300,8 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if _DIGITS.fullmatch(value):
+        return float(value)  # inf for an absurd number of digits: the core caps what it honours
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
