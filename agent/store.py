@@ -96,21 +96,36 @@ def load_device_key(state_dir: Path) -> keys.DeviceKey | None:
 
 
 def ensure_state_dir(state_dir: Path) -> None:
-    """Create the state directory (0700) if needed and check that we can write there.
+    """Create the state directory (0700 whatever the umask) if needed and check that we can write there.
 
-    A directory made here is fsynced into its parent (each level made), so
-    that a power cut cannot take it, and the key about to be written in it,
-    away with the parent's unsynced entry.
+    Parents made on the way are 0755 at most: a parent others could write to
+    would let them move the state directory away and put their own in its
+    place. A directory made here is fsynced into its parent (each level
+    made), so that a power cut cannot take it, and the key about to be
+    written in it, away with the parent's unsynced entry.
     """
     made = [path for path in (state_dir, *state_dir.parents) if not path.exists()]
     try:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for path in made:
-            fsync_dir(path.parent)
+        for path in reversed(made):
+            with contextlib.suppress(FileExistsError):  # made meanwhile by someone else: theirs to sync
+                path.mkdir(mode=0o700 if path == state_dir else 0o755)
+                fsync_dir(path.parent)
+        if made:
+            os.chmod(state_dir, 0o700)  # mkdir's mode passes through the umask; 0700 exactly
     except OSError as exc:
         raise StoreError(f"cannot create state directory {state_dir}: {exc.strerror}") from None
     if not os.access(state_dir, os.W_OK | os.X_OK):
-        raise StoreError(f"cannot write to state directory {state_dir}: {os.strerror(errno.EACCES)}")
+        raise StoreError(f"cannot write to state directory {state_dir}: {os.strerror(_why_not_writable(state_dir))}")
+
+
+def _why_not_writable(directory: Path) -> int:
+    """The errno a write would meet: a read-only mount says so (access(2) only says no)."""
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return errno.EROFS
+    except OSError as exc:
+        return exc.errno or errno.EACCES
+    return errno.EACCES
 
 
 STATE_FILE = "state.json"
