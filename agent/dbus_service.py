@@ -176,6 +176,25 @@ class Agent1(_service.ServiceInterface):  # type: ignore[name-defined]
         return self._value("Version")  # type: ignore[no-any-return]
 
 
+class _AnsweredErrors(logging.Filter):
+    """Drops dbus-next's log of an error it has already sent as the reply.
+
+    dbus-next 0.2.3 replies with the DBusError a handler raised, then lets the
+    error escape its SendReply context (whose __exit__ drops the True that
+    would swallow it) and logs it with a traceback as "got unexpected error
+    processing a message": every NotRegistered answer would put a traceback
+    in the journal. A real fault is logged by _dbus_error, traceback and all.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not (text.startswith("got unexpected error processing a message: ")
+                    and text.rstrip().rsplit("\n", 1)[-1].startswith(f"{_lib.__name__}.errors.DBusError: "))
+
+
+_ANSWERED_ERRORS = _AnsweredErrors()
+
+
 def values(snapshot: Snapshot) -> dict[str, Any]:
     return {name: getattr(snapshot, attr) for name, (_, attr) in PROPERTIES.items()}
 
@@ -206,6 +225,7 @@ async def publish(bus_kind: str, snapshot: Snapshot, get_serial: Callable[[], st
                   get_settings: Callable[[], dict[str, str]]) -> Service:
     """Connect to the ``system`` or ``session`` bus, export the object, then own the name (no queueing)."""
     bus_type = _lib.BusType.SYSTEM if bus_kind == "system" else _lib.BusType.SESSION
+    logging.getLogger().addFilter(_ANSWERED_ERRORS)  # dbus-next logs through the root logger
     try:
         bus = await _aio.MessageBus(bus_type=bus_type).connect()
     except (OSError, ValueError, _lib.errors.DBusError) as exc:
