@@ -58,6 +58,15 @@ bench: deps
 crash: deps
 	$(DISTRO_PY) tests/crash/run_crash.py --kills 200
 
+# The long fuzzing run: each hypothesis target of tests/fuzz (the assertion decoder, the vault's
+# answers, the config loader) with $$FACTORY_AGENT_FUZZ_EXAMPLES examples; the default suite runs
+# 300 each. Not part of `make test`; pytest's per-test timeout is off for it.
+FACTORY_AGENT_FUZZ_EXAMPLES ?= 100000
+.PHONY: fuzz
+fuzz: deps
+	FACTORY_AGENT_FUZZ_EXAMPLES=$(FACTORY_AGENT_FUZZ_EXAMPLES) $(DISTRO_PY) -m pytest -p no:cacheprovider -q \
+		--timeout=0 --hypothesis-show-statistics tests/fuzz
+
 # The Debian package (arch: all) into dist/, from a copy of the tree with packaging/debian as debian/.
 DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
 	python3-build python3-installer python3-wheel fakeroot dpkg-dev lintian
