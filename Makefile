@@ -14,7 +14,7 @@ APT_PACKAGES := python3 python3-cryptography python3-requests python3-pyudev pyt
 # The latest PyPI releases of the same (systemd-python builds against libsystemd-dev).
 PYPI_PACKAGES := cryptography requests pyudev dbus-next systemd-python pytest pytest-timeout hypothesis mypy trustme dbus-fast PyYAML
 
-.PHONY: all deps test test-distro test-latest demo bench crash deb clean
+.PHONY: all deps test test-distro test-latest demo bench crash deb qemu-deps qemu-test clean
 
 all: test
 
@@ -33,7 +33,7 @@ $(VENV)/.stamp: setup.cfg pyproject.toml Makefile | deps
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
-test: test-distro test-latest
+test: test-distro test-latest qemu-test
 
 # Leg 1: Debian 12's python3 with its distro packages, as on a device.
 test-distro: deps
@@ -66,6 +66,24 @@ FACTORY_AGENT_FUZZ_EXAMPLES ?= 100000
 fuzz: deps
 	FACTORY_AGENT_FUZZ_EXAMPLES=$(FACTORY_AGENT_FUZZ_EXAMPLES) $(DISTRO_PY) -m pytest -p no:cacheprovider -q \
 		--timeout=0 --hypothesis-show-statistics tests/fuzz
+
+# Host tools for the emulated armhf boards (tests/qemu), and armhf in apt's lists for the kernel
+# and busybox packages. `apt-get update` may exit non-zero on the security archive's armhf index.
+QEMU_PACKAGES := qemu-system-arm qemu-user-static debootstrap kmod cpio device-tree-compiler \
+	qemu-utils zstd e2fsprogs
+qemu-deps: deps
+	@missing=$$(for p in $(QEMU_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
+	@if ! dpkg --print-foreign-architectures | grep -qx armhf || ! apt-cache show linux-image-armmp:armhf >/dev/null 2>&1; then \
+		dpkg --add-architecture armhf; apt-get update -q || true; fi
+
+# The package on emulated armhf boards (Debian 12, systemd as PID 1, qemu-system-arm -M virt): first
+# boot, a second board, power cuts, a refusing vault. The image is cached in
+# $${FACTORY_AGENT_QEMU_CACHE:-/var/cache/factory-agent-qemu}; figures land in build/qemu-timings.json.
+qemu-test: qemu-deps deb
+	@echo "=== qemu: the .deb on emulated armhf boards"
+	FACTORY_AGENT_QEMU=1 $(DISTRO_PY) -m pytest -p no:cacheprovider -v tests/qemu
 
 # The Debian package (arch: all) into dist/, from a copy of the tree with packaging/debian as debian/.
 DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
