@@ -68,6 +68,9 @@ def decode_v1(text: bytes, kind: str) -> bytes:
     flat = text.replace(b"\n", b"").replace(b"\r", b"")
     if not flat:
         raise _fail(f"cannot decode {kind}: no data")
+    # Python's decoder ignores data after the padding ("...ld==" + "=="); Go's rejects it, as must we.
+    if len(flat) % 4 or b"=" in flat.rstrip(b"=") or len(flat) - len(flat.rstrip(b"=")) > 2:
+        raise _fail(f"cannot decode {kind}: base64 of {len(flat)} characters is not whole, padded quanta")
     try:
         raw = base64.b64decode(flat, validate=True)
     except (binascii.Error, ValueError) as exc:

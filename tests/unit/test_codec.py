@@ -164,6 +164,17 @@ def test_truncated_inputs_fail_typed(cut: int) -> None:
             assertions.decode((DATA / "brand" / "brand.account-key").read_bytes())))
 
 
+@pytest.mark.parametrize("tail", [b"==", b"=", b"====", b"\n==", b"AA=="])
+def test_signature_with_data_past_its_padding_is_rejected(device_key, tail: bytes) -> None:
+    """Python's base64 skips what follows complete, padded quanta; Go's (snapd's) refuses it.
+
+    Found by the mutation test above: REQUEST plus "==" decoded and verified here.
+    """
+    assertions.verify(assertions.decode(REQUEST), device_key.public)
+    with pytest.raises(AssertionFormatError):
+        assertions.verify(assertions.decode(REQUEST.rstrip(b"\n") + tail), device_key.public)
+
+
 EXTRA_HEADERS = st.dictionaries(
     NAMES.filter(lambda n: n not in assertions._META and n not in ("brand-id", "model", "request-id", "device-key", "serial", "authority-id", "signatory-id")),
     VALUES, max_size=5,
