@@ -17,7 +17,6 @@
 set -eu
 
 REVISION=1  # bump when the rootfs recipe below changes
-INITRD_REVISION=2  # bump when the kernel/initrd recipe changes
 SUITE=bookworm
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${FACTORY_AGENT_QEMU_CACHE:-/var/cache/factory-agent-qemu}
@@ -154,7 +153,7 @@ build_kernel() {
     while read -r rel; do
         case $rel in *.xz|*.zst|*.gz) die "compressed module $rel: busybox insmod cannot load it";; esac
         cp "$work/k/lib/modules/$kv/$rel" "$i/lib/modules/"
-        echo "$(basename "$rel")" >> "$i/lib/modules/order"
+        basename "$rel" >> "$i/lib/modules/order"
     done < "$mods"
     cp "$HERE/initrd-init" "$i/init"
     chmod 0755 "$i/init"
@@ -164,7 +163,8 @@ build_kernel() {
     cp "$work/initrd.img" "$work/out/initrd.img"
     # The same modules in the guest's /lib/modules (depmod'ed below), so udev and modprobe there
     # see a consistent tree; the full 200 MB tree is not needed.
-    (cd "$work/k/lib/modules/$kv" && cp --parents modules.order modules.builtin modules.builtin.modinfo $(cat "$mods") "$work/out/modules/")
+    (cd "$work/k/lib/modules/$kv" && cp --parents modules.order modules.builtin modules.builtin.modinfo \
+        "$work/out/modules/" && xargs cp --parents -t "$work/out/modules/" < "$mods")
     echo "$kv" > "$work/out/version"
     rm -rf "$kdir"; mv "$work/out" "$kdir"
     rm -rf "$work"; trap - EXIT
@@ -215,14 +215,17 @@ fi
 
 KPKG=$(kernel_package)
 [ -n "$KPKG" ] || die "no linux-image-armmp:armhf in apt's lists: run 'make qemu-deps'"
-KDIR=$CACHE/kernel-${KPKG#linux-image-}-r$INITRD_REVISION
+# Keyed by the initrd's recipe too: its /init and module list.
+INITRD_KEY=$( (cat "$HERE/initrd-init"; echo "$INITRD_MODULES") | sha256sum | cut -c1-8)
+KDIR=$CACHE/kernel-${KPKG#linux-image-}-$INITRD_KEY
 if [ ! -f "$KDIR/version" ]; then
     t0=$(date +%s)
     build_kernel "$KDIR" "$KPKG"
     log "kernel and initrd made in $(( $(date +%s) - t0 )) s: $KDIR"
+    find "$CACHE" -maxdepth 1 -name 'kernel-*' ! -name "$(basename "$KDIR")" -exec rm -rf {} +
 fi
 
-DEBSHA=$(cat "$DEB" "$HERE/guest/"* "$KDIR/version" | sha256sum | cut -c1-16)
+DEBSHA=$( (cat "$DEB" "$HERE/guest/"*; echo "$KDIR") | sha256sum | cut -c1-16)
 IMAGE=$CACHE/image-$ROOTFS_KEY-$DEBSHA.qcow2
 if [ ! -f "$IMAGE" ]; then
     t0=$(date +%s)
