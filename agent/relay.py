@@ -35,6 +35,9 @@ ENDPOINTS = ("request-id", "serial")
 JSON_TYPE = "application/json"  # exactly this: snapd compares the whole header value
 MAX_HEAD = 16 * 1024  # request line and headers; snapd sends well under 1 KiB
 MAX_BODY = 1024 * 1024  # a serial-request and a model assertion: a few KiB
+# More digits than MAX_BODY has is refused before int(): Python refuses int() of over 4300 digits
+# (ValueError), and a long number is no body we take anyway.
+MAX_LENGTH_DIGITS = 8
 READ_TIMEOUT = 30.0  # a client that sends its request slower than this is not snapd
 # Status for a failure with no HTTP answer from the vault. snapd retries what is above 500 (every
 # 60 s) and gives up this attempt on anything else, so: above 500 unless a person must act first.
@@ -125,7 +128,25 @@ def encode_response(response: Response) -> bytes:
 
 
 async def read_request(reader: asyncio.StreamReader) -> Request:
-    """One request: request line, headers, a Content-Length body. _BadRequest for anything else."""
+    """One request: request line, headers, a Content-Length body. _BadRequest for anything else.
+
+    A request cut short is answered too (the client may have closed its sending
+    side only). Nothing but _BadRequest, ConnectionError or TimeoutError leaves
+    here, whatever the bytes.
+    """
+    try:
+        return await _read_request(reader)
+    except (_BadRequest, ConnectionError, TimeoutError):
+        raise
+    except asyncio.IncompleteReadError as exc:
+        if exc.expected is None and not exc.partial:
+            raise  # connected and closed without a byte: nobody to answer
+        raise _BadRequest(400, "the request ended before its end") from None
+    except Exception as exc:  # noqa: BLE001 - any other parse failure is the client's malformed request
+        raise _BadRequest(400, f"malformed request ({type(exc).__name__})") from None
+
+
+async def _read_request(reader: asyncio.StreamReader) -> Request:
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.LimitOverrunError:
@@ -145,6 +166,8 @@ async def read_request(reader: asyncio.StreamReader) -> Request:
     declared = headers.get("content-length", "0")
     if not (declared.isascii() and declared.isdigit()):
         raise _BadRequest(400, "invalid Content-Length")
+    if len(declared) > MAX_LENGTH_DIGITS:
+        raise _BadRequest(413, f"the request body exceeds {MAX_BODY} bytes")
     if int(declared) > MAX_BODY:
         raise _BadRequest(413, f"the request body exceeds {MAX_BODY} bytes")
     body = await reader.readexactly(int(declared))
@@ -206,6 +229,7 @@ class Relay:
             async with asyncio.timeout(READ_TIMEOUT):
                 request = await read_request(reader)
         except _BadRequest as exc:
+            log.warning("relay: refused a malformed request: %s", exc)
             return json_error(exc.status, "relay-bad-request", str(exc))
         endpoint = request.path[len(API_PREFIX):] if request.path.startswith(API_PREFIX) else ""
         if endpoint not in ENDPOINTS:

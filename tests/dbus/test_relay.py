@@ -171,3 +171,46 @@ def test_a_serial_the_agent_cannot_trust_is_not_handed_to_snapd(tmp_path: Path, 
     assert "not trusted" in json.loads(answer.body)["message"] and attempt.serial is None
     assert props["State"] == "blocked" and props["Action"] == registration.ACTIONS["serial-rejected"]
     assert not (mode.state / store.SERIAL_FILE).exists()
+
+
+def _raw_exchange(url: str, data: bytes, half_close: bool = True) -> bytes:
+    """Send ``data`` to the relay as any local process could, and read whatever comes back."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+MALFORMED = [
+    b"POST /v1/serial HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",  # int() of it raises ValueError
+    b"\x00\xff GARBAGE \xfe\r\n\r\n",
+    b"POST /v1/serial HTTP/1.1\r\nthis header has no colon\r\n\r\n",
+    b"POST /v1/serial HTTP/1.1\r\nContent-Length: 100\r\n\r\ntruncated",
+    "POST /v1/s\u00e9rial HTTP/1.1\r\nX-\u00e9: \u2603\r\nContent-Length: \u0663\r\n\r\n".encode("utf-8"),
+]
+
+
+def test_malformed_requests_neither_crash_the_daemon_nor_stop_it_serving(tmp_path: Path, bus_address: str, backend: str,
+                                                                         lab: LabVault, device_key: keys.DeviceKey) -> None:
+    mode = SnapdMode(tmp_path, bus_address, backend, lab)
+    try:
+        answers = [_raw_exchange(mode.settings["device-service.url"], data) for data in MALFORMED]
+        alive = mode.daemon.proc.poll() is None
+        attempt = mode.client(device_key).register()
+        props = mode.props(until=lambda p: p.get("State") == "registered")
+    finally:
+        log = mode.stop()
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] in (b"400", b"413"), answer
+        assert b"Content-Type: application/json\r\n" in head and json.loads(body)["error_code"] == "relay-bad-request"
+    assert alive and attempt.error == "" and props["State"] == "registered"
+    assert "internal error" not in log and log.count("refused a malformed request") == len(MALFORMED)

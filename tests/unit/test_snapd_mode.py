@@ -165,6 +165,12 @@ def test_request_parsing_as_snapds_go_client_sends() -> None:
     (b"POST /v1/serial HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413),
     (b"POST /v1/serial HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
     (b"GARBAGE\r\n\r\n", 400),
+    (b"POST /v1/serial HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 413),  # int() would raise
+    (b"POST /v1/serial HTTP/1.1\r\nContent-Length: 000000001\r\n\r\nx", 413),  # over 8 digits
+    (b"POST /v1/serial HTTP/1.1\r\nContent-Length: \xd9\xa3\r\n\r\n", 400),  # not ASCII digits
+    (b"POST /v1/serial HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+    (b"POST /v1/serial HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort", 400),  # the body ends early
+    (b"POST /v1/serial HTTP/1.1\r\nHost: 127.0.0.1", 400),  # the head ends early
     (b"POST /v1/serial HTTP/1.1\r\n" + b"X: " + b"y" * (relay.MAX_HEAD + 10) + b"\r\n\r\n", 431),
 ])
 def test_requests_the_relay_does_not_take(raw: bytes, status: int) -> None:
