@@ -68,6 +68,25 @@ def test_the_snap_is_this_project(snap: Any) -> None:
     assert snap["confinement"] == "strict" and snap["base"].startswith("core")
 
 
+# The python3 each base ships, which `plugin: python` builds and runs the snap with.
+BASE_PYTHON = {"core20": (3, 8), "core22": (3, 10), "core24": (3, 12)}
+
+
+def python_requires() -> tuple[int, int]:
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    found = re.fullmatch(r">=\s*(\d+)\.(\d+)", setup["options"]["python_requires"].strip())
+    assert found, setup["options"]["python_requires"]
+    return int(found.group(1)), int(found.group(2))
+
+
+@pytest.mark.parametrize("path", [SNAP / "snapcraft.yaml", GADGET / "snapcraft.yaml"], ids=["agent", "gadget"])
+def test_the_base_ships_a_python_the_project_runs_on(path: Path) -> None:
+    base = load(path)["base"]
+    assert base in BASE_PYTHON, f"{base}: add its Python version to BASE_PYTHON"
+    assert BASE_PYTHON[base] >= python_requires(), f"{base} has Python {BASE_PYTHON[base]}, setup.cfg needs {python_requires()}"
+
+
 def test_the_daemon_runs_the_agent_in_a_notify_service_with_its_interfaces(snap: Any) -> None:
     app = snap["apps"]["factory-agent"]
     args = parse_command(app["command"])
