@@ -19,14 +19,17 @@ snapd starts a new exchange, or at Retry().
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import secrets
 from dataclasses import replace
 from random import Random
 from typing import TYPE_CHECKING
 
 from . import daemon, keys, registration, relay, serials, store
 from .config import Config
-from .errors import AgentError, IdentityError, NotReadyError, RelayRefusedError, SerialRejectedError, VaultError
+from .errors import (AgentError, IdentityError, NotReadyError, RelayRefusedError, SerialRejectedError, StoreError,
+                     VaultError)
 from .registration import Phase, Progress
 
 if TYPE_CHECKING:
@@ -152,6 +155,11 @@ class SnapdDriver(daemon.Driver):
     # --- the relay's Handler --------------------------------------------------
 
     async def relay_request_id(self) -> relay.Response:
+        if self.progress.phase is Phase.REGISTERED:
+            # snapd only wants a request-id to build the serial-request that relay_serial answers from disk;
+            # a local one keeps that working when the vault is unreachable or refuses this device now.
+            return relay.Response(200, json.dumps({"request-id": f"registered-{secrets.token_hex(8)}"}).encode(),
+                                  relay.JSON_TYPE)
         async with self.exchange_lock:
             await self._begin("requesting")
             try:
@@ -168,6 +176,8 @@ class SnapdDriver(daemon.Driver):
             try:
                 request = serials.check_serial_request(body, brand=self.cfg.brand, model=self.cfg.model,
                                                        key_id=self.progress.key_id)
+                if self.progress.phase is Phase.REGISTERED:
+                    return await self._stored_serial(request.sign_key_id)
                 if not self.progress.key_id:  # the one key served from now on: durable before it is used
                     await self._record(registration.KeyReady(request.sign_key_id), self.activity)
                 from . import vault
@@ -176,6 +186,19 @@ class SnapdDriver(daemon.Driver):
                 return await self._answered(request.sign_key_id, request.encode(), answer)
             except AgentError as exc:  # refused here, no answer, or an answer that is not this device's serial
                 return await self._failed(exc)
+
+    async def _stored_serial(self, key_id: str) -> relay.Response:
+        """snapd asks again for the serial this device holds (its state lost it, or it never stored it):
+        the serial from disk, not a second one from a vault that may refuse duplicates."""
+        from . import vault
+
+        text = await asyncio.to_thread(self.store.read_serial)
+        if text is None:
+            raise StoreError(f"cannot read {self.store.dir / store.SERIAL_FILE}: it is missing")
+        serial = daemon._check(self.cfg, key_id, text)
+        log.info("relay: gave snapd the stored serial %s again", serial.header("serial"))
+        self._set_activity(IDLE)
+        return relay.Response(200, serial.encode(), vault.ASSERTION_TYPE)
 
     async def _answered(self, key_id: str, request: bytes, answer: Exchange) -> relay.Response:
         content_type = answer.headers.get("Content-Type")

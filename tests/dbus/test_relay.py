@@ -25,14 +25,24 @@ class SnapdMode:
 
     def __init__(self, tmp: Path, bus_address: str, backend: str, lab: LabVault, api_key_file: Path | None = None) -> None:
         self.tmp, self.bus_address, self.lab = tmp, bus_address, lab
-        self.state = tmp / "state"
-        self.daemon = Daemon(bus_address, backend, write_snapd_config(tmp, lab.url, lab.directory,
-                                                                      api_key_file=api_key_file), self.state)
-        wait_for(lambda: owned(bus_address))
-        hook = run_hook(hook_env(tmp, bus_address, backend))
-        assert hook.returncode == 0, hook.stderr
-        self.settings = {k: str(v) for k, v in set_values(snapctl_calls(tmp)[-1]).items()}
+        self.state, self.backend = tmp / "state", backend
+        self.config = write_snapd_config(tmp, lab.url, lab.directory, api_key_file=api_key_file)
+        self.start()
         self.model = assertions.decode((lab.directory / "model.assert").read_bytes())
+
+    def start(self) -> None:
+        """The daemon, then the hook as snapd runs it at each attempt (the relay's port is new each start)."""
+        self.daemon = Daemon(self.bus_address, self.backend, self.config, self.state)
+        wait_for(lambda: owned(self.bus_address))
+        hook = run_hook(hook_env(self.tmp, self.bus_address, self.backend))
+        assert hook.returncode == 0, hook.stderr
+        self.settings = {k: str(v) for k, v in set_values(snapctl_calls(self.tmp)[-1]).items()}
+
+    def restart(self) -> str:
+        log = self.stop()
+        wait_for(lambda: not owned(self.bus_address))
+        self.start()
+        return log
 
     def client(self, key: keys.DeviceKey) -> SnapdClient:
         return SnapdClient(self.settings, key, self.model)
@@ -86,6 +96,28 @@ def test_a_snapd_registration_through_the_relay(tmp_path: Path, bus_address: str
     assert (recorded["phase"], recorded["key-id"]) == ("registered", device_key.key_id)
     (request,) = [a for a in lab.signed]
     assert request.header("device-key-sha3-384") == device_key.key_id
+
+
+def test_a_registered_agent_answers_snapds_new_serial_request_from_disk(tmp_path: Path, bus_address: str, backend: str,
+                                                                        lab: LabVault, device_key: keys.DeviceKey) -> None:
+    mode = SnapdMode(tmp_path, bus_address, backend, lab)
+    try:
+        first = mode.client(device_key).register()
+        mode.props(until=lambda p: p.get("State") == "registered")
+        mode.restart()
+        lab.faults.status["serial"] = [Forced(400)] * 3  # a vault that refuses a second request for this device
+        posts = _serial_posts(lab)
+        again = mode.client(device_key).register()  # snapd lost its serial (or never stored it): a new attempt
+        props = mode.props()
+        posts_after = _serial_posts(lab)
+    finally:
+        mode.stop()
+    assert first.serial is not None and again.error == "" and again.serial is not None
+    assert again.serial.encode() == first.serial.encode()  # the very serial the agent holds
+    (_, answer) = again.answers[-1]
+    assert (answer.status, answer.content_type) == (200, "application/x.ubuntu.assertion")
+    assert posts_after == posts  # the vault saw no new /serial call
+    assert props["State"] == "registered" and props["LastError"] == ""
 
 
 def test_a_vault_refusal_reaches_snapd_as_json_and_shows_on_dbus(tmp_path: Path, bus_address: str, backend: str,

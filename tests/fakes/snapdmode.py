@@ -39,7 +39,8 @@ def tool_dir(directory: Path) -> Path:
     """A bin directory with the fake snapctl and a factory-agent command running this tree's CLI."""
     bin_dir = directory / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "snapctl").symlink_to(FAKE_SNAPCTL)
+    if not (bin_dir / "snapctl").is_symlink():  # a second hook run (a restarted daemon) reuses it
+        (bin_dir / "snapctl").symlink_to(FAKE_SNAPCTL)
     cli = bin_dir / "factory-agent"
     cli.write_text(f'#!/bin/sh\nPYTHONPATH="{REPO}" exec "{sys.executable}" -m agent "$@"\n')
     cli.chmod(0o755)
