@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import registration
-from .errors import AgentError, RelayError
+from .errors import AgentError, RelayError, RelayRefusedError
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ def json_error(status: int, code: str, message: str) -> Response:
 
 def error_response(error: AgentError) -> Response:
     """The answer for a failure that has no vault answer to pass on (or one we refuse to pass on)."""
-    status = REFUSED_STATUS if registration.needs_person(error) else RETRY_STATUS
+    # A request the relay refused is refused whatever retrying does (as the table in docs/ubuntu-core.md says).
+    refused = isinstance(error, RelayRefusedError) or registration.needs_person(error)
+    status = REFUSED_STATUS if refused else RETRY_STATUS
     return json_error(status, registration.error_code(error), str(error))
 
 

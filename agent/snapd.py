@@ -222,6 +222,12 @@ class SnapdDriver(daemon.Driver):
         self._set_activity(activity)
 
     async def _failed(self, error: AgentError) -> relay.Response:
+        if self.progress.phase is Phase.REGISTERED:
+            # Registration is over: a refused request (junk, another key) is the caller's problem, not the
+            # device's, so it answers the caller and leaves State, LastError and Action as they are.
+            log.warning("relay refused a request after registration: %s", error)
+            self._set_activity(IDLE)
+            return relay.error_response(error)
         if isinstance(error, RelayRefusedError):
             log.warning("relay refused snapd's request: %s", error)
         elif isinstance(error, SerialRejectedError):

@@ -149,17 +149,24 @@ def test_the_relay_refuses_another_brand_and_a_second_device_key(tmp_path: Path,
         posts = _serial_posts(lab)
         registered = mode.client(device_key).register()
         second_key = mode.client(small_key).register()
-        after_key = mode.props(until=lambda p: p.get("LastError") == "relay-other-device-key")
+        junk = _raw_exchange(mode.settings["device-service.url"],
+                             b"POST /v1/serial HTTP/1.1\r\nContent-Type: application/x.ubuntu.assertion\r\n"
+                             b"Content-Length: 4\r\n\r\njunk")
+        after_key = mode.props()
         posts_after = _serial_posts(lab)
     finally:
-        mode.stop()
+        log = mode.stop()
     _assert_refused(other_brand, "relay-wrong-model", "brand 'other-brand'")
     assert posts == 0  # it never reached the vault
     assert after_brand["State"] == "blocked" and after_brand["Action"] == registration.ACTIONS["relay-wrong-model"]
     assert registered.error == "" and registered.serial is not None  # snapd's next attempt unblocks and registers
     _assert_refused(second_key, "relay-other-device-key", small_key.key_id)
     assert posts_after == posts + 1  # the registration only
+    assert junk.startswith(b"HTTP/1.1 400 ") and b'"relay-bad-request"' in junk
+    # After registration a refused caller is not the device's error: nothing recorded, one log line each.
     assert after_key["State"] == "registered" and after_key["DeviceKeyId"] == device_key.key_id
+    assert after_key["LastError"] == "" and after_key["LastErrorMessage"] == "" and after_key["Action"] == ""
+    assert log.count("relay refused a request after registration") == 2
 
 
 def _assert_refused(attempt: Attempt, code: str, detail: str) -> None:

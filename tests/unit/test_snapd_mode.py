@@ -98,6 +98,7 @@ def test_refusals_block_except_a_bad_request() -> None:
     assert registration.needs_person(RelayRefusedError("x", "relay-wrong-model"))
     assert registration.needs_person(RelayRefusedError("x", "relay-other-device-key"))
     assert not registration.needs_person(RelayRefusedError("x", "relay-bad-request"))
+    assert relay.error_response(RelayRefusedError("x", "relay-bad-request")).status == 400  # not 502: no retry helps
     blocked = registration.apply(Progress(), RelayRefusedError("x", "relay-other-device-key"), Random(1))
     assert blocked.progress.blocked_by == "relay-other-device-key"
     assert blocked.progress.action == registration.ACTIONS["relay-other-device-key"]
