@@ -5,8 +5,10 @@ refuses any other), so what it learns reaches the driver's state on the loop's
 thread; the driver runs the vault calls themselves in a thread. It speaks just
 enough HTTP/1.1 for snapd's Go client: one request per connection, a
 Content-Length body (Go sends one for both calls), answered with
-``Connection: close``. It holds no state and makes no decision: the driver
-(snapd.py) does both, through :class:`Handler`.
+``Connection: close``. It answers root peers only (snapd), with snapd's Host and
+Content-Type and no Origin, a bounded number at once and one exchange at a
+time (docs/ubuntu-core.md, "Security"). It holds no registration state and makes
+no decision: the driver (snapd.py) does both, through :class:`Handler`.
 
 Every error reaches snapd with ``Content-Type: application/json`` exactly, the
 only form in which snapd shows the message (snapd-device-protocol.md §3.3; the
@@ -20,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+import ipaddress
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +46,15 @@ READ_TIMEOUT = 30.0  # a client that sends its request slower than this is not s
 # Status for a failure with no HTTP answer from the vault. snapd retries what is above 500 (every
 # 60 s) and gives up this attempt on anything else, so: above 500 unless a person must act first.
 RETRY_STATUS, REFUSED_STATUS = 502, 400
+
+
+ASSERTION_TYPE = "application/x.ubuntu.assertion"  # what snapd's serial POST carries, exactly
+PEER_UID = 0  # snapd runs as root; nobody else has business with the relay
+MAX_CONNECTIONS = 8  # snapd makes one call at a time; more at once is someone else's flood
+# Waiting longer than this for the exchange before ours, plus our 25 s vault call, would pass the
+# 30 s snapd gives one exchange (snapd-device-protocol.md §3.4): answer 503 (snapd retries) instead.
+LOCK_WAIT = 4.0
+PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +189,68 @@ async def _read_request(reader: asyncio.StreamReader) -> Request:
     return Request(parts[0], parts[1].partition("?")[0], headers, body)
 
 
+def parse_proc_address(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """``0100007F:1F90`` from /proc/net/tcp{,6}: the address as 32-bit words in host byte order, the port in hex.
+
+    An IPv4-mapped IPv6 address (a dual-stack socket) comes back as IPv4.
+    """
+    hex_ip, _, hex_port = text.partition(":")
+    if len(hex_ip) not in (8, 32) or not hex_port:
+        raise ValueError(f"not a /proc/net/tcp address: {text!r}")
+    raw = b"".join(int(hex_ip[i:i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(hex_ip), 8))
+    ip = ipaddress.ip_address(raw)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip, int(hex_port, 16)
+
+
+def _plain(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(address)
+    return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+def find_peer_uid(table: str, peer: tuple[str, int], own: tuple[str, int]) -> int | None:
+    """The uid owning the socket at ``peer`` connected to ``own``, from /proc/net/tcp{,6} text; None if absent.
+
+    The peer's row has the peer as local address and us as remote (our own
+    accepted socket is the mirror row, with our uid, and must not match).
+    """
+    want = ((_plain(peer[0]), peer[1]), (_plain(own[0]), own[1]))
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        try:
+            if (parse_proc_address(fields[1]), parse_proc_address(fields[2])) == want:
+                return int(fields[7])
+        except (ValueError, IndexError):
+            continue
+    return None
+
+
+def read_peer_uid(peer: tuple[str, int], own: tuple[str, int]) -> int | None:
+    """The peer's uid from the kernel's TCP tables (blocking); None when it cannot be told."""
+    for path in PROC_NET_TCP:
+        try:
+            with open(path, encoding="ascii", errors="replace") as table:
+                uid = find_peer_uid(table.read(), peer, own)
+        except OSError:
+            continue
+        if uid is not None:
+            return uid
+    return None
+
+
+def check_request_headers(request: Request, own_hosts: tuple[str, ...]) -> Response | None:
+    """What snapd's Go client sends and a browser or a rebinding page cannot: anything else is refused."""
+    if "origin" in request.headers:
+        return json_error(403, "relay-forbidden", "the relay takes no requests from web pages (Origin header)")
+    if request.headers.get("host", "").lower() not in own_hosts:
+        return json_error(403, "relay-forbidden", f"the relay answers for Host {own_hosts[0]} only")
+    if request.method == "POST" and request.path == API_PREFIX + "serial" and \
+            request.headers.get("content-type") != ASSERTION_TYPE:
+        return json_error(415, "relay-bad-request", f"{API_PREFIX}serial takes Content-Type {ASSERTION_TYPE} only")
+    return None
+
+
 def format_url(host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}{API_PREFIX}"
@@ -188,6 +263,10 @@ class Relay:
         self.handler = handler
         self.url = ""
         self._server: asyncio.Server | None = None
+        self._own: tuple[str, int] = ("", 0)
+        self._own_hosts: tuple[str, ...] = ()
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._exchange = asyncio.Lock()
         self._bug: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def start(self, host: str, port: int) -> str:
@@ -196,7 +275,10 @@ class Relay:
             self._server = await asyncio.start_server(self._connection, host, port, limit=MAX_HEAD)
         except OSError as exc:
             raise RelayError(f"cannot listen on {format_url(host, port)} for snapd: {exc.strerror or exc}") from None
-        self.url = format_url(host, self._server.sockets[0].getsockname()[1])
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = format_url(host, port)
+        shown = f"[{host}]" if ":" in host else host
+        self._own, self._own_hosts = (host, port), (f"{shown}:{port}".lower(), f"localhost:{port}")
         return self.url
 
     async def watch(self) -> None:
@@ -208,8 +290,32 @@ class Relay:
             self._server.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._slots.locked():
+            log.warning("relay: refused a connection: %d already open", MAX_CONNECTIONS)
+            await self._answer(writer, json_error(503, "relay-busy", "the relay is busy; try again"), reader)
+            return
+        async with self._slots:
+            await self._serve(reader, writer)
+
+    async def _answer(self, writer: asyncio.StreamWriter, response: Response, reader: asyncio.StreamReader) -> None:
+        """Answer without reading the request; then take in what it sent (briefly), so closing sends no reset."""
         try:
-            response = await self._respond(reader)
+            writer.write(encode_response(response))
+            await writer.drain()
+            writer.write_eof()
+            async with asyncio.timeout(1.0):
+                while await reader.read(MAX_HEAD):
+                    pass
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            response = await self._check_peer(writer) or await self._respond(reader)
             writer.write(encode_response(response))
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
@@ -226,6 +332,16 @@ class Relay:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
+    async def _check_peer(self, writer: asyncio.StreamWriter) -> Response | None:
+        """None for a peer running as root (snapd); a 403 for any other, or one whose uid cannot be told."""
+        peer = writer.get_extra_info("peername")
+        uid = await asyncio.to_thread(read_peer_uid, (peer[0], peer[1]), self._own) if peer else None
+        if uid == PEER_UID:
+            return None
+        who = "a peer whose uid cannot be told" if uid is None else f"a process of uid {uid}"
+        log.warning("relay: refused %s at %s: only snapd (uid %d) may use the relay", who, peer, PEER_UID)
+        return json_error(403, "relay-forbidden", f"only snapd (uid {PEER_UID}) may use the relay")
+
     async def _respond(self, reader: asyncio.StreamReader) -> Response:
         try:
             async with asyncio.timeout(READ_TIMEOUT):
@@ -233,11 +349,24 @@ class Relay:
         except _BadRequest as exc:
             log.warning("relay: refused a malformed request: %s", exc)
             return json_error(exc.status, "relay-bad-request", str(exc))
+        refused = check_request_headers(request, self._own_hosts)
+        if refused is not None:
+            log.warning("relay: refused a request: %s", json.loads(refused.body)["message"])
+            return refused
         endpoint = request.path[len(API_PREFIX):] if request.path.startswith(API_PREFIX) else ""
         if endpoint not in ENDPOINTS:
             return json_error(404, "relay-not-found", f"the relay serves {API_PREFIX}request-id and {API_PREFIX}serial only")
         if request.method != "POST":
             return json_error(405, "relay-method", f"{API_PREFIX}{endpoint} takes POST only")
-        if endpoint == "request-id":
-            return await self.handler.relay_request_id()
-        return await self.handler.relay_serial(request.body)
+        try:
+            async with asyncio.timeout(LOCK_WAIT):
+                await self._exchange.acquire()
+        except TimeoutError:
+            log.warning("relay: answered 503: another exchange held the relay for over %g s", LOCK_WAIT)
+            return json_error(503, "relay-busy", "the relay is busy with another exchange; try again")
+        try:  # one exchange at a time: snapd makes one call at a time, and so must anyone else
+            if endpoint == "request-id":
+                return await self.handler.relay_request_id()
+            return await self.handler.relay_serial(request.body)
+        finally:
+            self._exchange.release()

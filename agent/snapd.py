@@ -67,7 +67,6 @@ class SnapdDriver(daemon.Driver):
                  key_bits: int = keys.DEVICE_KEY_BITS) -> None:
         super().__init__(cfg, st, publisher, rng, key_bits)
         self.relay: relay.Relay | None = None
-        self.exchange_lock = asyncio.Lock()  # snapd makes one call at a time; so does anyone else
         self.state_lock = asyncio.Lock()  # one read-modify-write of progress at a time
         self.retry_requested = False
 
@@ -160,32 +159,30 @@ class SnapdDriver(daemon.Driver):
             # a local one keeps that working when the vault is unreachable or refuses this device now.
             return relay.Response(200, json.dumps({"request-id": f"registered-{secrets.token_hex(8)}"}).encode(),
                                   relay.JSON_TYPE)
-        async with self.exchange_lock:
-            await self._begin("requesting")
-            try:
-                answer = await asyncio.to_thread(self.vault.forward, "request-id", None)
-            except VaultError as exc:
-                return await self._failed(exc)
-            error = None if answer.status == 200 else answer.refusal()
-            await self._record(error or registration.GotRequestId())
-            return relay.passed_on(answer.status, answer.headers.get("Content-Type"), answer.body, error)
+        await self._begin("requesting")
+        try:
+            answer = await asyncio.to_thread(self.vault.forward, "request-id", None)
+        except VaultError as exc:
+            return await self._failed(exc)
+        error = None if answer.status == 200 else answer.refusal()
+        await self._record(error or registration.GotRequestId())
+        return relay.passed_on(answer.status, answer.headers.get("Content-Type"), answer.body, error)
 
     async def relay_serial(self, body: bytes) -> relay.Response:
-        async with self.exchange_lock:
-            await self._begin("polling" if self.progress.phase is Phase.POLLING else "requesting")
-            try:
-                request = serials.check_serial_request(body, brand=self.cfg.brand, model=self.cfg.model,
-                                                       key_id=self.progress.key_id)
-                if self.progress.phase is Phase.REGISTERED:
-                    return await self._stored_serial(request.sign_key_id)
-                if not self.progress.key_id:  # the one key served from now on: durable before it is used
-                    await self._record(registration.KeyReady(request.sign_key_id), self.activity)
-                from . import vault
+        await self._begin("polling" if self.progress.phase is Phase.POLLING else "requesting")
+        try:
+            request = serials.check_serial_request(body, brand=self.cfg.brand, model=self.cfg.model,
+                                                   key_id=self.progress.key_id)
+            if self.progress.phase is Phase.REGISTERED:
+                return await self._stored_serial(request.sign_key_id)
+            if not self.progress.key_id:  # the one key served from now on: durable before it is used
+                await self._record(registration.KeyReady(request.sign_key_id), self.activity)
+            from . import vault
 
-                answer = await asyncio.to_thread(self.vault.forward, "serial", body, vault.ASSERTION_TYPE)
-                return await self._answered(request.sign_key_id, request.encode(), answer)
-            except AgentError as exc:  # refused here, no answer, or an answer that is not this device's serial
-                return await self._failed(exc)
+            answer = await asyncio.to_thread(self.vault.forward, "serial", body, vault.ASSERTION_TYPE)
+            return await self._answered(request.sign_key_id, request.encode(), answer)
+        except AgentError as exc:  # refused here, no answer, or an answer that is not this device's serial
+            return await self._failed(exc)
 
     async def _stored_serial(self, key_id: str) -> relay.Response:
         """snapd asks again for the serial this device holds (its state lost it, or it never stored it):

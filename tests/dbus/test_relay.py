@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
 
 from agent import assertions, keys, registration, store
 from agent.labvault import Forced, LabVault
@@ -149,9 +155,10 @@ def test_the_relay_refuses_another_brand_and_a_second_device_key(tmp_path: Path,
         posts = _serial_posts(lab)
         registered = mode.client(device_key).register()
         second_key = mode.client(small_key).register()
-        junk = _raw_exchange(mode.settings["device-service.url"],
-                             b"POST /v1/serial HTTP/1.1\r\nContent-Type: application/x.ubuntu.assertion\r\n"
-                             b"Content-Length: 4\r\n\r\njunk")
+        url = mode.settings["device-service.url"]
+        junk = _raw_exchange(url, f"POST /v1/serial HTTP/1.1\r\nHost: {urlsplit(url).netloc}\r\n"
+                                  "Content-Type: application/x.ubuntu.assertion\r\n"
+                                  "Content-Length: 4\r\n\r\njunk".encode())
         after_key = mode.props()
         posts_after = _serial_posts(lab)
     finally:
@@ -215,7 +222,6 @@ def test_a_serial_the_agent_cannot_trust_is_not_handed_to_snapd(tmp_path: Path, 
 def _raw_exchange(url: str, data: bytes, half_close: bool = True) -> bytes:
     """Send ``data`` to the relay as any local process could, and read whatever comes back."""
     import socket
-    from urllib.parse import urlsplit
 
     where = urlsplit(url)
     with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
@@ -253,3 +259,39 @@ def test_malformed_requests_neither_crash_the_daemon_nor_stop_it_serving(tmp_pat
         assert b"Content-Type: application/json\r\n" in head and json.loads(body)["error_code"] == "relay-bad-request"
     assert alive and attempt.error == "" and props["State"] == "registered"
     assert "internal error" not in log and log.count("refused a malformed request") == len(MALFORMED)
+
+
+NOBODY = 65534
+CLIENT = """
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+with socket.create_connection((host, port), timeout=10) as sock:
+    sock.sendall(f"POST /v1/request-id HTTP/1.1\\r\\nHost: {host}:{port}\\r\\nContent-Length: 0\\r\\n\\r\\n".encode())
+    sys.stdout.buffer.write(b"".join(iter(lambda: sock.recv(65536), b"")))
+"""
+
+
+def _as_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as nobody (and the relay takes root only)")
+def test_a_client_that_is_not_root_is_refused(tmp_path: Path, bus_address: str, backend: str, lab: LabVault,
+                                              device_key: keys.DeviceKey) -> None:
+    mode = SnapdMode(tmp_path, bus_address, backend, lab)
+    try:
+        where = urlsplit(mode.settings["device-service.url"])
+        nobody = subprocess.run([sys.executable, "-c", CLIENT, str(where.hostname), str(where.port)],
+                                preexec_fn=_as_nobody, capture_output=True, timeout=30, cwd="/")
+        ids_after_nobody = lab.requests[("POST", "/v1/request-id")]
+        attempt = mode.client(device_key).register()  # root, as snapd
+    finally:
+        log = mode.stop()
+    head, _, body = nobody.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403 "), nobody
+    assert b"Content-Type: application/json\r\n" in head and json.loads(body)["error_code"] == "relay-forbidden"
+    assert ids_after_nobody == 0  # nothing reached the vault
+    assert attempt.error == "" and attempt.serial is not None
+    assert "refused a process of uid 65534" in log

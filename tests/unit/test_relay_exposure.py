@@ -1,0 +1,171 @@
+"""Who may use the relay: the peer's uid from /proc/net/tcp text, the headers snapd sends, and the bounds
+on connections and on waiting for the exchange (a real relay on 127.0.0.1, the uid lookup faked)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+import pytest
+
+from agent import relay
+
+# Rows as the kernel prints them on a little-endian machine: a client (uid 1000) on 127.0.0.1:40000
+# connected to the relay on 127.0.0.1:8622, the relay's accepted socket (uid 0) mirroring it, the listener.
+TCP = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:21AE 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 640 1 0 100 0 0 10 0
+   1: 0100007F:9C40 0100007F:21AE 01 00000000:00000000 00:00000000 00000000  1000        0 700 1 0 20 4 30 10 -1
+   2: 0100007F:21AE 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 701 1 0 20 4 30 10 -1
+"""
+# A dual-stack client socket (tcp6, IPv4-mapped) of uid 0 on port 40001, and an IPv6 client of uid 65534 on ::1.
+TCP6 = """\
+  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0000000000000000FFFF00000100007F:9C41 0000000000000000FFFF00000100007F:21AE 01 00000000:00000000 00:00000000 00000000     0        0 702 1 0 20 4 30 10 -1
+   1: 00000000000000000000000001000000:9C42 00000000000000000000000001000000:21AE 01 00000000:00000000 00:00000000 00000000 65534        0 703 1 0 20 4 30 10 -1
+"""
+little = pytest.mark.skipif(sys.byteorder != "little", reason="the sample rows are a little-endian kernel's")
+
+
+@little
+def test_proc_addresses_decode_to_ip_and_port() -> None:
+    assert relay.parse_proc_address("0100007F:21AE") == (relay._plain("127.0.0.1"), 8622)
+    assert relay.parse_proc_address("0000000000000000FFFF00000100007F:9C41") == (relay._plain("127.0.0.1"), 40001)
+    assert relay.parse_proc_address("00000000000000000000000001000000:9C42") == (relay._plain("::1"), 40002)
+    with pytest.raises(ValueError):
+        relay.parse_proc_address("7F:1")
+
+
+@little
+def test_the_peer_row_gives_the_peers_uid_not_the_relays_own() -> None:
+    assert relay.find_peer_uid(TCP, ("127.0.0.1", 40000), ("127.0.0.1", 8622)) == 1000
+    assert relay.find_peer_uid(TCP6, ("127.0.0.1", 40001), ("127.0.0.1", 8622)) == 0
+    assert relay.find_peer_uid(TCP6, ("::ffff:127.0.0.1", 40001), ("127.0.0.1", 8622)) == 0
+    assert relay.find_peer_uid(TCP6, ("::1", 40002), ("::1", 8622)) == 65534
+
+
+@little
+def test_no_row_or_a_garbled_table_tells_no_uid() -> None:
+    assert relay.find_peer_uid(TCP, ("127.0.0.1", 40009), ("127.0.0.1", 8622)) is None
+    assert relay.find_peer_uid(TCP, ("127.0.0.1", 8622), ("127.0.0.1", 9999)) is None
+    assert relay.find_peer_uid("header\n  0: junk\n  1: 0100007F:9C40 0100007F:21AE 01 x y z notanumber\n",
+                               ("127.0.0.1", 40000), ("127.0.0.1", 8622)) is None
+    assert relay.find_peer_uid("", ("127.0.0.1", 40000), ("127.0.0.1", 8622)) is None
+
+
+HOSTS = ("127.0.0.1:8622", "localhost:8622")
+
+
+def _request(path: str = "/v1/serial", **headers: str) -> relay.Request:
+    return relay.Request("POST", path, {k.replace("_", "-"): v for k, v in headers.items()}, b"")
+
+
+def test_what_snapd_sends_passes() -> None:
+    assert relay.check_request_headers(_request(host="127.0.0.1:8622", content_type=relay.ASSERTION_TYPE), HOSTS) is None
+    assert relay.check_request_headers(_request("/v1/request-id", host="localhost:8622"), HOSTS) is None
+
+
+@pytest.mark.parametrize("request_, status", [
+    (_request(host="127.0.0.1:8622", content_type=relay.ASSERTION_TYPE, origin="http://evil.example"), 403),
+    (_request(host="evil.example:8622", content_type=relay.ASSERTION_TYPE), 403),  # DNS rebinding
+    (_request(host="127.0.0.1:9999", content_type=relay.ASSERTION_TYPE), 403),
+    (_request(content_type=relay.ASSERTION_TYPE), 403),  # no Host at all
+    (_request(host="127.0.0.1:8622", content_type="text/plain"), 415),  # a form post from a page
+    (_request(host="127.0.0.1:8622", content_type=relay.ASSERTION_TYPE + "; charset=utf-8"), 415),
+    (_request(host="127.0.0.1:8622"), 415),
+], ids=["origin", "rebinding", "other-port", "no-host", "text-plain", "parameter", "no-type"])
+def test_what_a_browser_or_another_client_sends_is_refused(request_: relay.Request, status: int) -> None:
+    refused = relay.check_request_headers(request_, HOSTS)
+    assert refused is not None and refused.status == status and refused.content_type == "application/json"
+
+
+class _SlowHandler:
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def relay_request_id(self) -> relay.Response:
+        await self.release.wait()
+        return relay.Response(200, b'{"request-id": "x"}', "application/json")
+
+    async def relay_serial(self, body: bytes) -> relay.Response:
+        return relay.Response(200)
+
+
+async def _post(port: int, path: str = "/v1/request-id") -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\r\n".encode())
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return answer
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ")[1])
+
+
+def test_a_second_exchange_waits_a_bounded_time_then_gets_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay, "read_peer_uid", lambda peer, own: 0)
+    monkeypatch.setattr(relay, "LOCK_WAIT", 0.2)
+
+    async def go() -> tuple[bytes, bytes]:
+        handler = _SlowHandler()
+        server = relay.Relay(handler)
+        await server.start("127.0.0.1", 0)
+        port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+        try:
+            first = asyncio.ensure_future(_post(port))
+            await asyncio.sleep(0.1)
+            second = await asyncio.wait_for(_post(port), 5)
+            handler.release.set()
+            return await first, second
+        finally:
+            server.close()
+
+    first, second = asyncio.run(go())
+    assert _status(first) == 200
+    assert _status(second) == 503 and json.loads(second.partition(b"\r\n\r\n")[2])["error_code"] == "relay-busy"
+    assert b"Content-Type: application/json\r\n" in second
+
+
+def test_connections_beyond_the_limit_get_503_and_the_relay_serves_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay, "read_peer_uid", lambda peer, own: 0)
+    monkeypatch.setattr(relay, "MAX_CONNECTIONS", 2)
+
+    async def go() -> tuple[bytes, bytes]:
+        handler = _SlowHandler()
+        handler.release.set()
+        server = relay.Relay(handler)
+        await server.start("127.0.0.1", 0)
+        port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+        try:
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]  # send nothing
+            await asyncio.sleep(0.1)
+            beyond = await asyncio.wait_for(_post(port), 5)
+            for _, writer in idle:
+                writer.close()
+            await asyncio.sleep(0.1)
+            return beyond, await asyncio.wait_for(_post(port), 5)
+        finally:
+            server.close()
+
+    beyond, after = asyncio.run(go())
+    assert _status(beyond) == 503 and b'"relay-busy"' in beyond
+    assert _status(after) == 200
+
+
+def test_a_peer_whose_uid_is_not_root_or_unknown_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go(uid: int | None) -> bytes:
+        monkeypatch.setattr(relay, "read_peer_uid", lambda peer, own: uid)
+        server = relay.Relay(_SlowHandler())
+        await server.start("127.0.0.1", 0)
+        port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+        try:
+            return await asyncio.wait_for(_post(port), 5)
+        finally:
+            server.close()
+
+    for uid in (1000, None):
+        answer = asyncio.run(go(uid))
+        assert _status(answer) == 403 and json.loads(answer.partition(b"\r\n\r\n")[2])["error_code"] == "relay-forbidden"
