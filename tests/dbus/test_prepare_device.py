@@ -157,3 +157,28 @@ def _stop_activated_agent(address: str) -> None:
     pid = int(done.stdout.split()[1])
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: not owned(address), 15)
+
+
+@pytest.mark.parametrize("bound, reason", [
+    ("08", "without leading zeros"), ("09", "without leading zeros"), ("010", "without leading zeros"),
+    ("0", "without leading zeros"), ("-1", "without leading zeros"), ("5s", "without leading zeros"),
+    ("541", "at most 540"), ("99999999999999999999", "at most 540"),
+])
+def test_a_bad_or_too_long_bound_is_one_clear_line(tmp_path: Path, bound: str, reason: str) -> None:
+    run = run_hook(hook_env(tmp_path, f"unix:path={tmp_path}/no-such-bus", bound=2,
+                            FACTORY_AGENT_SETTINGS_TIMEOUT=bound))
+    assert run.returncode == 1
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("prepare-device: FACTORY_AGENT_SETTINGS_TIMEOUT")
+    assert reason in run.stderr and "Illegal number" not in run.stderr and not snapctl_calls(tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="timeout(1) (coreutils) backs up the bound")
+def test_a_hanging_command_is_stopped_within_the_bound_and_leaves_no_child(tmp_path: Path) -> None:
+    hang = tmp_path / "hanging-factory-agent"
+    hang.write_text("#!/bin/sh\ntrap '' TERM\nsleep 1000 &\nwait\nwait\n")  # ignores --timeout and SIGTERM
+    hang.chmod(0o755)
+    run = run_hook(hook_env(tmp_path, f"unix:path={tmp_path}/no-such-bus", bound=1, FACTORY_AGENT_CLI=str(hang)))
+    assert run.returncode == 1 and run.stderr.count("\n") == 1
+    assert "did not finish within 1 s" in run.stderr
+    assert run.seconds < 1 + 15 + 5 + 10  # the bound, timeout(1)'s grace and its kill delay, a busy machine
+    assert run.eof_lag < EOF_LAG  # the killed command's children do not hold the hook's output
