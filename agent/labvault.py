@@ -24,7 +24,7 @@ import socketserver
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -205,6 +205,9 @@ class LabVault:
         self.faults = Faults()
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
         self.signed: list[Assertion] = []
+        # Per request, in order: (path, headers with names lowercased); the api-key's value is replaced by
+        # "valid" or "invalid", so a test can see which one came without the key being kept anywhere.
+        self.seen_headers: list[tuple[str, dict[str, str]]] = []
         self._nonces: dict[str, float] = {}
         self._revisions: dict[tuple[str, str, str], int] = {}
         self._device_keys: set[str] = set()
@@ -286,6 +289,14 @@ class LabVault:
             store.write_durable(self._directory / name, data, mode=0o644)
 
     # --- the device API ----------------------------------------------------
+
+    def record_headers(self, path: str, headers: Iterable[tuple[str, str]]) -> None:
+        seen = {name.lower(): value for name, value in headers}
+        if "api-key" in seen:
+            matches = hmac.compare_digest(seen["api-key"].encode("utf-8"), self._api_key.encode("utf-8"))
+            seen["api-key"] = "valid" if matches else "invalid"
+        with self._lock:
+            self.seen_headers.append((path.partition("?")[0], seen))
 
     def respond(self, method: str, path: str, api_key: str | None, body: bytes | None) -> Reply:
         """The answer to one request; ``body`` None means it was larger than MAX_REQUEST_BODY."""
@@ -530,6 +541,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(body)
             return
         try:
+            vault.record_headers(self.path, self.headers.items())
             reply = vault.respond(self.command, self.path, self.headers.get("api-key"), body)
         except Exception:  # a bug: answer like a Go panic, and keep serving
             log.exception("lab vault: internal error on %s %s", self.command, self.path)

@@ -55,6 +55,10 @@ MAX_CONNECTIONS = 8  # snapd makes one call at a time; more at once is someone e
 # 30 s snapd gives one exchange (snapd-device-protocol.md §3.4): answer 503 (snapd retries) instead.
 LOCK_WAIT = 4.0
 PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
+# snapd's headers the vault may use (the Serial Vault reads Snap-Device-Capabilities to answer with a
+# stream; User-Agent names snapd's version). Nothing else passes, above all no api-key from the client:
+# the vault client adds the configured one.
+FORWARDED_HEADERS = ("user-agent", "snap-device-capabilities")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +77,24 @@ class Response:
 
 
 class Handler(Protocol):
-    """What the relay asks of the driver: one call per endpoint, each answering what snapd gets."""
+    """What the relay asks of the driver: one call per endpoint, each answering what snapd gets.
 
-    async def relay_request_id(self) -> Response: ...
+    ``headers`` are the client's headers the vault may see (forward_headers()), with their usual spelling.
+    """
 
-    async def relay_serial(self, body: bytes) -> Response: ...
+    async def relay_request_id(self, headers: dict[str, str]) -> Response: ...
+
+    async def relay_serial(self, body: bytes, headers: dict[str, str]) -> Response: ...
+
+
+def forward_headers(request: Request) -> dict[str, str]:
+    """The allow-listed headers of ``request``, for the vault; a value that is not visible ASCII is dropped."""
+    chosen = {}
+    for name in FORWARDED_HEADERS:
+        value = _header_value(request.headers.get(name))
+        if value:
+            chosen["-".join(part.capitalize() for part in name.split("-"))] = value
+    return chosen
 
 
 class _BadRequest(Exception):
@@ -366,7 +383,7 @@ class Relay:
             return json_error(503, "relay-busy", "the relay is busy with another exchange; try again")
         try:  # one exchange at a time: snapd makes one call at a time, and so must anyone else
             if endpoint == "request-id":
-                return await self.handler.relay_request_id()
-            return await self.handler.relay_serial(request.body)
+                return await self.handler.relay_request_id(forward_headers(request))
+            return await self.handler.relay_serial(request.body, forward_headers(request))
         finally:
             self._exchange.release()

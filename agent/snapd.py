@@ -153,7 +153,7 @@ class SnapdDriver(daemon.Driver):
 
     # --- the relay's Handler --------------------------------------------------
 
-    async def relay_request_id(self) -> relay.Response:
+    async def relay_request_id(self, headers: dict[str, str]) -> relay.Response:
         if self.progress.phase is Phase.REGISTERED:
             # snapd only wants a request-id to build the serial-request that relay_serial answers from disk;
             # a local one keeps that working when the vault is unreachable or refuses this device now.
@@ -161,14 +161,14 @@ class SnapdDriver(daemon.Driver):
                                   relay.JSON_TYPE)
         await self._begin("requesting")
         try:
-            answer = await asyncio.to_thread(self.vault.forward, "request-id", None)
+            answer = await asyncio.to_thread(self.vault.forward, "request-id", None, None, headers)
         except VaultError as exc:
             return await self._failed(exc)
         error = None if answer.status == 200 else answer.refusal()
         await self._record(error or registration.GotRequestId())
         return relay.passed_on(answer.status, answer.headers.get("Content-Type"), answer.body, error)
 
-    async def relay_serial(self, body: bytes) -> relay.Response:
+    async def relay_serial(self, body: bytes, headers: dict[str, str]) -> relay.Response:
         await self._begin("polling" if self.progress.phase is Phase.POLLING else "requesting")
         try:
             request = serials.check_serial_request(body, brand=self.cfg.brand, model=self.cfg.model,
@@ -179,7 +179,7 @@ class SnapdDriver(daemon.Driver):
                 await self._record(registration.KeyReady(request.sign_key_id), self.activity)
             from . import vault
 
-            answer = await asyncio.to_thread(self.vault.forward, "serial", body, vault.ASSERTION_TYPE)
+            answer = await asyncio.to_thread(self.vault.forward, "serial", body, vault.ASSERTION_TYPE, headers)
             return await self._answered(request.sign_key_id, request.encode(), answer)
         except AgentError as exc:  # refused here, no answer, or an answer that is not this device's serial
             return await self._failed(exc)

@@ -116,13 +116,19 @@ class Vault:
             return Pending(parse_retry_after(headers.get("Retry-After"), time.time()))
         raise _status_error(status, headers, body)
 
-    def forward(self, path: str, data: bytes | None, content_type: str | None = None) -> Exchange:
+    def forward(self, path: str, data: bytes | None, content_type: str | None = None,
+                headers: dict[str, str] | None = None) -> Exchange:
         """snapd mode: POST snapd's request to ``path`` ("request-id" or "serial") with the api-key added.
 
-        Any HTTP answer comes back as it is, for the relay to pass on; no answer
-        raises the same typed errors as the other calls.
+        ``headers`` are snapd's that the relay lets through (relay.FORWARDED_HEADERS);
+        the api-key and Content-Type are always ours. Any HTTP answer comes back as
+        it is, for the relay to pass on; no answer raises the same typed errors as
+        the other calls.
         """
-        return Exchange(*self._post(path, data, {"Content-Type": content_type} if content_type else {}))
+        sent = {k: v for k, v in (headers or {}).items() if k.lower() not in ("api-key", "content-type", "connection")}
+        if content_type:
+            sent["Content-Type"] = content_type
+        return Exchange(*self._post(path, data, sent))
 
     def _post(self, path: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, requests.structures.CaseInsensitiveDict[str], bytes]:
         url = self.cfg.url + path

@@ -22,7 +22,7 @@ import pytest
 from agent import assertions, keys, registration, store
 from agent.labvault import Forced, LabVault
 from tests.dbus.conftest import Daemon, Recorder, owned, wait_for
-from tests.fakes.snapd_client import Attempt, SnapdClient
+from tests.fakes.snapd_client import USER_AGENT, Attempt, SnapdClient
 from tests.fakes.snapdmode import SOC_SERIAL, hook_env, run_hook, set_values, snapctl_calls, write_snapd_config
 
 
@@ -124,6 +124,24 @@ def test_a_registered_agent_answers_snapds_new_serial_request_from_disk(tmp_path
     assert (answer.status, answer.content_type) == (200, "application/x.ubuntu.assertion")
     assert posts_after == posts  # the vault saw no new /serial call
     assert props["State"] == "registered" and props["LastError"] == ""
+
+
+def test_snapds_capabilities_and_user_agent_reach_the_vault_but_no_client_api_key(
+        tmp_path: Path, bus_address: str, backend: str, lab: LabVault, device_key: keys.DeviceKey) -> None:
+    mode = SnapdMode(tmp_path, bus_address, backend, lab)
+    try:
+        client = mode.client(device_key)
+        client.extra_headers = {"Api-Key": "a-key-from-the-client", "X-Other": "not for the vault"}
+        attempt = client.register()
+    finally:
+        mode.stop()
+    assert attempt.error == "" and attempt.serial is not None
+    seen = dict(lab.seen_headers)
+    assert seen["/v1/request-id"]["user-agent"] == USER_AGENT and seen["/v1/serial"]["user-agent"] == USER_AGENT
+    assert seen["/v1/serial"]["snap-device-capabilities"] == "serial-stream"
+    assert seen["/v1/serial"]["content-type"] == "application/x.ubuntu.assertion"
+    for headers in seen.values():
+        assert headers["api-key"] == "valid" and "x-other" not in headers  # the agent's key, never the client's
 
 
 def test_a_vault_refusal_reaches_snapd_as_json_and_shows_on_dbus(tmp_path: Path, bus_address: str, backend: str,

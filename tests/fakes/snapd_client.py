@@ -58,13 +58,14 @@ class SnapdClient:
         self.key, self.model = key, model
         self.brand = brand or model.header("brand-id")
         self.poll_delay, self.retry_delay, self.max_rounds = poll_delay, retry_delay, max_rounds
+        self.extra_headers: dict[str, str] = {}  # what snapd never sends, for tests of what the relay passes on
 
     def _post(self, endpoint: str, body: bytes | None, headers: dict[str, str]) -> Answer:
         url = urllib.parse.urljoin(self.base, endpoint)  # RFC 3986 resolution, as Go's ResolveReference
         parts = urllib.parse.urlsplit(url)
         conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)  # snapd's 30 s
         try:
-            sent = {"User-Agent": USER_AGENT, **headers, "Content-Length": str(len(body or b""))}
+            sent = {"User-Agent": USER_AGENT, **self.extra_headers, **headers, "Content-Length": str(len(body or b""))}
             conn.request("POST", parts.path, body=body or b"", headers=sent)
             response = conn.getresponse()
             return Answer(response.status, response.getheader("Content-Type"), response.read())

@@ -84,11 +84,11 @@ class _SlowHandler:
     def __init__(self) -> None:
         self.release = asyncio.Event()
 
-    async def relay_request_id(self) -> relay.Response:
+    async def relay_request_id(self, headers: dict[str, str]) -> relay.Response:
         await self.release.wait()
         return relay.Response(200, b'{"request-id": "x"}', "application/json")
 
-    async def relay_serial(self, body: bytes) -> relay.Response:
+    async def relay_serial(self, body: bytes, headers: dict[str, str]) -> relay.Response:
         return relay.Response(200)
 
 
@@ -169,3 +169,12 @@ def test_a_peer_whose_uid_is_not_root_or_unknown_is_refused(monkeypatch: pytest.
     for uid in (1000, None):
         answer = asyncio.run(go(uid))
         assert _status(answer) == 403 and json.loads(answer.partition(b"\r\n\r\n")[2])["error_code"] == "relay-forbidden"
+
+
+def test_only_allow_listed_headers_go_on_to_the_vault() -> None:
+    request = relay.Request("POST", "/v1/serial", {
+        "user-agent": "snapd/2.57.6", "snap-device-capabilities": "serial-stream", "api-key": "from-the-client",
+        "host": "127.0.0.1:8622", "content-type": "text/plain", "cookie": "x", "x-extra": "y"}, b"")
+    assert relay.forward_headers(request) == {"User-Agent": "snapd/2.57.6", "Snap-Device-Capabilities": "serial-stream"}
+    odd = relay.Request("POST", "/v1/serial", {"user-agent": "snapd\r\nApi-Key: x", "snap-device-capabilities": "\u00e9"}, b"")
+    assert relay.forward_headers(odd) == {}
