@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__, assertions, keys, registration, serials, store, systemd
 from .config import Config
-from .errors import AgentError, DeviceKeyLostError, NotRegisteredError, SerialRejectedError, WrongModeError
+from .errors import AgentError, ConfigError, DeviceKeyLostError, NotRegisteredError, SerialRejectedError, WrongModeError
 from .registration import Phase, Progress, Step
 
 if TYPE_CHECKING:  # imported when first needed: the status is published before they load
@@ -103,9 +103,23 @@ def load_recorded(st: store.Store) -> Progress:
     return recorded
 
 
+def adopt_mode(p: Progress, st: store.Store, mode: str) -> Progress:
+    """``p`` for ``mode``; ConfigError when the state directory holds the other mode's registration.
+
+    A standalone state is about the agent's own key, a snapd one about snapd's:
+    carrying either into the other mode would report, or relay for, the wrong key.
+    """
+    other = "snapd" if mode == "standalone" else "standalone"
+    pristine = p.phase is Phase.UNREGISTERED and not p.key_id and not p.serial
+    if (p.mode != mode and not pristine) or (mode == "snapd" and st.has_key()):
+        raise ConfigError(f"cannot start in {mode} mode: state directory {st.dir} holds a {other}-mode registration; "
+                          f"set mode = \"{other}\" again, or move that directory's files aside to start over in {mode} mode")
+    return p if p.mode == mode else replace(p, mode=mode)
+
+
 def load_state(st: store.Store, cfg: Config) -> tuple[Progress, keys.DeviceKey | None]:
     """Read the state directory and reconcile it with the artifacts on disk (blocking)."""
-    recorded = load_recorded(st)
+    recorded = adopt_mode(load_recorded(st), st, cfg.mode)
     if recorded.phase is Phase.REGISTERED and st.has_artifacts():
         return recorded, None  # every later boot: nothing to load, nothing to sign
     if recorded.key_id and st.has_key() and st.read_serial() is None:

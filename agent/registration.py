@@ -135,6 +135,7 @@ class Progress:
     blocked_by: str = ""  # error code of a refusal that needs a person; cleared by unblock()
     last_error: str = ""
     last_error_message: str = ""
+    mode: str = "standalone"  # whose key this state is about: "standalone" (the agent's) or "snapd" (snapd's)
 
     @property
     def action(self) -> str:

@@ -46,7 +46,7 @@ IDLE = "waiting-snapd"  # State between exchanges: settings available, snapd's m
 
 def load_snapd_state(st: store.Store, cfg: Config) -> Progress:
     """The recorded progress, adopting a serial.assertion whose record a crash lost (blocking)."""
-    recorded = daemon.load_recorded(st)
+    recorded = daemon.adopt_mode(daemon.load_recorded(st), st, cfg.mode)
     text = st.read_serial()
     serial = None
     if text is not None and recorded.key_id:

@@ -203,8 +203,9 @@ _FIELDS = {
     "phase": "phase", "key-id": "key_id", "serial": "serial", "serial-request": "serial_request",
     "identity": "identity", "attempts": "attempts", "failures": "failures", "clock-tries": "clock_tries",
     "nonce-retries": "nonce_retries", "blocked-by": "blocked_by", "last-error": "last_error",
-    "last-error-message": "last_error_message",
+    "last-error-message": "last_error_message", "mode": "mode",  # absent in older files: "standalone"
 }
+MODES = ("standalone", "snapd")
 
 
 def progress_to_json(p: registration.Progress) -> dict[str, object]:
@@ -228,6 +229,8 @@ def progress_from_json(data: object) -> registration.Progress:
             raise TypeError(f"state.json {key!r} has the wrong type")
         values[attr] = value
     values["phase"] = registration.Phase(str(values["phase"]))
+    if values["mode"] not in MODES:
+        raise ValueError(f"state.json 'mode' must be one of {', '.join(MODES)}")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in values["identity"].items()):  # type: ignore[attr-defined]
         raise TypeError("state.json 'identity' must map strings to strings")
     return registration.Progress(**values)  # type: ignore[arg-type]

@@ -68,3 +68,14 @@ def test_prepare_creates_0700_and_clears_temps(tmp_path: Path) -> None:
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
     (tmp_path / "state" / ".state.json.x1.tmp").write_text("{")
     assert st.prepare() == [".state.json.x1.tmp"]
+
+
+def test_the_mode_is_recorded_and_absent_means_standalone(tmp_path: Path) -> None:
+    st = store.Store(tmp_path)
+    (tmp_path / "state.json").write_text('{"schema": 1, "phase": "key-ready", "key-id": "abc"}')  # an older file
+    assert st.load_progress()[0].mode == "standalone"
+    st.save_progress(registration.Progress(mode="snapd"))
+    assert json.loads((tmp_path / "state.json").read_text())["mode"] == "snapd"
+    assert st.load_progress()[0].mode == "snapd"
+    (tmp_path / "state.json").write_text('{"schema": 1, "mode": "cloud"}')
+    assert st.load_progress()[1] is not None  # not a mode we know: corrupt, moved aside
