@@ -23,6 +23,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from agent import assertions, keys
+from agent.errors import AgentError
 
 USER_AGENT = "snapd/2.57.6 (series 16) ubuntu-core/22 (amd64) linux/6.1.0-test"
 ASSERTION_TYPE = "application/x.ubuntu.assertion"
@@ -46,6 +47,17 @@ class Attempt:
 
 class Retry(Exception):
     """snapd would retry this step after 60 s (status above 500)."""
+
+
+def _decodes_as_error(data: dict[str, object]) -> bool:
+    """Whether Go would decode ``data`` into snapd's error struct (message string, error_list of objects)."""
+    if "message" in data and not isinstance(data["message"], (str, type(None))):
+        return False
+    errors = data.get("error_list")
+    if errors is not None and not (isinstance(errors, list) and all(isinstance(e, dict) for e in errors)):
+        return False
+    return all(not isinstance(e, dict) or isinstance(e.get("message", ""), (str, type(None)))
+               for e in errors or [])
 
 
 class SnapdClient:
@@ -80,24 +92,33 @@ class SnapdClient:
                 data = json.loads(answer.body)
             except ValueError:
                 data = None
+            if isinstance(data, dict) and not _decodes_as_error(data):
+                data = None  # Go's json.Unmarshal into its error struct fails: only the status is shown
             if isinstance(data, dict):
-                if isinstance(data.get("message"), str) and data["message"]:
-                    return data["message"]
+                if data.get("message"):
+                    return str(data["message"])
                 errors = data.get("error_list")
                 if isinstance(errors, list) and errors and isinstance(errors[0], dict):
-                    return str(errors[0].get("message", ""))
+                    return str(errors[0].get("message") or "")
         return f"unexpected status {answer.status}"
 
     def request_id(self, attempt: Attempt) -> str:
+        """request-id as snapd reads it: undecodable JSON is retried, an empty or missing id is a hard error."""
         answer = self._post("request-id", None, {})
         attempt.answers.append(("request-id", answer))
         if answer.status > 500:
             raise Retry(f"cannot retrieve request-id for making a request for a serial: unexpected status {answer.status}")
         if answer.status != 200:
             raise ValueError(f"cannot retrieve request-id for making a request for a serial: {self.message(answer)}")
-        request_id = json.loads(answer.body).get("request-id")
-        if not isinstance(request_id, str) or not request_id:
-            raise Retry("cannot read request-id")
+        try:
+            data = json.loads(answer.body)
+            request_id = data.get("request-id", "") if isinstance(data, dict) else None
+            if not isinstance(request_id, str):
+                raise ValueError("request-id is not a string")
+        except ValueError:  # snapd: a decode error is a retryable one
+            raise Retry("cannot read request-id") from None
+        if not request_id:
+            raise ValueError("cannot retrieve request-id for making a request for a serial: empty request-id")
         return request_id
 
     def serial_request(self, request_id: str, brand: str | None = None, model: str | None = None,
@@ -133,7 +154,11 @@ class SnapdClient:
                 attempt.error = str(exc)
                 return attempt
             if answer.status in (200, 201):
-                return self._accept(answer, key, attempt)
+                try:
+                    return self._accept(answer, key, attempt)
+                except AgentError:  # snapd: an undecodable serial stream is broken I/O, retried every 60 s
+                    time.sleep(self.retry_delay)
+                    continue
             if answer.status == 202:
                 stream = stream or fresh
                 time.sleep(self.poll_delay)
