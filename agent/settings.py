@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from . import dbus_service
+from . import dbus_service, status
 from .errors import DBUS_ERROR_PREFIX, NotReadyError
 
 EXIT_OK, EXIT_REFUSED, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 3, 69
@@ -27,8 +27,8 @@ KEYS = ("device-service.url", "registration.proposed-serial", "registration.body
 POLL_SECONDS = 0.5
 # Answers that mean "not yet": no daemon (it may be starting), an activation under way or that failed
 # (systemd may start it again), or a daemon still gathering the identity.
-_NOT_YET = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner",
-            "org.freedesktop.DBus.Error.NoReply", "org.freedesktop.DBus.Error.Spawn.", NotReadyError.dbus_name)
+_NOT_YET = (*status.NO_OWNER, "org.freedesktop.DBus.Error.NoReply", "org.freedesktop.DBus.Error.Spawn.",
+            NotReadyError.dbus_name)
 
 
 class _Refused(Exception):
@@ -49,21 +49,13 @@ def check_settings(settings: Any) -> dict[str, str]:
     return {key: settings[key] for key in KEYS}
 
 
-async def _connect(bus_kind: str) -> Any:
-    lib, _, aio = dbus_service.backend()
-    bus_type = lib.BusType.SYSTEM if bus_kind == "system" else lib.BusType.SESSION
-    return await aio.MessageBus(bus_type=bus_type).connect()
-
-
 async def _ask(bus: Any) -> Any:
     """GetRegistrationSettings(); (error name, text) of an error reply."""
-    lib, _, _ = dbus_service.backend()
-    reply = await bus.call(lib.Message(destination=dbus_service.BUS_NAME, path=dbus_service.OBJECT_PATH,
-                                       interface=dbus_service.INTERFACE, member="GetRegistrationSettings"))
-    if reply.message_type == lib.MessageType.ERROR:
-        text = str(reply.body[0]) if reply.body else ""
-        return (reply.error_name or "", text)
-    return reply.body[0] if reply.body else None
+    error, body = await status.call_method(bus, dbus_service.BUS_NAME, dbus_service.OBJECT_PATH,
+                                           dbus_service.INTERFACE, "GetRegistrationSettings")
+    if error is not None:
+        return (error, str(body[0]) if body else "")
+    return body[0] if body else None
 
 
 async def fetch(bus_kind: str, timeout: float) -> tuple[int, str]:
@@ -78,7 +70,7 @@ async def fetch(bus_kind: str, timeout: float) -> tuple[int, str]:
                 return code, f"no registration settings from factory-agent within {timeout:g} s: {reason}"
             try:
                 if bus is None:
-                    bus = await asyncio.wait_for(_connect(bus_kind), remaining)
+                    bus = await asyncio.wait_for(status.connect_bus(bus_kind), remaining)
                     reached = True
                 answer = await asyncio.wait_for(_ask(bus), remaining)
             except (OSError, ValueError, EOFError, TimeoutError) as exc:  # no bus (yet), or it went away

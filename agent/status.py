@@ -35,7 +35,7 @@ _MATCH = (f"type='signal',sender='{dbus_service.BUS_NAME}',path='{dbus_service.O
           f"interface='{_PROPS}',member='PropertiesChanged'")
 _OWNER_MATCH = (f"type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
                 f"member='NameOwnerChanged',arg0='{dbus_service.BUS_NAME}'")
-_NO_OWNER = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
+NO_OWNER = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
 
 
 def exit_code(props: dict[str, Any]) -> int:
@@ -91,6 +91,24 @@ def _countdown(props: dict[str, Any], now: float) -> str:
     return f"{max(0, round(props['NextRetry'] / 1_000_000 - now))}s"
 
 
+async def connect_bus(bus_kind: str) -> Any:
+    """A connection to the system or session bus; the library's own exceptions when there is none."""
+    lib, _, aio = dbus_service.backend()
+    bus_type = lib.BusType.SYSTEM if bus_kind == "system" else lib.BusType.SESSION
+    return await aio.MessageBus(bus_type=bus_type).connect()
+
+
+async def call_method(bus: Any, destination: str, path: str, interface: str, member: str, signature: str = "",
+                      body: list[Any] | None = None) -> tuple[str | None, list[Any]]:
+    """One method call: (None, reply body), or (error name, error body) for an error reply."""
+    lib, _, _ = dbus_service.backend()
+    reply = await bus.call(lib.Message(destination=destination, path=path, interface=interface, member=member,
+                                       signature=signature, body=body or []))
+    if reply.message_type == lib.MessageType.ERROR:
+        return reply.error_name or "", list(reply.body or [])
+    return None, list(reply.body or [])
+
+
 class Client:
     """A connection to the bus that keeps a copy of the daemon's properties up to date."""
 
@@ -102,22 +120,18 @@ class Client:
 
     @classmethod
     async def connect(cls, bus_kind: str) -> Client:
-        lib, _, aio = dbus_service.backend()
-        bus_type = lib.BusType.SYSTEM if bus_kind == "system" else lib.BusType.SESSION
+        lib, _, _ = dbus_service.backend()
         try:
-            bus = await aio.MessageBus(bus_type=bus_type).connect()
+            bus = await connect_bus(bus_kind)
         except (OSError, ValueError, lib.errors.DBusError) as exc:
             raise BusError(f"cannot connect to the {bus_kind} bus: {exc}") from None
         return cls(bus)
 
     async def _call(self, destination: str, path: str, interface: str, member: str, signature: str, body: list[Any]) -> Any:
-        lib, _, _ = dbus_service.backend()
-        message = lib.Message(destination=destination, path=path, interface=interface, member=member,
-                              signature=signature, body=body)
-        reply = await self.bus.call(message)
-        if reply.message_type == lib.MessageType.ERROR:
-            raise BusError(f"{reply.error_name}: {reply.body[0] if reply.body else ''}")
-        return reply.body
+        error, reply = await call_method(self.bus, destination, path, interface, member, signature, body)
+        if error is not None:
+            raise BusError(f"{error}: {reply[0] if reply else ''}")
+        return reply
 
     async def follow(self) -> None:
         """Subscribe to PropertiesChanged (before the first read, so nothing is missed)."""
@@ -173,7 +187,7 @@ async def _first_read(client: Client, wait: bool, deadline: float) -> dict[str, 
             return await client.read_all()
         except BusError as exc:
             remaining = deadline - time.time()
-            if not wait or not str(exc).startswith(_NO_OWNER) or remaining <= 0:
+            if not wait or not str(exc).startswith(NO_OWNER) or remaining <= 0:
                 raise
         client.owner_changed.clear()
         with contextlib.suppress(TimeoutError):  # the signal, or a look every second in case it was missed

@@ -195,3 +195,14 @@ def test_settings_lines_are_snapctl_arguments_with_json_string_values() -> None:
 def test_settings_missing_a_key_are_refused() -> None:
     with pytest.raises(settings._Refused, match="registration.body"):
         settings.check_settings({"device-service.url": "u", "registration.proposed-serial": "s"})
+
+
+def test_the_settings_command_reuses_the_status_clients_bus_code() -> None:
+    """One way to connect and call on the bus (status.py's), so a fix there reaches the hook's command too."""
+    import inspect
+
+    from agent import status
+
+    source = inspect.getsource(settings)
+    assert "MessageBus" not in source and "lib.Message(" not in source
+    assert set(status.NO_OWNER) <= set(settings._NOT_YET)
