@@ -24,7 +24,7 @@ from typing import Protocol, TypeVar
 from typing import TYPE_CHECKING
 
 from . import __version__, assertions, keys, registration, serials, store, systemd
-from .config import Config
+from .config import Config, VaultConfig
 from .errors import AgentError, ConfigError, DeviceKeyLostError, NotRegisteredError, SerialRejectedError, WrongModeError
 from .registration import Phase, Progress, Step
 
@@ -137,13 +137,14 @@ def _serial_on_disk(st: store.Store, cfg: Config, key: keys.DeviceKey | None) ->
     if text is None or key is None:
         return None
     try:
-        return _check(cfg, key.key_id, text).header("serial")
+        return check_serial_for(cfg, key.key_id, text).header("serial")
     except AgentError as exc:
         log.warning("ignoring %s: %s", st.dir / store.SERIAL_FILE, exc)
         return None
 
 
-def _check(cfg: Config, key_id: str, body: bytes) -> assertions.Assertion:
+def check_serial_for(cfg: Config, key_id: str, body: bytes) -> assertions.Assertion:
+    """The serial assertion ``body``, checked as this device's (brand, model, key) and trusted; else AgentError."""
     return serials.check_serial(body, brand=cfg.brand, model=cfg.model, key_id=key_id,
                                 trusted=cfg.vault.trusted_account_keys, model_assertion=cfg.model_assertion)
 
@@ -191,8 +192,12 @@ class Driver:
         if self._vault is None:
             from . import vault
 
-            self._vault = vault.Vault(self.cfg.vault)
+            self._vault = vault.Vault(self.vault_config())
         return self._vault
+
+    def vault_config(self) -> VaultConfig:
+        """The vault client's settings (snapd mode shortens its timeout)."""
+        return self.cfg.vault
 
     def close(self) -> None:
         if self._vault is not None:
@@ -205,7 +210,7 @@ class Driver:
         self._publish()
         if self.progress.phase is not Phase.REGISTERED:
             # requests and pyudev take ~100 ms to import: in a thread, so D-Bus keeps answering meanwhile
-            await asyncio.to_thread(_import_adapters)
+            await asyncio.to_thread(import_adapters)
         while True:
             step = registration.next_step(self.progress, self._context())
             if step in (Step.DONE, Step.BLOCKED):
@@ -279,7 +284,7 @@ class Driver:
         answer = await asyncio.to_thread(self.vault.post_serial, self._stream(request))
         if isinstance(answer, vault.Pending):
             return registration.Accepted(request.decode(), answer.retry_after)
-        serial = _check(self.cfg, self.progress.key_id, answer.body)
+        serial = check_serial_for(self.cfg, self.progress.key_id, answer.body)
         await asyncio.to_thread(self.store.save_serial, serial.encode())  # the artifact before the record
         return registration.Registered(serial.header("serial"))
 
@@ -310,7 +315,7 @@ class Driver:
             self.request_id = None
         progress = decision.progress
         if self.identity is not None:
-            progress = _with_identity(progress, self.identity.fields(self.cfg.identity.allow_weak))
+            progress = with_identity(progress, self.identity.fields(self.cfg.identity.allow_weak))
         waiting = 0 < decision.delay < math.inf
         if waiting:  # announced with the transition itself: one PropertiesChanged, not two
             self.next_retry = time.time() + decision.delay
@@ -365,7 +370,7 @@ class Driver:
 T = TypeVar("T")
 
 
-def _import_adapters() -> None:
+def import_adapters() -> None:
     import importlib
 
     for name in ("agent.identity", "agent.vault"):
@@ -385,7 +390,7 @@ def _result(value: T | AgentError) -> T:
     return value
 
 
-def _with_identity(p: Progress, fields: dict[str, str]) -> Progress:
+def with_identity(p: Progress, fields: dict[str, str]) -> Progress:
     return p if p.identity == fields else replace(p, identity=fields)
 
 

@@ -301,13 +301,12 @@ def reconcile(p: Progress, key_id_on_disk: str | None, serial_on_disk: str | Non
         return _lost(p, f"state records device key {p.key_id} but the key on disk is {key_id_on_disk}")
     if not key_id_on_disk and p.phase is not Phase.UNREGISTERED:
         return _lost(p, f"state records device key {p.key_id} but device-key.pem is missing")
-    if serial_on_disk and p.phase is not Phase.REGISTERED:
-        p = replace(p, phase=Phase.REGISTERED, serial=serial_on_disk, serial_request="")
-    return p
+    return reconcile_snapd(p, serial_on_disk)
 
 
 def reconcile_snapd(p: Progress, serial_on_disk: str | None) -> Progress:
-    """snapd mode: adopt a serial.assertion whose record a crash lost (no key file to look for: snapd has it).
+    """Adopt a serial.assertion whose record a crash lost: all of snapd mode's reconcile (snapd has the key
+    file), and the last step of standalone's.
 
     ``serial_on_disk`` is the serial of a serial.assertion already checked to
     be for the device key recorded in ``p``.

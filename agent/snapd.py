@@ -27,7 +27,7 @@ from random import Random
 from typing import TYPE_CHECKING
 
 from . import daemon, keys, registration, relay, serials, store
-from .config import Config
+from .config import Config, VaultConfig
 from .errors import (AgentError, IdentityError, NotReadyError, RelayRefusedError, SerialRejectedError, StoreError,
                      VaultError)
 from .registration import Phase, Progress
@@ -51,7 +51,7 @@ def load_snapd_state(st: store.Store, cfg: Config) -> Progress:
     serial = None
     if text is not None and recorded.key_id:
         try:
-            serial = daemon._check(cfg, recorded.key_id, text).header("serial")
+            serial = daemon.check_serial_for(cfg, recorded.key_id, text).header("serial")
         except AgentError as exc:
             log.warning("ignoring %s: %s", st.dir / store.SERIAL_FILE, exc)
     progress = registration.reconcile_snapd(recorded, serial)
@@ -70,14 +70,8 @@ class SnapdDriver(daemon.Driver):
         self.state_lock = asyncio.Lock()  # one read-modify-write of progress at a time
         self.retry_requested = False
 
-    @property
-    def vault(self) -> vault.Vault:
-        if self._vault is None:
-            from . import vault
-
-            timeout = min(self.cfg.vault.timeout, RELAY_VAULT_TIMEOUT)
-            self._vault = vault.Vault(replace(self.cfg.vault, timeout=timeout))
-        return self._vault
+    def vault_config(self) -> VaultConfig:
+        return replace(self.cfg.vault, timeout=min(self.cfg.vault.timeout, RELAY_VAULT_TIMEOUT))
 
     async def load(self) -> None:
         self.progress = await asyncio.to_thread(load_snapd_state, self.store, self.cfg)
@@ -107,7 +101,7 @@ class SnapdDriver(daemon.Driver):
 
     async def run(self, tg: asyncio.TaskGroup, once: bool) -> Progress:
         self._publish()
-        await asyncio.to_thread(daemon._import_adapters)
+        await asyncio.to_thread(daemon.import_adapters)
         self.relay = relay.Relay(self)
         log.info("relay for snapd listening on %s", await self.relay.start(self.cfg.relay.host, self.cfg.relay.port))
         watching = tg.create_task(self.relay.watch())
@@ -141,7 +135,7 @@ class SnapdDriver(daemon.Driver):
         self.identity = found
         async with self.state_lock:
             self.activity = IDLE
-            await self._commit(daemon._with_identity(self.progress, found.fields(self.cfg.identity.allow_weak)))
+            await self._commit(daemon.with_identity(self.progress, found.fields(self.cfg.identity.allow_weak)))
 
     async def _unblock(self) -> None:
         self.retry_requested = False
@@ -192,7 +186,7 @@ class SnapdDriver(daemon.Driver):
         text = await asyncio.to_thread(self.store.read_serial)
         if text is None:
             raise StoreError(f"cannot read {self.store.dir / store.SERIAL_FILE}: it is missing")
-        serial = daemon._check(self.cfg, key_id, text)
+        serial = daemon.check_serial_for(self.cfg, key_id, text)
         log.info("relay: gave snapd the stored serial %s again", serial.header("serial"))
         self._set_activity(IDLE)
         return relay.Response(200, serial.encode(), vault.ASSERTION_TYPE)
@@ -200,7 +194,7 @@ class SnapdDriver(daemon.Driver):
     async def _answered(self, key_id: str, request: bytes, answer: Exchange) -> relay.Response:
         content_type = answer.headers.get("Content-Type")
         if answer.status in (200, 201):
-            serial = daemon._check(self.cfg, key_id, answer.body)
+            serial = daemon.check_serial_for(self.cfg, key_id, answer.body)
             await asyncio.to_thread(self.store.save_serial, serial.encode())  # the artifact before the record
             await self._record(registration.Registered(serial.header("serial")))
             return relay.passed_on(answer.status, content_type, answer.body)
@@ -237,7 +231,7 @@ class SnapdDriver(daemon.Driver):
         async with self.state_lock:
             progress = registration.apply(self.progress, outcome, self.rng).progress
             if self.identity is not None:
-                progress = daemon._with_identity(progress, self.identity.fields(self.cfg.identity.allow_weak))
+                progress = daemon.with_identity(progress, self.identity.fields(self.cfg.identity.allow_weak))
             self.activity, self.next_retry = activity, 0.0
             await self._commit(progress)
         self.kick.set()  # run(once=True) looks again
