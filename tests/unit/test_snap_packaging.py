@@ -27,7 +27,7 @@ SNAP = REPO / "packaging" / "snap"
 PROJECT = REPO / "packaging"  # snapcraft's project directory: it finds snap/snapcraft.yaml there
 GADGET = SNAP / "gadget-example"
 HOOK = REPO / "hooks" / "prepare-device"
-REQUIRED_PLUGS = {"hardware-observe", "network", "network-bind", "daemon-notify"}
+REQUIRED_PLUGS = {"hardware-observe", "network", "network-bind", "network-observe", "daemon-notify"}  # observe: /proc/net/tcp
 
 
 def load(path: Path) -> Any:
