@@ -312,6 +312,10 @@ class Relay:
             await self._answer(writer, json_error(503, "relay-busy", "the relay is busy; try again"), reader)
             return
         async with self._slots:
+            refused = await self._check_peer(writer)
+            if refused is not None:
+                await self._answer(writer, refused, reader)  # not one byte of its request is parsed
+                return
             await self._serve(reader, writer)
 
     async def _answer(self, writer: asyncio.StreamWriter, response: Response, reader: asyncio.StreamReader) -> None:
@@ -332,7 +336,7 @@ class Relay:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            response = await self._check_peer(writer) or await self._respond(reader)
+            response = await self._respond(reader)
             writer.write(encode_response(response))
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
@@ -352,7 +356,10 @@ class Relay:
     async def _check_peer(self, writer: asyncio.StreamWriter) -> Response | None:
         """None for a peer running as root (snapd); a 403 for any other, or one whose uid cannot be told."""
         peer = writer.get_extra_info("peername")
-        uid = await asyncio.to_thread(read_peer_uid, (peer[0], peer[1]), self._own) if peer else None
+        try:
+            uid = await asyncio.to_thread(read_peer_uid, (peer[0], peer[1]), self._own) if peer else None
+        except (ValueError, TypeError, IndexError, OSError):  # an address we cannot read: refuse
+            uid = None
         if uid == PEER_UID:
             return None
         who = "a peer whose uid cannot be told" if uid is None else f"a process of uid {uid}"

@@ -178,3 +178,28 @@ def test_only_allow_listed_headers_go_on_to_the_vault() -> None:
     assert relay.forward_headers(request) == {"User-Agent": "snapd/2.57.6", "Snap-Device-Capabilities": "serial-stream"}
     odd = relay.Request("POST", "/v1/serial", {"user-agent": "snapd\r\nApi-Key: x", "snap-device-capabilities": "\u00e9"}, b"")
     assert relay.forward_headers(odd) == {}
+
+
+def test_a_refused_peer_reads_its_403_even_after_sending_a_body(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal is sent before the request is read; what the peer sent is taken in, so closing sends no reset."""
+    monkeypatch.setattr(relay, "read_peer_uid", lambda peer, own: 1000)
+
+    async def go() -> bytes:
+        server = relay.Relay(_SlowHandler())
+        await server.start("127.0.0.1", 0)
+        port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            body = b"x" * 200_000
+            writer.write(f"POST /v1/serial HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                         + body)
+            await writer.drain()
+            await asyncio.sleep(0.2)  # the relay has answered and (before the fix) closed by now
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            return answer
+        finally:
+            server.close()
+
+    answer = asyncio.run(go())
+    assert _status(answer) == 403 and b'"relay-forbidden"' in answer
