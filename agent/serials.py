@@ -109,6 +109,9 @@ def check_serial_request(data: bytes, *, brand: str, model: str, key_id: str) ->
     except (AssertionFormatError, IndexError) as exc:
         cause = exc if isinstance(exc, AssertionFormatError) else "empty request"
         raise RelayRefusedError(f"cannot relay the serial-request: {cause}", "relay-bad-request") from None
+    except (ValueError, UnicodeError, RecursionError, OverflowError) as exc:  # the client's bytes: never a crash
+        raise RelayRefusedError(f"cannot relay the serial-request: undecodable ({type(exc).__name__})",
+                                "relay-bad-request") from None
     got = (request.header("brand-id"), request.header("model"))
     if got != (brand, model):
         raise RelayRefusedError(f"cannot relay a serial-request for brand {got[0]!r}, model {got[1]!r}: "

@@ -81,6 +81,17 @@ def test_another_brand_or_model_is_refused(device_key: keys.DeviceKey) -> None:
     assert _refusal(_request(device_key, model="other-gw")) == "relay-wrong-model"
 
 
+@pytest.mark.parametrize("error", [UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"), RecursionError("deep"),
+                                   ValueError("x"), OverflowError("big")])
+def test_any_decoding_failure_of_the_clients_bytes_is_a_bad_request(monkeypatch: pytest.MonkeyPatch,
+                                                                    error: Exception) -> None:
+    def broken(data: bytes) -> list[assertions.Assertion]:
+        raise error
+
+    monkeypatch.setattr(assertions, "decode_stream", broken)
+    assert _refusal(b"anything") == "relay-bad-request"  # never an exception the relay would treat as a bug
+
+
 def test_a_second_device_key_is_refused(device_key: keys.DeviceKey, small_key: keys.DeviceKey) -> None:
     assert _refusal(_request(small_key), key_id=device_key.key_id) == "relay-other-device-key"
 
