@@ -60,12 +60,18 @@ crash: deps
 
 # The long fuzzing run: each hypothesis target of tests/fuzz (the assertion decoder, the vault's
 # answers, the config loader) with $$FACTORY_AGENT_FUZZ_EXAMPLES examples; the default suite runs
-# 300 each. Not part of `make test`; pytest's per-test timeout is off for it.
+# 300 each. Not part of `make test`; pytest's per-test timeout is off for it. One process per
+# target, so that each prints its statistics and wall time as it ends (the whole run takes hours)
+# and hands its memory back before the next.
 FACTORY_AGENT_FUZZ_EXAMPLES ?= 100000
 .PHONY: fuzz
 fuzz: deps
-	FACTORY_AGENT_FUZZ_EXAMPLES=$(FACTORY_AGENT_FUZZ_EXAMPLES) $(DISTRO_PY) -m pytest -p no:cacheprovider -q \
-		--timeout=0 --hypothesis-show-statistics tests/fuzz
+	@failed=0; for test in $$($(DISTRO_PY) -m pytest -p no:cacheprovider -q --collect-only tests/fuzz | grep '::'); do \
+		echo "=== $$test"; start=$$(date +%s); \
+		FACTORY_AGENT_FUZZ_EXAMPLES=$(FACTORY_AGENT_FUZZ_EXAMPLES) $(DISTRO_PY) -m pytest -p no:cacheprovider -q \
+			--timeout=0 --hypothesis-show-statistics "$$test" || failed=1; \
+		echo "=== $$test: $$(( $$(date +%s) - start )) s"; \
+	done; exit $$failed
 
 # Host tools for the emulated armhf boards (tests/qemu), and armhf in apt's lists for the kernel
 # and busybox packages. `apt-get update` may exit non-zero on the security archive's armhf index.
