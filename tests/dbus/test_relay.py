@@ -53,6 +53,11 @@ class SnapdMode:
     def client(self, key: keys.DeviceKey) -> SnapdClient:
         return SnapdClient(self.settings, key, self.model)
 
+    def register(self, key: keys.DeviceKey) -> tuple[Any, dict[str, Any]]:
+        """One snapd registration through the relay, and the properties once State is registered."""
+        attempt = self.client(key).register()
+        return attempt, self.props(until=lambda p: p.get("State") == "registered")
+
     def props(self, until: Any = None) -> dict[str, Any]:
         async def read() -> dict[str, Any]:
             async with Recorder(self.bus_address) as rec:
@@ -85,8 +90,7 @@ def test_a_snapd_registration_through_the_relay(tmp_path: Path, bus_address: str
                                                 device_key: keys.DeviceKey) -> None:
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
     try:
-        attempt = mode.client(device_key).register()
-        props = mode.props(until=lambda p: p.get("State") == "registered")
+        attempt, props = mode.register(device_key)
     finally:
         mode.stop()
     assert attempt.error == "" and attempt.serial is not None
@@ -208,8 +212,7 @@ def test_202_and_5xx_pass_through_so_snapd_polls_and_retries(tmp_path: Path, bus
     lab.faults.accepted_times = 1
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
     try:
-        attempt = mode.client(device_key).register()
-        props = mode.props(until=lambda p: p.get("State") == "registered")
+        attempt, props = mode.register(device_key)
     finally:
         mode.stop()
     statuses = [(endpoint, a.status, a.content_type) for endpoint, a in attempt.answers]
@@ -267,8 +270,7 @@ def test_malformed_requests_neither_crash_the_daemon_nor_stop_it_serving(tmp_pat
     try:
         answers = [_raw_exchange(mode.settings["device-service.url"], data) for data in MALFORMED]
         alive = mode.daemon.proc.poll() is None
-        attempt = mode.client(device_key).register()
-        props = mode.props(until=lambda p: p.get("State") == "registered")
+        attempt, props = mode.register(device_key)
     finally:
         log = mode.stop()
     for answer in answers:
