@@ -10,9 +10,9 @@ APT_PACKAGES := python3 python3-cryptography python3-requests python3-pyudev pyt
 	python3-systemd python3-pytest python3-pytest-timeout python3-hypothesis \
 	python3-venv python3-pip python3-dev gcc pkg-config libsystemd-dev gnupg \
 	python3-trustme umockdev gir1.2-umockdev-1.0 python3-gi python3-dbus-fast dbus-daemon \
-	dbus-system-bus-common systemd strace shellcheck python3-yaml
+	dbus-system-bus-common systemd strace shellcheck python3-yaml python3-h11
 # The latest PyPI releases of the same (systemd-python builds against libsystemd-dev).
-PYPI_PACKAGES := cryptography requests pyudev dbus-next systemd-python pytest pytest-timeout hypothesis mypy trustme dbus-fast PyYAML
+PYPI_PACKAGES := cryptography requests pyudev dbus-next h11 systemd-python pytest pytest-timeout hypothesis mypy trustme dbus-fast PyYAML
 
 .PHONY: all deps test test-distro test-latest demo bench crash deb qemu-deps qemu-test clean
 

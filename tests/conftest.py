@@ -67,7 +67,7 @@ def pytest_report_header() -> list[str]:
     import importlib.metadata as md
     import sys
 
-    names = ["cryptography", "requests", "pyudev", "dbus-next", "systemd-python", "hypothesis"]
+    names = ["cryptography", "requests", "pyudev", "dbus-next", "systemd-python", "h11", "hypothesis"]
     versions = []
     for name in names:
         try:
