@@ -2,13 +2,16 @@
 
 An asyncio server in the daemon's own loop, on a loopback address only (config.py
 refuses any other), so what it learns reaches the driver's state on the loop's
-thread; the driver runs the vault calls themselves in a thread. It speaks just
-enough HTTP/1.1 for snapd's Go client: one request per connection, a
+thread; the driver runs the vault calls themselves in a thread. It parses HTTP/1.1
+with h11, and takes what snapd's Go client sends: one request per connection, a
 Content-Length body (Go sends one for both calls), answered with
-``Connection: close``. It answers root peers only (snapd), with snapd's Host and
-Content-Type and no Origin, a bounded number at once and one exchange at a
-time (docs/ubuntu-core.md, "Security"). It holds no registration state and makes
-no decision: the driver (snapd.py) does both, through :class:`Handler`.
+``Connection: close``. It answers only a peer that is a live, established socket
+of root (snapd), checked when it connects and again once its request is read,
+that carries the relay's token (``device-service.headers``, set by the
+prepare-device hook), with snapd's Host and Content-Type and no Origin; a
+bounded number of root connections at once and one exchange at a time
+(docs/ubuntu-core.md, "Security"). It holds no registration state and makes no
+decision: the driver (snapd.py) does both, through :class:`Handler`.
 
 Every error reaches snapd with ``Content-Type: application/json`` exactly, the
 only form in which snapd shows the message (snapd-device-protocol.md §3.3; the
@@ -21,13 +24,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import hmac
 import http
 import ipaddress
 import json
 import logging
+import os
+import secrets
+import socket
+import stat
+import struct
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
+
+import h11
 
 from . import registration
 from .errors import AgentError, RelayError, RelayRefusedError
@@ -39,9 +53,7 @@ ENDPOINTS = ("request-id", "serial")
 JSON_TYPE = "application/json"  # exactly this: snapd compares the whole header value
 MAX_HEAD = 16 * 1024  # request line and headers; snapd sends well under 1 KiB
 MAX_BODY = 1024 * 1024  # a serial-request and a model assertion: a few KiB
-# More digits than MAX_BODY has is refused before int(): Python refuses int() of over 4300 digits
-# (ValueError), and a long number is no body we take anyway.
-MAX_LENGTH_DIGITS = 8
+MAX_LENGTH_DIGITS = 8  # a longer Content-Length (leading zeros included) is no body we take
 READ_TIMEOUT = 30.0  # a client that sends its request slower than this is not snapd
 # Status for a failure with no HTTP answer from the vault. snapd retries what is above 500 (every
 # 60 s) and gives up this attempt on anything else, so: above 500 unless a person must act first.
@@ -50,11 +62,27 @@ RETRY_STATUS, REFUSED_STATUS = 502, 400
 
 ASSERTION_TYPE = "application/x.ubuntu.assertion"  # what snapd's serial POST carries, exactly
 PEER_UID = 0  # snapd runs as root; nobody else has business with the relay
-MAX_CONNECTIONS = 8  # snapd makes one call at a time; more at once is someone else's flood
+MAX_CONNECTIONS = 8  # root connections at once; snapd makes one call at a time, more is someone else's flood
+# A refused peer is answered and closed at once. The first few at a time are given up to a second
+# to finish sending (so that closing sends no reset and a person with curl reads the 403); any
+# more than that are closed without waiting. None of them ever holds one of the 8 slots.
+MAX_DRAINING, DRAIN_SECONDS = 2, 1.0
+REFUSAL_LOG_SECONDS = 60.0  # one journal line per uid and minute for refused peers, with a count
 # Waiting longer than this for the exchange before ours, plus our 25 s vault call, would pass the
 # 30 s snapd gives one exchange (snapd-device-protocol.md §3.4): answer 503 (snapd retries) instead.
 LOCK_WAIT = 4.0
 PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
+TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2 = 1, 4, 5  # linux/tcp_states.h; "01", "04", "05" in /proc/net/tcp
+# Before the request is read (for a slot), a root socket that has shut its sending side (FIN_WAIT, but
+# still open: its inode is there) is still root's; before anything is bound or forwarded, ESTABLISHED only.
+ESTABLISHED = frozenset({TCP_ESTABLISHED})
+OPEN = frozenset({TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2})
+# The second factor: a random token that only the agent (its state directory, 0600) and snapd (the
+# gadget's device-service.headers, set by the prepare-device hook from GetRegistrationSettings(),
+# which only root may call) hold. snapd sends device-service.headers on both calls (req.Header.Set).
+TOKEN_HEADER = "Factory-Agent-Relay-Token"
+TOKEN_FILE = "relay-token"
+TOKEN_BYTES = 32
 # snapd's headers the vault may use (the Serial Vault reads Snap-Device-Capabilities to answer with a
 # stream; User-Agent names snapd's version). Nothing else passes, above all no api-key from the client:
 # the vault client adds the configured one.
@@ -65,7 +93,7 @@ FORWARDED_HEADERS = ("user-agent", "snap-device-capabilities")
 class Request:
     method: str
     path: str  # without the query
-    headers: dict[str, str]  # names lowercased
+    headers: dict[str, str]  # names lowercased, each at most once
     body: bytes
 
 
@@ -160,50 +188,87 @@ def encode_response(response: Response) -> bytes:
 
 
 async def read_request(reader: asyncio.StreamReader) -> Request:
-    """One request: request line, headers, a Content-Length body. _BadRequest for anything else.
+    """One request, parsed by h11: request line, headers, a Content-Length body. _BadRequest for anything else.
 
     A request cut short is answered too (the client may have closed its sending
-    side only). Nothing but _BadRequest, ConnectionError or TimeoutError leaves
-    here, whatever the bytes.
+    side only). Nothing but _BadRequest, ConnectionError, TimeoutError or an
+    IncompleteReadError (connected and closed without a byte: nobody to answer)
+    leaves here, whatever the bytes.
     """
     try:
         return await _read_request(reader)
-    except (_BadRequest, ConnectionError, TimeoutError):
+    except (_BadRequest, ConnectionError, TimeoutError, asyncio.IncompleteReadError):
         raise
-    except asyncio.IncompleteReadError as exc:
-        if exc.expected is None and not exc.partial:
-            raise  # connected and closed without a byte: nobody to answer
-        raise _BadRequest(400, "the request ended before its end") from None
+    except h11.RemoteProtocolError as exc:
+        if "Transfer-Encoding" in str(exc):  # h11 says 501 for one it does not know: ours is one rule
+            raise _BadRequest(411, "the relay takes a body with a Content-Length only") from None
+        status = exc.error_status_hint if exc.error_status_hint in (400, 413, 431) else 400
+        raise _BadRequest(status, f"malformed request: {printable(str(exc))}") from None
     except Exception as exc:  # noqa: BLE001 - any other parse failure is the client's malformed request
         raise _BadRequest(400, f"malformed request ({type(exc).__name__})") from None
 
 
+def printable(text: str, limit: int = 120) -> str:
+    """The peer's words for a log line and its answer: one line of printable ASCII, bounded."""
+    shown = text.encode("ascii", "backslashreplace").decode("ascii")
+    shown = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in shown)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
 async def _read_request(reader: asyncio.StreamReader) -> Request:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError:
-        raise _BadRequest(431, f"the request's headers exceed {MAX_HEAD} bytes") from None
-    lines = head[:-4].decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise _BadRequest(400, "malformed request line")
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    head: tuple[str, str, dict[str, str]] | None = None
+    body = bytearray()
+    received = False
+    pending = b""  # read, not yet given to h11: the head gets MAX_HEAD bytes at most, however they came
+    fed = 0
+    while True:
+        try:
+            event = conn.next_event()
+        except ValueError:  # h11 0.14's int() of a Content-Length of over 4300 digits: no body we take anyway
+            raise _BadRequest(413, f"the request body exceeds {MAX_BODY} bytes") from None
+        if event is h11.NEED_DATA:
+            if head is None and fed >= MAX_HEAD:  # h11 bounds an incomplete head only, not one that came whole
+                raise _BadRequest(431, f"the request's headers exceed {MAX_HEAD} bytes")
+            data = pending or await reader.read(64 * 1024)
+            if not data and not received:
+                raise asyncio.IncompleteReadError(b"", None)
+            received = received or bool(data)
+            if head is None and data:
+                data, pending = data[:MAX_HEAD - fed], data[MAX_HEAD - fed:]
+            else:
+                pending = b""
+            fed += len(data)
+            conn.receive_data(data)  # b"": the peer closed its side
+        elif isinstance(event, h11.Request):
+            head = _head(event)
+        elif isinstance(event, h11.Data):
+            body += event.data  # h11 stops at the Content-Length, which _head() capped at MAX_BODY
+        elif isinstance(event, h11.EndOfMessage):
+            assert head is not None  # h11 gives a Request first
+            return Request(head[0], head[1], head[2], bytes(body))
+        elif isinstance(event, h11.ConnectionClosed):
+            raise _BadRequest(400, "the request ended before its end")
+        else:  # h11.PAUSED cannot come before the end of the first request
+            raise _BadRequest(400, f"unexpected HTTP event {type(event).__name__}")
+
+
+def _head(event: h11.Request) -> tuple[str, str, dict[str, str]]:
+    """Method, path and headers of a request h11 accepted, if the relay takes it; else _BadRequest."""
     headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name.strip() != name:
-            raise _BadRequest(400, "malformed header line")
-        headers[name.lower()] = value.strip()
+    for raw_name, raw_value in event.headers:
+        name = raw_name.decode("ascii").lower()  # h11 allows token characters only in names
+        if name in headers:  # Go sends each header once; two Hosts or Content-Types are someone else's
+            raise _BadRequest(400, f"the header {printable(name, 40)} appears twice")
+        headers[name] = raw_value.decode("latin-1")
     if "transfer-encoding" in headers:
         raise _BadRequest(411, "the relay takes a body with a Content-Length only")
+    # h11 has refused conflicting Content-Length headers, merged identical ones and checked the digits.
     declared = headers.get("content-length", "0")
-    if not (declared.isascii() and declared.isdigit()):
-        raise _BadRequest(400, "invalid Content-Length")
-    if len(declared) > MAX_LENGTH_DIGITS:
+    if len(declared) > MAX_LENGTH_DIGITS or int(declared) > MAX_BODY:
         raise _BadRequest(413, f"the request body exceeds {MAX_BODY} bytes")
-    if int(declared) > MAX_BODY:
-        raise _BadRequest(413, f"the request body exceeds {MAX_BODY} bytes")
-    body = await reader.readexactly(int(declared))
-    return Request(parts[0], parts[1].partition("?")[0], headers, body)
+    target = event.target.decode("latin-1")
+    return event.method.decode("latin-1"), target.partition("?")[0], headers
 
 
 def parse_proc_address(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
@@ -226,34 +291,194 @@ def _plain(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
 
 
-def find_peer_uid(table: str, peer: tuple[str, int], own: tuple[str, int]) -> int | None:
-    """The uid owning the socket at ``peer`` connected to ``own``, from /proc/net/tcp{,6} text; None if absent.
+def find_peer_uid(table: str, peer: tuple[str, int], own: tuple[str, int],
+                  states: frozenset[int] = ESTABLISHED) -> int | None:
+    """The uid owning the live socket at ``peer`` connected to ``own``, from /proc/net/tcp{,6} text; else None.
 
     The peer's row has the peer as local address and us as remote (our own
-    accepted socket is the mirror row, with our uid, and must not match).
+    accepted socket is the mirror row, with our uid, and must not match). Only
+    a row in one of ``states`` (ESTABLISHED, ``01``, unless told) with an inode
+    counts: once a process closes its socket the kernel keeps a FIN_WAIT or
+    TIME_WAIT mini-socket listed with uid 0 and inode 0, which says nothing
+    about who sent the request.
     """
     want = ((_plain(peer[0]), peer[1]), (_plain(own[0]), own[1]))
     for line in table.splitlines()[1:]:
         fields = line.split()
         try:
             if (parse_proc_address(fields[1]), parse_proc_address(fields[2])) == want:
+                if int(fields[3], 16) not in states or int(fields[9]) == 0:
+                    return None
                 return int(fields[7])
         except (ValueError, IndexError):
             continue
     return None
 
 
-def read_peer_uid(peer: tuple[str, int], own: tuple[str, int]) -> int | None:
-    """The peer's uid from the kernel's TCP tables (blocking); None when it cannot be told."""
+def proc_peer_uid(peer: tuple[str, int], own: tuple[str, int], states: frozenset[int] = ESTABLISHED) -> int | None:
+    """The peer's uid from /proc/net/tcp{,6} (blocking; the fallback where sock_diag is not allowed)."""
     for path in PROC_NET_TCP:
         try:
             with open(path, encoding="ascii", errors="replace") as table:
-                uid = find_peer_uid(table.read(), peer, own)
+                uid = find_peer_uid(table.read(), peer, own, states)
         except OSError:
             continue
         if uid is not None:
             return uid
     return None
+
+
+# NETLINK_SOCK_DIAG (linux/sock_diag.h, linux/inet_diag.h): ask the kernel for exactly one socket.
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
+NLM_F_REQUEST, NLMSG_ERROR = 0x1, 0x2
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_REQ_V2 = struct.Struct("=BBBBI")  # sdiag_family, sdiag_protocol, idiag_ext, pad, idiag_states
+_SOCKID = struct.Struct("!HH16s16s")  # sport, dport (big-endian), src, dst; then if and cookie, host order
+_SOCKID_TAIL = struct.Struct("=III")  # idiag_if, idiag_cookie[2]
+_DIAG_MSG = struct.Struct("=BBBB")  # idiag_family, idiag_state, idiag_timer, idiag_retrans (then the sockid)
+_DIAG_MSG_TAIL = struct.Struct("=IIIII")  # idiag_expires, idiag_rqueue, idiag_wqueue, idiag_uid, idiag_inode
+_DIAG_MSG_SIZE = _DIAG_MSG.size + _SOCKID.size + _SOCKID_TAIL.size + _DIAG_MSG_TAIL.size  # 72
+
+
+def diag_request(family: int, src: bytes, sport: int, dst: bytes, dport: int, seq: int = 1) -> bytes:
+    """An inet_diag_req_v2 for the TCP socket bound to ``src:sport`` and connected to ``dst:dport``."""
+    sockid = _SOCKID.pack(sport, dport, src.ljust(16, b"\0"), dst.ljust(16, b"\0")) + \
+        _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+    body = _REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << TCP_ESTABLISHED) + sockid
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0) + body
+
+
+def parse_diag_answer(data: bytes, src: bytes, sport: int, dst: bytes, dport: int,
+                      states: frozenset[int] = ESTABLISHED) -> int | None:
+    """The uid in the kernel's answer to diag_request(), if it is that socket, in ``states``, with an inode.
+
+    None for "no such socket" (ENOENT) and for any socket not in that state (a
+    TIME_WAIT or FIN_WAIT mini-socket has uid 0 and inode 0); OSError for any
+    other netlink error, so that the caller falls back to /proc.
+    """
+    if len(data) < _NLMSGHDR.size:
+        raise OSError(errno.EPROTO, "short netlink answer")
+    length, kind, _, _, _ = _NLMSGHDR.unpack_from(data)
+    if kind == NLMSG_ERROR:
+        (code,) = struct.unpack_from("=i", data, _NLMSGHDR.size)
+        if -code == errno.ENOENT:
+            return None
+        raise OSError(-code, os.strerror(-code))
+    if kind != SOCK_DIAG_BY_FAMILY or length < _NLMSGHDR.size + _DIAG_MSG_SIZE or len(data) < length:
+        raise OSError(errno.EPROTO, f"unexpected netlink answer (type {kind}, {len(data)} bytes)")
+    at = _NLMSGHDR.size
+    _, state, _, _ = _DIAG_MSG.unpack_from(data, at)
+    got_sport, got_dport, got_src, got_dst = _SOCKID.unpack_from(data, at + _DIAG_MSG.size)
+    _, _, _, uid, inode = _DIAG_MSG_TAIL.unpack_from(data, at + _DIAG_MSG.size + _SOCKID.size + _SOCKID_TAIL.size)
+    wanted = (sport, dport, src.ljust(16, b"\0"), dst.ljust(16, b"\0"))
+    if (got_sport, got_dport, got_src, got_dst) != wanted or state not in states or inode == 0:
+        return None
+    return int(uid)
+
+
+def diag_peer_uid(peer: tuple[str, int], own: tuple[str, int], states: frozenset[int] = ESTABLISHED) -> int | None:
+    """The peer's uid through NETLINK_SOCK_DIAG; OSError where the kernel or a sandbox does not allow it.
+
+    The peer's socket is the one bound to ``peer`` and connected to ``own``. An
+    IPv4 peer may be an AF_INET socket or a dual-stack AF_INET6 one (with
+    IPv4-mapped addresses): both are asked for.
+    """
+    src_ip, dst_ip = _plain(peer[0]), _plain(own[0])
+    if isinstance(src_ip, ipaddress.IPv4Address) and isinstance(dst_ip, ipaddress.IPv4Address):
+        asks = [(socket.AF_INET, src_ip.packed, dst_ip.packed),
+                (socket.AF_INET6, ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + src_ip.packed).packed,
+                 ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + dst_ip.packed).packed)]
+    elif isinstance(src_ip, ipaddress.IPv6Address) and isinstance(dst_ip, ipaddress.IPv6Address):
+        asks = [(socket.AF_INET6, src_ip.packed, dst_ip.packed)]
+    else:
+        return None
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(1.0)  # the kernel answers within the send; this only bounds a surprise
+        for seq, (family, src, dst) in enumerate(asks, 1):
+            nl.send(diag_request(family, src, peer[1], dst, own[1], seq))
+            uid = parse_diag_answer(nl.recv(8192), src, peer[1], dst, own[1], states)
+            if uid is not None:
+                return uid
+    return None
+
+
+def read_peer_uid(peer: tuple[str, int], own: tuple[str, int], states: frozenset[int] = ESTABLISHED) -> int | None:
+    """The uid of the live socket at ``peer`` connected to ``own``; None when it cannot be told.
+
+    NETLINK_SOCK_DIAG first (one exact lookup, no table to read); /proc/net/tcp{,6}
+    where netlink is refused (a sandbox without it). Neither counts a socket
+    that is not in ``states`` (ESTABLISHED unless told) or has no inode.
+    """
+    try:
+        return diag_peer_uid(peer, own, states)
+    except OSError as exc:
+        log.debug("relay: sock_diag unavailable (%s); reading /proc/net/tcp", exc)
+    return proc_peer_uid(peer, own, states)
+
+
+def load_token(directory: Path) -> str:
+    """The relay's token from ``directory``/relay-token (0600, the agent's own), made on first use (blocking).
+
+    It is kept across restarts on purpose: snapd keeps the device-service.headers
+    the hook set for the whole attempt, and a request-serial task that resumes
+    after a reboot or a snapd restart does not run the hook again, so a token
+    new at each start would lock snapd out until its next attempt (5 min to
+    24 h later). A file that is not what we wrote (not a regular file, another
+    owner, readable by others, not 64 hex digits) is replaced, with a warning.
+    """
+    path = directory / TOKEN_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return _new_token(path)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise RelayError(f"cannot read {path}: {exc.strerror or exc}") from None
+        log.warning("replacing %s: it is a symbolic link", path)
+        return _new_token(path, replace=True)
+    with os.fdopen(fd, "rb") as token_file:
+        info = os.fstat(token_file.fileno())
+        text = token_file.read(2 * TOKEN_BYTES + 2) if stat.S_ISREG(info.st_mode) else b""
+    token = text.decode("ascii", "replace").strip()
+    wrong = ("not a regular file" if not stat.S_ISREG(info.st_mode) else
+             f"owned by uid {info.st_uid}" if info.st_uid != os.geteuid() else
+             f"mode {stat.S_IMODE(info.st_mode):04o}" if info.st_mode & 0o077 else
+             "not a token" if len(token) != 2 * TOKEN_BYTES or not _is_hex(token) else "")
+    if not wrong:
+        return token
+    log.warning("replacing %s: %s", path, wrong)
+    return _new_token(path, replace=True)
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
+def _new_token(path: Path, replace: bool = False) -> str:
+    token = secrets.token_hex(TOKEN_BYTES)
+    try:
+        if replace:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as token_file:
+            token_file.write(token.encode("ascii") + b"\n")
+            token_file.flush()
+            os.fsync(token_file.fileno())
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise RelayError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return token
+
+
+def token_headers(token: str) -> str:
+    """The value of snapd's device-service.headers: a JSON object of strings (compact, one line)."""
+    return json.dumps({TOKEN_HEADER: token}, separators=(",", ":"))
 
 
 def check_request_headers(request: Request, own_hosts: tuple[str, ...]) -> Response | None:
@@ -273,17 +498,49 @@ def format_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}{API_PREFIX}"
 
 
-class Relay:
-    """The listening relay. A bug while answering is logged, answered 500, and raised by :meth:`watch`."""
+def token_matches(request: Request, token: str) -> bool:
+    """Whether ``request`` carries the relay's token (compared in constant time)."""
+    sent = request.headers.get(TOKEN_HEADER.lower(), "")
+    return hmac.compare_digest(sent.encode("latin-1"), token.encode("ascii"))
 
-    def __init__(self, handler: Handler) -> None:
+
+class _RefusalLog:
+    """One journal line per uid and minute for refused peers, so that a flood cannot fill the journal."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, int]] = {}  # who -> (when logged, refused since)
+
+    def refused(self, who: str, peer: object, reason: str) -> None:
+        now = time.monotonic()
+        logged, since = self._last.get(who, (float("-inf"), 0))
+        if now - logged < REFUSAL_LOG_SECONDS:
+            self._last[who] = (logged, since + 1)
+            return
+        more = f" ({since} more refused since the last line)" if since else ""
+        log.warning("relay: refused %s at %s: %s%s", who, peer, reason, more)
+        if len(self._last) > 1024:  # a flood from many uids: forget, at worst log again
+            self._last.clear()
+        self._last[who] = (now, 0)
+
+
+class Relay:
+    """The listening relay. A bug while answering is logged, answered 500, and raised by :meth:`watch`.
+
+    ``token`` is the second factor: a request without it is refused (load_token()).
+    """
+
+    def __init__(self, handler: Handler, token: str) -> None:
+        if len(token) < 32:
+            raise ValueError("the relay's token is too short")
         self.handler = handler
+        self.token = token
         self.url = ""
         self._server: asyncio.Server | None = None
-        self._own: tuple[str, int] = ("", 0)
         self._own_hosts: tuple[str, ...] = ()
-        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)  # root peers only
+        self._draining = 0
         self._exchange = asyncio.Lock()
+        self._refusals = _RefusalLog()
         self._bug: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def start(self, host: str, port: int) -> str:
@@ -295,7 +552,7 @@ class Relay:
         port = self._server.sockets[0].getsockname()[1]
         self.url = format_url(host, port)
         shown = f"[{host}]" if ":" in host else host
-        self._own, self._own_hosts = (host, port), (f"{shown}:{port}".lower(), f"localhost:{port}")
+        self._own_hosts = (f"{shown}:{port}".lower(), f"localhost:{port}")
         return self.url
 
     async def watch(self) -> None:
@@ -307,72 +564,94 @@ class Relay:
             self._server.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._slots.locked():
-            log.warning("relay: refused a connection: %d already open", MAX_CONNECTIONS)
-            await self._answer(writer, json_error(503, "relay-busy", "the relay is busy; try again"), reader)
-            return
-        async with self._slots:
-            refused = await self._check_peer(writer)
-            if refused is not None:
-                await self._answer(writer, refused, reader)  # not one byte of its request is parsed
-                return
-            await self._serve(reader, writer)
-
-    async def _answer(self, writer: asyncio.StreamWriter, response: Response, reader: asyncio.StreamReader) -> None:
-        """Answer without reading the request; then take in what it sent (briefly), so closing sends no reset."""
+        """One connection. Whatever the peer does (hang up, reset, send junk), no traceback reaches the journal."""
         try:
-            writer.write(encode_response(response))
-            await writer.drain()
-            writer.write_eof()
-            async with asyncio.timeout(1.0):
-                while await reader.read(MAX_HEAD):
-                    pass
-        except (ConnectionError, TimeoutError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            response = await self._respond(reader)
-            writer.write(encode_response(response))
-            await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            await self._handle(reader, writer)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:  # the peer went away
             log.debug("relay: the client went away: %s", exc)
         except Exception as exc:  # a bug: never a traceback to the client; stop the daemon
             log.error("relay: internal error", exc_info=exc)
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(OSError, RuntimeError):
                 writer.write(encode_response(json_error(500, "internal", "internal error in the factory-agent relay; "
                                                                          "its journal has the details")))
             if not self._bug.done():
                 self._bug.set_exception(exc)
         finally:
             writer.close()
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    async def _check_peer(self, writer: asyncio.StreamWriter) -> Response | None:
-        """None for a peer running as root (snapd); a 403 for any other, or one whose uid cannot be told."""
-        peer = writer.get_extra_info("peername")
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer, own = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+        # First the peer, before it takes a slot: a refused peer never holds one.
+        refused = await self._check_peer(peer, own, OPEN)
+        if refused is not None:
+            await self._refuse(writer, refused, reader)
+            return
+        if self._slots.locked():
+            log.warning("relay: refused a connection: %d already open", MAX_CONNECTIONS)
+            await self._refuse(writer, json_error(503, "relay-busy", "the relay is busy; try again"), reader)
+            return
+        async with self._slots:
+            response = await self._respond(reader, peer, own)
+            writer.write(encode_response(response))
+            await writer.drain()
+
+    async def _refuse(self, writer: asyncio.StreamWriter, response: Response, reader: asyncio.StreamReader) -> None:
+        """Answer without reading the request, and close. The first MAX_DRAINING refused connections at a time
+        take in what their peer still sends for up to DRAIN_SECONDS, so closing sends no reset; the rest close
+        at once."""
+        writer.write(encode_response(response))
+        await writer.drain()
+        if self._draining >= MAX_DRAINING:
+            return
+        self._draining += 1
         try:
-            uid = await asyncio.to_thread(read_peer_uid, (peer[0], peer[1]), self._own) if peer else None
-        except (ValueError, TypeError, IndexError, OSError):  # an address we cannot read: refuse
-            uid = None
+            writer.write_eof()
+            async with asyncio.timeout(DRAIN_SECONDS):
+                while await reader.read(MAX_HEAD):
+                    pass
+        except TimeoutError:
+            pass
+        finally:
+            self._draining -= 1
+
+    async def _check_peer(self, peer: object, own: object, states: frozenset[int] = ESTABLISHED) -> Response | None:
+        """None for a live socket of root (snapd) in ``states``; a 403 for any other, or one that cannot be told."""
+        where: tuple[str, int] | None = None
+        mine: tuple[str, int] | None = None
+        if isinstance(peer, tuple) and isinstance(own, tuple):  # else the peer was gone before it was accepted
+            with contextlib.suppress(IndexError, ValueError, TypeError):
+                where, mine = (str(peer[0]), int(peer[1])), (str(own[0]), int(own[1]))
+        uid = None
+        if where is not None and mine is not None:
+            try:
+                uid = await asyncio.to_thread(read_peer_uid, where, mine, states)
+            except (ValueError, TypeError, IndexError, OSError):  # an address we cannot read: refuse
+                uid = None
         if uid == PEER_UID:
             return None
-        who = "a peer whose uid cannot be told" if uid is None else f"a process of uid {uid}"
-        log.warning("relay: refused %s at %s: only snapd (uid %d) may use the relay", who, peer, PEER_UID)
+        who = "a peer with no live socket (gone, or its uid cannot be told)" if uid is None else f"a process of uid {uid}"
+        self._refusals.refused(who, peer, f"only snapd (uid {PEER_UID}) may use the relay")
         return json_error(403, "relay-forbidden", f"only snapd (uid {PEER_UID}) may use the relay")
 
-    async def _respond(self, reader: asyncio.StreamReader) -> Response:
+    async def _respond(self, reader: asyncio.StreamReader, peer: object, own: object) -> Response:
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 request = await read_request(reader)
         except _BadRequest as exc:
             log.warning("relay: refused a malformed request: %s", exc)
             return json_error(exc.status, "relay-bad-request", str(exc))
+        # Again, now that the request is in: the socket that sent it must still be root's, live and
+        # established. One that sent and closed at once is a mini-socket now, whoever sent it.
+        refused = await self._check_peer(peer, own, ESTABLISHED)
+        if refused is not None:
+            return refused
+        if not token_matches(request, self.token):
+            self._refusals.refused("a root process without the relay's token", peer,
+                                   "only snapd holds it (device-service.headers, set by the prepare-device hook)")
+            return json_error(403, "relay-forbidden", "only snapd may use the relay: no or a wrong relay token "
+                                                      "(the prepare-device hook sets it in device-service.headers)")
         refused = check_request_headers(request, self._own_hosts)
         if refused is not None:
             log.warning("relay: refused a request: %s", json.loads(refused.body)["message"])

@@ -5,7 +5,10 @@ It calls GetRegistrationSettings() on io.factoryagent.Agent1, and waits, within
 gathering the identity. It prints one ``snapctl set`` argument per line,
 ``KEY=VALUE`` where VALUE is a JSON string: snapctl stores a value that parses as
 JSON as that JSON, so a serial of digits stays a string (snapd wants strings)
-and a multi-line body stays on one line. The daemon's answer holds no api-key.
+and a multi-line body stays on one line. ``device-service.headers`` is the one
+exception: its VALUE is a JSON object of strings (the relay's token), which
+snapd reads as a map. The daemon's answer holds no api-key. The token is a
+secret: this command prints it on stdout only (the hook's pipe), never on stderr.
 
 Exit status: 0 printed; 1 the daemon refused (standalone mode, no usable
 identity); 3 no settings within --timeout; 69 the bus itself cannot be reached.
@@ -23,7 +26,8 @@ from . import dbus_service, status
 from .errors import DBUS_ERROR_PREFIX, NotReadyError
 
 EXIT_OK, EXIT_REFUSED, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 3, 69
-KEYS = ("device-service.url", "registration.proposed-serial", "registration.body")
+KEYS = ("device-service.url", "device-service.headers", "registration.proposed-serial", "registration.body")
+OBJECT_KEYS = ("device-service.headers",)  # a JSON object (as text, on D-Bus); printed as that object
 POLL_SECONDS = 0.5
 # Answers that mean "not yet": no daemon (it may be starting), an activation under way or that failed
 # (systemd may start it again), or a daemon still gathering the identity.
@@ -37,7 +41,7 @@ class _Refused(Exception):
 
 def format_lines(settings: dict[str, str]) -> str:
     """The snapctl set arguments, one per line, in KEYS order."""
-    return "".join(f"{key}={json.dumps(settings[key])}\n" for key in KEYS)
+    return "".join(f"{key}={settings[key] if key in OBJECT_KEYS else json.dumps(settings[key])}\n" for key in KEYS)
 
 
 def check_settings(settings: Any) -> dict[str, str]:
@@ -46,6 +50,14 @@ def check_settings(settings: Any) -> dict[str, str]:
     missing = [key for key in KEYS if not isinstance(settings.get(key), str) or not settings[key]]
     if missing:
         raise _Refused(f"the daemon's settings lack {', '.join(missing)}")
+    for key in OBJECT_KEYS:
+        try:
+            value = json.loads(settings[key])
+        except ValueError:
+            value = None
+        if not (isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
+            raise _Refused(f"the daemon's {key} is not a JSON object of strings")
+        settings = {**settings, key: json.dumps(value, separators=(",", ":"))}  # one line, whatever came
     return {key: settings[key] for key in KEYS}
 
 

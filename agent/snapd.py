@@ -1,15 +1,18 @@
 """snapd mode (Ubuntu Core): snapd owns the device key and the serial request; the agent relays, checks, reports.
 
 The gadget's prepare-device hook gets the settings from GetRegistrationSettings():
-the relay's URL for ``device-service.url``, the proposed serial and the identity as
-YAML. snapd then calls the relay (relay.py), which forwards each call to the vault
-with the api-key; the api-key never enters snapd's configuration. What passes
-through feeds registration.apply() exactly as in standalone mode, so D-Bus shows
-the same State, LastError and Action. No key is generated here. The relay serves
-one device key: the first one snapd presents with a valid, self-signed
-serial-request, recorded durably before that request goes anywhere. A serial
-coming back is checked as standalone checks it (serials.check_serial), stored,
-and only then handed to snapd.
+the relay's URL for ``device-service.url``, the relay's token for
+``device-service.headers`` (the second factor: only snapd holds it), the proposed
+serial and the identity as YAML. snapd then calls the relay (relay.py), which
+forwards each call to the vault with the api-key; the api-key never enters
+snapd's configuration. What passes through feeds registration.apply() exactly as
+in standalone mode, so D-Bus shows the same State, LastError and Action. No key
+is generated here. The relay serves one device key: the first one snapd presents
+with a valid, self-signed serial-request whose request-id the relay itself handed
+out within the last 600 s, recorded durably before that request goes anywhere. A
+serial coming back is checked as standalone checks it (serials.check_serial),
+stored, held in memory, and only then handed to snapd; it is served again from
+memory, never from a file that may have been changed since.
 
 snapd retries on its own schedule (60 s inside an attempt, then 5 min doubling
 to 24 h between attempts), so nothing here waits or retries; ``blocked`` ends when
@@ -22,13 +25,14 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 from dataclasses import replace
 from random import Random
 from typing import TYPE_CHECKING
 
 from . import daemon, keys, registration, relay, serials, store
 from .config import Config, VaultConfig
-from .errors import (AgentError, IdentityError, NotReadyError, RelayRefusedError, SerialRejectedError, StoreError,
+from .errors import (AgentError, IdentityError, NotReadyError, RelayRefusedError, SerialRejectedError,
                      VaultError)
 from .registration import Phase, Progress
 
@@ -41,6 +45,10 @@ log = logging.getLogger(__name__)
 # snapd gives one whole HTTP exchange 30 s (snapd-device-protocol.md §3.4): the relay must answer
 # before that, vault call included, or snapd gives up on an answer that was on its way.
 RELAY_VAULT_TIMEOUT = 25.0
+# A request-id binds a device key only within this long of the relay handing it out (the Serial
+# Vault's nonce lifetime, and snapd's hardware-identity docs: 600 s).
+REQUEST_ID_LIFETIME = 600.0
+MAX_ISSUED_IDS = 32  # snapd fetches one per try; older ones are forgotten first
 IDLE = "waiting-snapd"  # State between exchanges: settings available, snapd's move
 
 
@@ -69,6 +77,7 @@ class SnapdDriver(daemon.Driver):
         self.relay: relay.Relay | None = None
         self.state_lock = asyncio.Lock()  # one read-modify-write of progress at a time
         self.retry_requested = False
+        self.issued_ids: dict[str, float] = {}  # request-id handed to snapd -> monotonic time
 
     def vault_config(self) -> VaultConfig:
         return replace(self.cfg.vault, timeout=min(self.cfg.vault.timeout, RELAY_VAULT_TIMEOUT))
@@ -95,6 +104,7 @@ class SnapdDriver(daemon.Driver):
         allow_weak = self.cfg.identity.allow_weak
         return {
             "device-service.url": self.relay.url,
+            "device-service.headers": relay.token_headers(self.relay.token),
             "registration.proposed-serial": identity.proposed_serial(self.identity, self.cfg.serial_template, allow_weak),
             "registration.body": identity.registration_body(self.identity, allow_weak).decode("ascii"),
         }
@@ -102,7 +112,7 @@ class SnapdDriver(daemon.Driver):
     async def run(self, tg: asyncio.TaskGroup, once: bool) -> Progress:
         self._publish()
         await asyncio.to_thread(daemon.import_adapters)
-        self.relay = relay.Relay(self)
+        self.relay = relay.Relay(self, await asyncio.to_thread(relay.load_token, self.store.dir))
         log.info("relay for snapd listening on %s", await self.relay.start(self.cfg.relay.host, self.cfg.relay.port))
         watching = tg.create_task(self.relay.watch())
         try:
@@ -151,16 +161,33 @@ class SnapdDriver(daemon.Driver):
         if self.progress.phase is Phase.REGISTERED:
             # snapd only wants a request-id to build the serial-request that relay_serial answers from disk;
             # a local one keeps that working when the vault is unreachable or refuses this device now.
-            return relay.Response(200, json.dumps({"request-id": f"registered-{secrets.token_hex(8)}"}).encode(),
-                                  relay.JSON_TYPE)
+            local = f"registered-{secrets.token_hex(8)}"
+            self._issued(local)
+            return relay.Response(200, json.dumps({"request-id": local}).encode(), relay.JSON_TYPE)
         await self._begin("requesting")
         try:
             answer = await asyncio.to_thread(self.vault.forward, "request-id", None, None, headers)
         except VaultError as exc:
             return await self._failed(exc)
         error = None if answer.status == 200 else answer.refusal()
+        if error is None:
+            self._issued(_request_id_in(answer.body))
         await self._record(error or registration.GotRequestId())
         return relay.passed_on(answer.status, answer.headers.get("Content-Type"), answer.body, error)
+
+    def _issued(self, request_id: str | None) -> None:
+        """Remember a request-id handed to snapd, so that its serial-request may bind a key (relay_serial)."""
+        if not request_id:
+            return
+        now = time.monotonic()
+        self.issued_ids = {k: t for k, t in self.issued_ids.items() if now - t < REQUEST_ID_LIFETIME}
+        self.issued_ids[request_id] = now
+        while len(self.issued_ids) > MAX_ISSUED_IDS:
+            del self.issued_ids[next(iter(self.issued_ids))]
+
+    def _fresh(self, request_id: str) -> bool:
+        issued = self.issued_ids.get(request_id)
+        return issued is not None and time.monotonic() - issued < REQUEST_ID_LIFETIME
 
     async def relay_serial(self, body: bytes, headers: dict[str, str]) -> relay.Response:
         await self._begin("polling" if self.progress.phase is Phase.POLLING else "requesting")
@@ -168,7 +195,9 @@ class SnapdDriver(daemon.Driver):
             request = serials.check_serial_request(body, brand=self.cfg.brand, model=self.cfg.model,
                                                    key_id=self.progress.key_id)
             if self.progress.phase is Phase.REGISTERED:
-                return await self._stored_serial(request.sign_key_id)
+                return await self._stored_serial()
+            if not self.progress.key_id and not self._fresh(request.header("request-id") or ""):
+                return self._not_ours(request.header("request-id") or "")
             if not self.progress.key_id:  # the one key served from now on: durable before it is used
                 await self._record(registration.KeyReady(request.sign_key_id), self.activity)
             from . import vault
@@ -178,24 +207,34 @@ class SnapdDriver(daemon.Driver):
         except AgentError as exc:  # refused here, no answer, or an answer that is not this device's serial
             return await self._failed(exc)
 
-    async def _stored_serial(self, key_id: str) -> relay.Response:
-        """snapd asks again for the serial this device holds (its state lost it, or it never stored it):
-        the serial from disk, not a second one from a vault that may refuse duplicates."""
+    def _not_ours(self, request_id: str) -> relay.Response:
+        """A serial-request that would bind a key, on a request-id the relay did not hand out lately: not bound,
+        not forwarded, not recorded. 503, so that snapd (whose state may predate our restart) starts again
+        with a fresh request-id in 60 s."""
+        log.warning("relay: refused to bind a device key: request-id %s was not handed out by this relay in the "
+                    "last %d s", relay.printable(request_id, 40), int(REQUEST_ID_LIFETIME))
+        self._set_activity(IDLE)
+        return relay.json_error(503, "relay-unknown-request-id",
+                                "the request-id was not handed out by this relay lately; ask for a new one")
+
+    async def _stored_serial(self) -> relay.Response:
+        """snapd asks again for the serial this device holds (its state lost it, or it never stored it): the
+        verified serial held in memory (Driver.serial_assertion: a serial.assertion changed on disk since is
+        reported, never served), not a second one from a vault that may refuse duplicates."""
         from . import vault
 
-        text = await asyncio.to_thread(self.store.read_serial)
-        if text is None:
-            raise StoreError(f"cannot read {self.store.dir / store.SERIAL_FILE}: it is missing")
-        serial = daemon.check_serial_for(self.cfg, key_id, text)
-        log.info("relay: gave snapd the stored serial %s again", serial.header("serial"))
+        text = await asyncio.to_thread(self.serial_assertion)
+        log.info("relay: gave snapd the stored serial %s again", self.progress.serial)
         self._set_activity(IDLE)
-        return relay.Response(200, serial.encode(), vault.ASSERTION_TYPE)
+        return relay.Response(200, text.encode("utf-8"), vault.ASSERTION_TYPE)
 
     async def _answered(self, key_id: str, request: bytes, answer: Exchange) -> relay.Response:
         content_type = answer.headers.get("Content-Type")
         if answer.status in (200, 201):
             serial = daemon.check_serial_for(self.cfg, key_id, answer.body)
             await asyncio.to_thread(self.store.save_serial, serial.encode())  # the artifact before the record
+            self.verified_serial = serial.encode()  # what is served from now on (GetSerialAssertion, the relay)
+            self._serial_stat = daemon.file_identity(self.store.dir / store.SERIAL_FILE)
             await self._record(registration.Registered(serial.header("serial")))
             return relay.passed_on(answer.status, content_type, answer.body)
         if answer.status == 202:
@@ -235,3 +274,13 @@ class SnapdDriver(daemon.Driver):
             self.activity, self.next_retry = activity, 0.0
             await self._commit(progress)
         self.kick.set()  # run(once=True) looks again
+
+
+def _request_id_in(body: bytes) -> str | None:
+    """The ``request-id`` of the vault's 200 answer, as snapd reads it; None if there is none."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    found = data.get("request-id") if isinstance(data, dict) else None
+    return found if isinstance(found, str) else None

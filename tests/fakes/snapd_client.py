@@ -1,11 +1,13 @@
 """A device-service client that behaves as snapd 2.57 does (shared/reference/snapd-device-protocol.md §3).
 
 It reads the gadget settings the prepare-device hook set (device-service.url,
-registration.proposed-serial, registration.body), then makes one registration
+device-service.headers, registration.proposed-serial, registration.body), then
+makes one registration
 attempt as snapd's request-serial task does: POST request-id (no body, no
 Content-Type; 200 and a JSON ``request-id`` required), then the serial-request
 signed by its own device key plus the model assertion, as one stream, with
-snapd's headers. 200/201: exactly one serial, with the device's brand, model and
+snapd's headers; device-service.headers on both calls, set over snapd's own
+(handlers_serial.go applyHeaders: req.Header.Set), Content-Type last. 200/201: exactly one serial, with the device's brand, model and
 key id. 202: the identical request again after the poll delay. Above 500: the
 whole exchange again after the retry delay (a fresh request-id unless polling).
 Anything else ends the attempt with the message snapd would log: the JSON
@@ -20,7 +22,9 @@ import http.client
 import json
 import time
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent import assertions, keys
 from agent.errors import AgentError
@@ -61,12 +65,16 @@ def _decodes_as_error(data: dict[str, object]) -> bool:
 
 
 class SnapdClient:
-    def __init__(self, settings: dict[str, str], key: keys.DeviceKey, model: assertions.Assertion,
+    def __init__(self, settings: Mapping[str, Any], key: keys.DeviceKey, model: assertions.Assertion,
                  brand: str | None = None, poll_delay: float = 0.1, retry_delay: float = 0.1, max_rounds: int = 5) -> None:
         base = settings["device-service.url"]
         self.base = base if base.endswith("/") else base + "/"  # snapd appends the slash
         self.proposed_serial = settings.get("registration.proposed-serial", "")
         self.body = settings.get("registration.body", "").encode("utf-8")
+        service_headers = settings.get("device-service.headers") or {}  # a map, as snapctl stored the JSON object
+        if isinstance(service_headers, str):
+            service_headers = json.loads(service_headers)
+        self.service_headers: dict[str, str] = dict(service_headers)
         self.key, self.model = key, model
         self.brand = brand or model.header("brand-id")
         self.poll_delay, self.retry_delay, self.max_rounds = poll_delay, retry_delay, max_rounds
@@ -77,7 +85,10 @@ class SnapdClient:
         parts = urllib.parse.urlsplit(url)
         conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)  # snapd's 30 s
         try:
-            sent = {"User-Agent": USER_AGENT, **self.extra_headers, **headers, "Content-Length": str(len(body or b""))}
+            content_type = {k: v for k, v in headers.items() if k == "Content-Type"}
+            sent = {"User-Agent": USER_AGENT, **self.extra_headers,
+                    **{k: v for k, v in headers.items() if k != "Content-Type"}, **self.service_headers,
+                    **content_type, "Content-Length": str(len(body or b""))}
             conn.request("POST", parts.path, body=body or b"", headers=sent)
             response = conn.getresponse()
             return Answer(response.status, response.getheader("Content-Type"), response.read())
