@@ -1,7 +1,8 @@
 """hooks/prepare-device as snapd runs it: a fake snapctl on PATH, the real agent on a private bus.
 
-The hook must set device-service.url, registration.proposed-serial and
-registration.body from the running agent (and never an api-key), fail within its
+The hook must set device-service.url, device-service.headers (the relay's token,
+nothing else), registration.proposed-serial and registration.body from the
+running agent (and never an api-key), fail within its
 bound with one clear line when no agent answers, and leave nothing behind that
 holds its stdout or stderr (snapd waits for both to close).
 """
@@ -9,6 +10,7 @@ holds its stdout or stderr (snapd waits for both to close).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import identity
+from agent import identity, relay
 from agent.labvault import LabVault
 from tests.conftest import REPO
 from tests.dbus.conftest import BUS_NAME, Daemon, Recorder, busctl, owned, wait_for, write_config
@@ -42,7 +44,7 @@ def test_hook_is_posix_sh_and_shellcheck_clean() -> None:
     assert done.returncode == 0, done.stdout
 
 
-def test_hook_sets_the_three_keys_from_the_running_agent(tmp_path: Path, bus_address: str, backend: str,
+def test_hook_sets_the_four_keys_from_the_running_agent(tmp_path: Path, bus_address: str, backend: str,
                                                          lab: LabVault) -> None:
     daemon = Daemon(bus_address, backend, write_snapd_config(tmp_path, lab.url, lab.directory), tmp_path / "state")
     try:
@@ -63,14 +65,19 @@ def test_hook_sets_the_three_keys_from_the_running_agent(tmp_path: Path, bus_add
     calls = snapctl_calls(tmp_path)
     assert len(calls) == 1 and calls[0][0] == "set"
     values = set_values(calls[0])
-    assert values == served  # what D-Bus serves, each value stored by snapctl as a string
+    headers = values.pop("device-service.headers")
+    assert headers == json.loads(served.pop("device-service.headers"))  # a JSON object: snapd reads a map
+    assert values == served  # what D-Bus serves, each other value stored by snapctl as a string
+    token = (tmp_path / "state" / relay.TOKEN_FILE).read_text().strip()
+    assert headers == {relay.TOKEN_HEADER: token} and len(token) == 64  # the relay's token, and nothing else
     assert values["registration.proposed-serial"] == f"SNAPD-{SOC_SERIAL}"
     assert values["registration.body"] == _expected_body()
     url = str(values["device-service.url"])
     assert url.startswith("http://127.0.0.1:") and url.endswith("/v1/")
     recorded = "\0".join(calls[0])
-    assert "api-key" not in recorded and lab.api_key not in recorded and "device-service.headers" not in recorded
-    assert lab.api_key not in log and "Traceback" not in log
+    assert "api-key" not in recorded.lower() and lab.api_key not in recorded
+    assert lab.api_key not in log and token not in log and "Traceback" not in log
+    assert token not in run.stdout + run.stderr
 
 
 def test_unreachable_agent_fails_within_the_bound_with_one_line(tmp_path: Path, bus_address: str) -> None:
@@ -140,7 +147,7 @@ exec "{sys.executable}" -m agent run --bus session --config "{write_snapd_config
         assert run.returncode == 0, run.stderr + (tmp_path / "agent.log").read_text()
         assert run.eof_lag < EOF_LAG
         assert set(set_values(snapctl_calls(tmp_path)[0])) == {
-            "device-service.url", "registration.proposed-serial", "registration.body"}
+            "device-service.url", "device-service.headers", "registration.proposed-serial", "registration.body"}
         assert owned(address)  # the agent runs on, as a service of the bus, not of the hook
         _stop_activated_agent(address)
     finally:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from agent import assertions, keys, registration, store
+from agent import assertions, keys, registration, relay, store
 from agent.labvault import Forced, LabVault
 from tests.dbus.conftest import Daemon, Recorder, owned, wait_for
 from tests.fakes.snapd_client import USER_AGENT, Attempt, SnapdClient
@@ -29,10 +29,11 @@ from tests.fakes.snapdmode import SOC_SERIAL, hook_env, run_hook, set_values, sn
 class SnapdMode:
     """The agent in snapd mode, and the settings its hook gave snapd."""
 
-    def __init__(self, tmp: Path, bus_address: str, backend: str, lab: LabVault, api_key_file: Path | None = None) -> None:
+    def __init__(self, tmp: Path, bus_address: str, backend: str, lab: LabVault, api_key_file: Path | None = None,
+                 listen: str = "127.0.0.1:0") -> None:
         self.tmp, self.bus_address, self.lab = tmp, bus_address, lab
         self.state, self.backend = tmp / "state", backend
-        self.config = write_snapd_config(tmp, lab.url, lab.directory, api_key_file=api_key_file)
+        self.config = write_snapd_config(tmp, lab.url, lab.directory, api_key_file=api_key_file, listen=listen)
         self.start()
         self.model = assertions.decode((lab.directory / "model.assert").read_bytes())
 
@@ -42,13 +43,23 @@ class SnapdMode:
         wait_for(lambda: owned(self.bus_address))
         hook = run_hook(hook_env(self.tmp, self.bus_address, self.backend))
         assert hook.returncode == 0, hook.stderr
-        self.settings = {k: str(v) for k, v in set_values(snapctl_calls(self.tmp)[-1]).items()}
+        self.settings: dict[str, Any] = {k: v if isinstance(v, dict) else str(v)
+                                         for k, v in set_values(snapctl_calls(self.tmp)[-1]).items()}
 
     def restart(self) -> str:
         log = self.stop()
         wait_for(lambda: not owned(self.bus_address))
         self.start()
         return log
+
+    @property
+    def token(self) -> str:
+        """The relay's token, as the hook put it in snapd's device-service.headers."""
+        return str(self.settings["device-service.headers"][relay.TOKEN_HEADER])
+
+    @property
+    def netloc(self) -> str:
+        return str(urlsplit(self.settings["device-service.url"]).netloc)
 
     def client(self, key: keys.DeviceKey) -> SnapdClient:
         return SnapdClient(self.settings, key, self.model)
@@ -152,6 +163,7 @@ def test_a_vault_refusal_reaches_snapd_as_json_and_shows_on_dbus(tmp_path: Path,
                                                                  lab: LabVault, device_key: keys.DeviceKey) -> None:
     wrong = tmp_path / "wrong-api-key"
     wrong.write_text("not-the-vaults-key\n")
+    wrong.chmod(0o600)  # an api-key file others can read is refused (issue 11)
     mode = SnapdMode(tmp_path, bus_address, backend, lab, api_key_file=wrong)
     try:
         attempt = mode.client(device_key).register()
@@ -179,8 +191,9 @@ def test_the_relay_refuses_another_brand_and_a_second_device_key(tmp_path: Path,
         second_key = mode.client(small_key).register()
         url = mode.settings["device-service.url"]
         junk = _raw_exchange(url, f"POST /v1/serial HTTP/1.1\r\nHost: {urlsplit(url).netloc}\r\n"
+                                  f"{relay.TOKEN_HEADER}: {mode.token}\r\n"
                                   "Content-Type: application/x.ubuntu.assertion\r\n"
-                                  "Content-Length: 4\r\n\r\njunk".encode())
+                                  "Content-Length: 4\r\n\r\njunk".encode(), half_close=False)
         after_key = mode.props()
         posts_after = _serial_posts(lab)
     finally:
@@ -241,7 +254,12 @@ def test_a_serial_the_agent_cannot_trust_is_not_handed_to_snapd(tmp_path: Path, 
 
 
 def _raw_exchange(url: str, data: bytes, half_close: bool = True) -> bytes:
-    """Send ``data`` to the relay as any local process could, and read whatever comes back."""
+    """Send ``data`` to the relay as any local process could, and read whatever comes back.
+
+    ``half_close``: shut our sending side after the request. The relay answers only a live, established
+    socket once it has read the request (snapd never half-closes), so only a malformed request, refused
+    before that, may be sent so.
+    """
     import socket
 
     where = urlsplit(url)
@@ -261,6 +279,8 @@ MALFORMED = [
     b"POST /v1/serial HTTP/1.1\r\nthis header has no colon\r\n\r\n",
     b"POST /v1/serial HTTP/1.1\r\nContent-Length: 100\r\n\r\ntruncated",
     "POST /v1/s\u00e9rial HTTP/1.1\r\nX-\u00e9: \u2603\r\nContent-Length: \u0663\r\n\r\n".encode("utf-8"),
+    b"POST /v1/serial HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\njunk!",  # conflicting
+    b"POST /v1/serial HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4, 5\r\n\r\njunk!",
 ]
 
 
@@ -315,3 +335,269 @@ def test_a_client_that_is_not_root_is_refused(tmp_path: Path, bus_address: str, 
     assert ids_after_nobody == 0  # nothing reached the vault
     assert attempt.error == "" and attempt.serial is not None
     assert "refused a process of uid 65534" in log
+
+
+# --- a local adversary (issue 11) --------------------------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run clients as nobody (setpriv)")
+
+
+def _nobody(script: str, *args: str) -> list[str]:
+    """``script`` run by this interpreter as uid/gid 65534 with no groups, as a local user's process would."""
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c", script, *args]
+
+
+def _request(mode: SnapdMode, endpoint: str, body: bytes = b"", token: str | None = None) -> bytes:
+    """The bytes of one POST to the relay as snapd sends it, with ``token`` (the real one unless told)."""
+    lines = [f"POST /v1/{endpoint} HTTP/1.1", f"Host: {mode.netloc}", f"User-Agent: {USER_AGENT}",
+             f"Content-Length: {len(body)}"]
+    if endpoint == "serial":
+        lines.append("Content-Type: application/x.ubuntu.assertion")
+    if token != "":
+        lines.append(f"{relay.TOKEN_HEADER}: {mode.token if token is None else token}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def _error_code(answer: bytes) -> tuple[int, str]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Content-Type: application/json\r\n" in head, answer
+    return int(head.split(b" ")[1]), json.loads(body)["error_code"]
+
+
+# Connect, send, close at once: the kernel turns the socket into a FIN_WAIT/TIME_WAIT mini-socket listed with
+# uid 0 and inode 0, which a check of /proc/net/tcp rows took for root (attack 1 of issue 11).
+HANG_UP = """
+import socket, sys
+host, port, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+payloads = sys.stdin.buffer.read().split(b"\\0NEXT\\0")
+for _ in range(rounds):
+    for data in payloads:
+        sock = socket.create_connection((host, port), timeout=10)
+        sock.sendall(data)
+        sock.close()
+"""
+
+
+@needs_root
+def test_a_local_user_that_sends_and_hangs_up_at_once_binds_nothing_and_reaches_no_vault(
+        tmp_path: Path, bus_address: str, backend: str, lab: LabVault, device_key: keys.DeviceKey,
+        small_key: keys.DeviceKey) -> None:
+    """Even with the token (say it leaked): a non-root sender is refused, whether it is still connected or gone."""
+    mode = SnapdMode(tmp_path, bus_address, backend, lab)
+    try:
+        attacker = mode.client(small_key)
+        payloads = [_request(mode, "request-id"), _request(mode, "serial", attacker.serial_request("attacker-id"))]
+        done = subprocess.run(_nobody(HANG_UP, mode.netloc.split(":")[0], mode.netloc.split(":")[1], "60"),
+                              input=b"\0NEXT\0".join(payloads), capture_output=True, timeout=120, cwd="/")
+        assert done.returncode == 0, done.stderr
+        forwarded = (lab.requests[("POST", "/v1/request-id")], _serial_posts(lab))
+        before = mode.props()
+        attempt, after = mode.register(device_key)  # root, as snapd, with the token
+    finally:
+        log = mode.stop()
+    assert forwarded == (0, 0)  # nothing of the attacker's reached the vault
+    assert before["DeviceKeyId"] == "" and before["LastError"] == ""  # no key bound, nothing recorded
+    assert attempt.error == "" and attempt.serial is not None
+    assert after["DeviceKeyId"] == device_key.key_id and [r.header("device-key-sha3-384") for r in lab.signed] == \
+        [device_key.key_id]
+    assert "refused" in log and mode.token not in log
+
+
+@needs_root
+def test_a_root_process_without_the_token_is_refused_and_nothing_is_bound_or_forwarded(
+        tmp_path: Path, bus_address: str, backend: str, lab: LabVault, device_key: keys.DeviceKey,
+        small_key: keys.DeviceKey) -> None:
+    """Another root daemon (on Ubuntu Core, another snap's) reaches loopback too: the token is what it lacks."""
+    mode = SnapdMode(tmp_path, bus_address, backend, lab)
+    try:
+        url, stream = mode.settings["device-service.url"], mode.client(small_key).serial_request("root-id")
+        answers = [_raw_exchange(url, data, half_close=False) for data in (
+            _request(mode, "request-id", token=""), _request(mode, "request-id", token="0" * 64),
+            _request(mode, "serial", stream, token=""), _request(mode, "serial", stream, token=mode.token[:-1]))]
+        forwarded = (lab.requests[("POST", "/v1/request-id")], _serial_posts(lab))
+        before = mode.props()
+        attempt, after = mode.register(device_key)
+    finally:
+        log = mode.stop()
+    assert [_error_code(answer) for answer in answers] == [(403, "relay-forbidden")] * 4
+    assert forwarded == (0, 0) and before["DeviceKeyId"] == "" and before["LastError"] == ""
+    assert attempt.error == "" and after["DeviceKeyId"] == device_key.key_id
+    assert "without the relay's token" in log and mode.token not in log
+    token_file = mode.state / relay.TOKEN_FILE
+    assert token_file.read_text().strip() == mode.token and token_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_key_is_bound_only_on_a_request_id_the_relay_handed_out(tmp_path: Path, bus_address: str, backend: str,
+                                                                  lab: LabVault, device_key: keys.DeviceKey,
+                                                                  small_key: keys.DeviceKey) -> None:
+    mode = SnapdMode(tmp_path, bus_address, backend, lab)
+    try:
+        url, client = mode.settings["device-service.url"], mode.client(small_key)
+        made_up = _raw_exchange(url, _request(mode, "serial", client.serial_request("made-up-id")), half_close=False)
+        forwarded, before = _serial_posts(lab), mode.props()
+        attempt, after = mode.register(device_key)
+    finally:
+        log = mode.stop()
+    assert _error_code(made_up) == (503, "relay-unknown-request-id")  # snapd would start again with a fresh id
+    assert forwarded == 0 and before["DeviceKeyId"] == "" and before["LastError"] == ""
+    assert attempt.error == "" and after["DeviceKeyId"] == device_key.key_id
+    assert "was not handed out by this relay" in log
+
+
+# Hold many connections to the relay and open a new one as soon as the relay closes one (attack 3).
+HOLD = """
+import select, socket, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+made = closed = 0
+def connect():
+    global made
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.setblocking(False)
+    made += 1
+    return sock
+socks = [connect() for _ in range(count)]
+print("holding", flush=True)
+while not select.select([sys.stdin], [], [], 0)[0]:
+    for i, sock in enumerate(socks):
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            sock.close()
+            socks[i] = connect()
+            closed += 1
+    select.select([], [], [], 0.005)
+print(made, closed, flush=True)
+"""
+HELD = 64  # eight times the relay's slots
+
+
+@needs_root
+def test_non_root_peers_holding_connections_do_not_starve_snapd(tmp_path: Path, bus_address: str, backend: str,
+                                                                lab: LabVault, device_key: keys.DeviceKey) -> None:
+    mode = SnapdMode(tmp_path, bus_address, backend, lab)
+    host, port = mode.netloc.split(":")
+    holder = subprocess.Popen(_nobody(HOLD, host, port, str(HELD)), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, cwd="/")
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"holding\n"
+        attempts = [mode.client(device_key).register() for _ in range(3)]  # then twice more, registered
+        props = mode.props()
+        out, err = holder.communicate(b"", timeout=30)  # EOF on its stdin: it stops
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        log = mode.stop()
+    assert holder.returncode == 0, err
+    made, closed = map(int, out.split())
+    assert made >= HELD and closed > 0  # it held its connections, and the relay closed each one it refused
+    for attempt in attempts:
+        assert attempt.error == "" and attempt.serial is not None
+        assert [a.status for _, a in attempt.answers] == [200, 200]  # never a 503 relay-busy
+    assert props["State"] == "registered" and props["DeviceKeyId"] == device_key.key_id
+    # The journal is not flooded: one line per uid and minute, with a count.
+    assert 1 <= log.count("refused a process of uid 65534") <= 3, log
+
+
+# Peers that reset or hang up at every step: before sending, mid-head, mid-body.
+RESET = """
+import socket, struct, sys
+host, port, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+parts = [b"", b"POST /v1/request-id HTTP/1.1\\r\\nHost: x\\r\\n", b"POST /v1/serial HTTP/1.1\\r\\nHost: x\\r\\nContent-Length: 99\\r\\n\\r\\nab"]
+for i in range(rounds):
+    sock = socket.create_connection((host, port), timeout=10)
+    if i % 2:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends a reset
+    if parts[i % 3]:
+        sock.sendall(parts[i % 3])
+    sock.close()
+"""
+
+
+@needs_root
+def test_peers_that_reset_or_hang_up_leave_no_traceback_and_the_relay_serves_on(
+        tmp_path: Path, bus_address: str, backend: str, lab: LabVault, device_key: keys.DeviceKey) -> None:
+    mode = SnapdMode(tmp_path, bus_address, backend, lab)
+    host, port = mode.netloc.split(":")
+    try:
+        for command in (_nobody(RESET, host, port, "120"), [sys.executable, "-c", RESET, host, port, "120"]):
+            done = subprocess.run(command, capture_output=True, timeout=120, cwd="/")
+            assert done.returncode == 0, done.stderr
+        alive = mode.daemon.proc.poll() is None
+        attempt, props = mode.register(device_key)
+    finally:
+        log = mode.stop()  # asserts no "Traceback" too
+    assert alive and attempt.error == "" and props["State"] == "registered"
+    for trace in ("Task exception was never retrieved", "ENOTCONN", "Errno 107", "internal error"):
+        assert trace not in log
+
+
+def test_a_serial_swapped_on_disk_is_reported_and_never_served(tmp_path: Path, bus_address: str, backend: str,
+                                                               lab: LabVault, device_key: keys.DeviceKey) -> None:
+    mode = SnapdMode(tmp_path, bus_address, backend, lab)
+    try:
+        first, _ = mode.register(device_key)
+        assert first.serial is not None
+        path = mode.state / store.SERIAL_FILE
+        swapped = path.read_bytes().replace(f"serial: {first.serial.header('serial')}".encode(), b"serial: SWAPPED-1")
+        assert swapped != path.read_bytes()
+        tmp = path.with_name("swap.tmp")
+        tmp.write_bytes(swapped)
+        tmp.chmod(path.stat().st_mode & 0o777)
+        os.replace(tmp, path)  # as an intruder would, while the daemon runs
+        again = mode.client(device_key).register()  # snapd asks again: the relay answers from the registration
+        served = asyncio.run(_serial_assertion(mode.bus_address))
+    finally:
+        log = mode.stop()
+    assert again.error == "" and again.serial is not None
+    assert again.serial.encode() == first.serial.encode() and served == first.serial.encode().decode()
+    assert b"SWAPPED-1" not in again.answers[-1][1].body
+    assert "changed on disk" in log
+
+
+async def _serial_assertion(address: str) -> str:
+    async with Recorder(address) as rec:
+        reply = await rec.call("GetSerialAssertion")
+        return str(reply.body[0])
+
+
+def _listening(netloc: str) -> bool:
+    import socket
+
+    host, port = netloc.split(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_snapds_settings_from_before_a_daemon_restart_still_work(tmp_path: Path, bus_address: str, backend: str,
+                                                                 lab: LabVault, device_key: keys.DeviceKey) -> None:
+    """snapd keeps the token the hook set for the whole attempt (a resumed request-serial task does not run the
+    hook again): the token is kept in the state directory, not made anew at each start."""
+    mode = SnapdMode(tmp_path, bus_address, backend, lab, listen=f"127.0.0.1:{_free_port()}")
+    try:
+        before = dict(mode.settings)
+        logs = mode.stop()
+        wait_for(lambda: not owned(bus_address))
+        mode.daemon = Daemon(bus_address, backend, mode.config, mode.state)  # no hook this time
+        wait_for(lambda: owned(bus_address))
+        wait_for(lambda: _listening(mode.netloc))
+        attempt = SnapdClient(before, device_key, mode.model).register()
+    finally:
+        logs += mode.stop()
+    assert attempt.error == "" and attempt.serial is not None
+    assert mode.token not in logs
