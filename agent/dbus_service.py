@@ -7,11 +7,19 @@ fork ($FACTORY_AGENT_DBUS=dbus_fast|dbus_next picks one; default: dbus-next
 if installed). Handlers answer at once and never let a traceback reach a
 caller: AgentErrors map to io.factoryagent.Agent1.Error.<Name>, anything
 else to ...Error.Internal, with the traceback in the journal only.
+
+No caller can stop the daemon (issue 11): our own writer replaces the
+libraries' (which die on a full socket, see _Writer), replies that would
+wait past fixed caps are dropped, and a lost connection is made again.
 """
 
+import asyncio
 import importlib
 import logging
+import math
 import os
+import time
+from collections import deque
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Protocol
@@ -37,6 +45,14 @@ PROPERTIES: dict[str, tuple[str, str]] = {
     "Identity": ("a{ss}", "identity"),
     "Version": ("s", "version"),
 }
+# Back-pressure (issue 11): reply bytes that may wait in our queue to dbus-daemon. A real client
+# waits for one reply at a time (Introspect and the serial, the largest, are a few KiB).
+PEER_QUEUE_BYTES = 64 * 1024  # for one caller
+QUEUE_BYTES = 1024 * 1024  # for all callers; past it only a caller with nothing waiting is answered
+HARD_QUEUE_BYTES = 4 * 1024 * 1024  # past it nobody is: the bound on our memory, whatever the number of callers
+DROP_LOG_INTERVAL = 60.0  # seconds between two "dropped replies" lines
+# A lost bus connection: try again after 0.5 s, doubling to 30 s.
+RECONNECT_FIRST, RECONNECT_CAP = 0.5, 30.0
 
 
 def backend() -> tuple[ModuleType, ModuleType, ModuleType]:
@@ -199,38 +215,231 @@ def values(snapshot: Snapshot) -> dict[str, Any]:
     return {name: getattr(snapshot, attr) for name, (_, attr) in PROPERTIES.items()}
 
 
-class Service:
-    """A published Agent1: one PropertiesChanged per publish() that changes anything."""
+class _Writer:
+    """Our bus connection's outgoing queue, in place of the library's ``_MessageWriter``.
 
-    def __init__(self, bus: Any, interface: Agent1) -> None:
-        self.bus, self.interface = bus, interface
+    Library defect, worked around here (dbus-next 0.2.3, the last release; dbus-fast 1.84.2
+    in Debian 12 and 5.2.0 on PyPI): ``aio.message_bus._MessageWriter.write_callback`` loops
+    ``sock.send()`` on the non-blocking bus socket and takes the ``BlockingIOError`` (EAGAIN)
+    of a full socket buffer for a fatal error: it finalizes the connection, and
+    ``wait_for_disconnect()`` raises. The buffer fills as soon as callers ask faster than
+    dbus-daemon takes our replies: 16 connections of one unprivileged user flooding the reads
+    the policy allows everyone did it within seconds (tests/dbus/test_flood.py). dbus-fast 1.84.2 also sends the newest
+    queued message first (``deque.pop()``), reordering PropertiesChanged under load. Here a
+    full socket means "wait until it is writable", messages leave in the order sent, and the
+    queue is bounded (see ``refuses``): a reply past the caps is dropped, never queued; a
+    caller that gets none is one that is not reading, and dbus-daemon stops forwarding its calls
+    after max_replies_per_connection (128 on the system bus) replies it still waits for.
+    Signals and our own calls to the bus are never dropped: they are few and ours.
+    """
+
+    def __init__(self, bus: Any, old: Any) -> None:
+        self.bus, self.sock, self.loop, self.fd = bus, bus._sock, bus._loop, bus._fd
+        self.queue: deque[tuple[memoryview, str | None, asyncio.Future[None] | None]] = deque()
+        self.offset = 0  # of queue[0], already sent
+        self.waiting: dict[str, int] = {}  # reply bytes queued, per caller (unique name)
+        self.reply_bytes = self.queued_bytes = 0
+        self.armed = False  # the loop watches the socket for writability
+        self.replies = self.dropped = self.peak_bytes = 0
+        self._unlogged, self._logged_at = 0, -math.inf
+        for data, future in _leftovers(old):  # connect() leaves nothing in practice; kept in order if it does
+            self.queue.append((memoryview(data), None, future))
+            self.queued_bytes += len(data)
+
+    def refuses(self, peer: str, size: int = 0) -> bool:
+        """True if a reply of ``size`` bytes to ``peer`` is to be dropped rather than queued."""
+        waiting = self.waiting.get(peer, 0)
+        replies = self.reply_bytes + size
+        if waiting and (waiting + size > PEER_QUEUE_BYTES or replies > QUEUE_BYTES):
+            return True  # it has not taken what it already asked for
+        return replies > HARD_QUEUE_BYTES
+
+    def schedule_write(self, msg: Any = None, future: asyncio.Future[None] | None = None) -> None:
+        """The libraries' entry point (MessageBus.send() and connect())."""
+        if msg is not None and not self._enqueue(msg, future):
+            _resolve(future)
+        if self.bus.unique_name and self.queue and not self.armed:
+            self._flush()
+            if self.queue:
+                self.loop.add_writer(self.fd, self._flush)
+                self.armed = True
+
+    def _enqueue(self, msg: Any, future: asyncio.Future[None] | None) -> bool:
+        if not self.bus.connected:
+            return False
+        data = msg._marshall(False)  # we never negotiate unix fds
+        peer = msg.destination if msg.message_type in (_lib.MessageType.METHOD_RETURN, _lib.MessageType.ERROR) else None
+        if peer is not None:
+            if self.refuses(peer, len(data)):
+                self.note_dropped()
+                return False
+            self.waiting[peer] = self.waiting.get(peer, 0) + len(data)
+            self.reply_bytes += len(data)
+        self.queue.append((memoryview(data), peer, future))
+        self.queued_bytes += len(data)
+        self.peak_bytes = max(self.peak_bytes, self.queued_bytes)
+        return True
+
+    def _flush(self) -> None:
+        while self.queue:
+            data, peer, future = self.queue[0]
+            try:
+                self.offset += self.sock.send(data[self.offset:])
+            except (BlockingIOError, InterruptedError):
+                return  # full: the loop calls again once the socket is writable
+            except OSError as exc:
+                self._fail(exc)
+                return
+            if self.offset < len(data):
+                return
+            self.queue.popleft()
+            self.offset = 0
+            self._sent(data, peer)
+            _resolve(future)
+        if self.armed:
+            self.loop.remove_writer(self.fd)
+            self.armed = False
+
+    def _sent(self, data: memoryview, peer: str | None) -> None:
+        self.queued_bytes -= len(data)
+        if peer is not None:
+            self.replies += 1
+            self.reply_bytes -= len(data)
+            left = self.waiting.pop(peer) - len(data)
+            if left:
+                self.waiting[peer] = left
+
+    def _fail(self, exc: OSError) -> None:
+        for _, _, future in self.queue:
+            _resolve(future)  # as the library does for a user disconnect; callers learn of it from _finalize
+        self.queue.clear()
+        self.waiting.clear()
+        self.reply_bytes = self.queued_bytes = 0
+        self.bus._finalize(exc)
+
+    def note_dropped(self) -> None:
+        """Counts one call left unanswered; one log line a minute at most."""
+        self.dropped += 1
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at >= DROP_LOG_INTERVAL:
+            log.warning("D-Bus callers ask faster than they read: dropping the replies that would wait past %d KiB "
+                        "for one caller or %d KiB for all (%d since the last such line); the agent goes on",
+                        PEER_QUEUE_BYTES // 1024, QUEUE_BYTES // 1024, self._unlogged)
+            self._unlogged, self._logged_at = 0, now
+
+    def summary(self) -> str:
+        return (f"{self.replies} replies sent, {self.dropped} dropped, at most {self.peak_bytes // 1024} KiB "
+                "queued for the bus")
+
+
+def _leftovers(old: Any) -> list[tuple[bytes, Any]]:
+    """What the library's writer still holds, oldest first."""
+    found = []
+    if getattr(old, "buf", None) is not None:
+        found.append((bytes(old.buf[old.offset:]), old.fut))
+    messages = getattr(old, "messages", ())
+    if isinstance(messages, asyncio.Queue):  # dbus-next
+        messages = [messages.get_nowait() for _ in range(messages.qsize())]
+    found.extend((bytes(buf), future) for buf, _, future in messages)
+    return found
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+class Service:
+    """A published Agent1: one PropertiesChanged per publish() that changes anything.
+
+    The registration never depends on the bus: a lost connection is made again, and the
+    name owned again, with backoff, while the daemon goes on.
+    """
+
+    def __init__(self, bus_kind: str, bus: Any, interface: Agent1) -> None:
+        self.bus_kind, self.bus, self.interface = bus_kind, bus, interface
+        self.closed = False
 
     def publish(self, snapshot: Snapshot) -> None:
         before, after = values(self.interface.snapshot), values(snapshot)
         self.interface.snapshot = snapshot
         changed = {name: value for name, value in after.items() if before[name] != value}
-        if changed:
+        if changed and self.bus.connected:
             self.interface.emit_properties_changed(changed)
 
-    async def fail_on_disconnect(self) -> None:
-        """Returns never; raises when the bus goes away (the daemon exits, systemd restarts it)."""
-        await self.bus.wait_for_disconnect()
-        raise BusError("lost the D-Bus connection")
+    async def stay_connected(self) -> None:
+        """Returns once close()d; until then keeps the name owned on the bus, reconnecting when it is lost."""
+        while not self.closed:
+            try:
+                await self.bus.wait_for_disconnect()
+                cause = "closed by the bus"
+            except Exception as exc:  # the library's error, whatever it is: the connection is gone
+                cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if self.closed:
+                return
+            _log_summary(self.bus)
+            log.warning("lost the D-Bus connection (%s); connecting again with backoff, the registration goes on", cause)
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        delay, attempts = RECONNECT_FIRST, 0
+        while not self.closed:
+            await asyncio.sleep(delay)
+            attempts += 1
+            try:
+                bus = await _connect(self.bus_kind, self.interface)
+            except Exception:  # BusError, or anything else the library raises: try again later
+                delay = min(delay * 2, RECONNECT_CAP)
+                continue
+            if self.closed:
+                bus.disconnect()
+                return
+            self.bus = bus
+            log.info("owns %s on the %s bus again (attempt %d)", BUS_NAME, self.bus_kind, attempts)
+            return
+
+    # daemon.py awaits it by this name: it no longer fails, it returns only after close().
+    fail_on_disconnect = stay_connected
 
     def close(self) -> None:
-        self.bus.disconnect()
+        self.closed = True
+        _log_summary(self.bus)
+        if self.bus.connected:
+            self.bus.disconnect()
+
+
+def _log_summary(bus: Any) -> None:
+    writer = getattr(bus, "_writer", None)
+    if isinstance(writer, _Writer) and writer.dropped:  # quiet unless something was dropped
+        log.info("D-Bus connection ended: %s", writer.summary())
 
 
 async def publish(bus_kind: str, snapshot: Snapshot, get_serial: Callable[[], str], on_retry: Callable[[], None],
                   get_settings: Callable[[], dict[str, str]]) -> Service:
     """Connect to the ``system`` or ``session`` bus, export the object, then own the name (no queueing)."""
-    bus_type = _lib.BusType.SYSTEM if bus_kind == "system" else _lib.BusType.SESSION
     logging.getLogger().addFilter(_ANSWERED_ERRORS)  # dbus-next logs through the root logger
+    interface = Agent1(snapshot, get_serial, on_retry, get_settings)
+    return Service(bus_kind, await _connect(bus_kind, interface), interface)
+
+
+async def _connect(bus_kind: str, interface: Agent1) -> Any:
+    """A connection with our writer, ``interface`` exported, and the name owned; else BusError."""
+    bus_type = _lib.BusType.SYSTEM if bus_kind == "system" else _lib.BusType.SESSION
     try:
         bus = await _aio.MessageBus(bus_type=bus_type).connect()
     except (OSError, ValueError, _lib.errors.DBusError) as exc:
         raise BusError(f"cannot connect to the {bus_kind} bus: {exc}") from None
-    interface = Agent1(snapshot, get_serial, on_retry, get_settings)
+    bus._writer = writer = _Writer(bus, bus._writer)
+
+    def shed(msg: Any) -> bool:
+        """A call whose reply would be dropped is dropped before any work is done for it."""
+        if msg.message_type == _lib.MessageType.METHOD_CALL and msg.sender and writer.refuses(msg.sender):
+            writer.note_dropped()
+            return True
+        return False
+
+    bus.add_message_handler(shed)
     bus.export(OBJECT_PATH, interface)  # before the name: whoever sees the name finds the object
     try:
         reply = await bus.request_name(BUS_NAME, _lib.NameFlag.DO_NOT_QUEUE)
@@ -240,4 +449,4 @@ async def publish(bus_kind: str, snapshot: Snapshot, get_serial: Callable[[], st
     if reply != _lib.RequestNameReply.PRIMARY_OWNER:
         bus.disconnect()
         raise BusError(f"cannot own {BUS_NAME} on the {bus_kind} bus: another factory-agent is running")
-    return Service(bus, interface)
+    return bus
