@@ -21,6 +21,7 @@ import socket
 import ssl
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +91,9 @@ class Vault:
         # Passed on every request: a session-level value loses to $REQUESTS_CA_BUNDLE (requests #3829).
         self.verify = cfg.ca_file or system_ca_bundle()
         # Connection: close, so that every call connects afresh and its deadline knows the socket.
-        self.session.headers.update({"User-Agent": user_agent, "api-key": cfg.api_key, "Connection": "close"})
+        # Accept-Encoding: identity: nothing to decode, so the size cap counts what is used (see _read_capped).
+        self.session.headers.update({"User-Agent": user_agent, "api-key": cfg.api_key, "Connection": "close",
+                                     "Accept-Encoding": "identity"})
         self.session.mount("https://", _Adapter(max_retries=0))
         self.session.mount("http://", _Adapter(max_retries=0))
 
@@ -252,17 +255,53 @@ class _Adapter(requests.adapters.HTTPAdapter):
 
 
 def _read_capped(resp: requests.Response) -> bytes:
-    """The body, at most MAX_RESPONSE_BYTES (the caller's _Deadline bounds the time)."""
+    """The body, at most MAX_RESPONSE_BYTES received and at most as much once decoded.
+
+    The bytes are read as they came (``decode_content=False``): urllib3 would decode every
+    Content-Encoding in a chain before anything here counts a byte, and ``gzip, gzip`` turns 7 KB
+    into gigabytes. We ask for ``identity``; an answer that is encoded all the same is decoded here,
+    each layer capped (see _decoded). The caller's _Deadline bounds the time.
+    """
     declared = resp.headers.get("Content-Length")
     if declared and _DIGITS.fullmatch(declared) and int(declared) > MAX_RESPONSE_BYTES:
         raise VaultTransient(f"the vault's answer is too large ({declared} bytes)")
     chunks, size = [], 0
-    for chunk in resp.iter_content(_CHUNK):
-        size += len(chunk)
-        if size > MAX_RESPONSE_BYTES:
-            raise VaultTransient(f"the vault's answer is too large (over {MAX_RESPONSE_BYTES} bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        for chunk in resp.raw.stream(_CHUNK, decode_content=False):
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise VaultTransient(f"the vault's answer is too large (over {MAX_RESPONSE_BYTES} bytes)")
+            chunks.append(chunk)
+    except urllib3.exceptions.HTTPError as exc:  # as requests' iter_content() would have wrapped it
+        wrapped = {urllib3.exceptions.ReadTimeoutError: requests.exceptions.ConnectionError,
+                   urllib3.exceptions.SSLError: requests.exceptions.SSLError}.get(type(exc),
+                                                                                  requests.exceptions.ChunkedEncodingError)
+        raise wrapped(exc) from exc
+    return _decoded(b"".join(chunks), resp.headers.get("Content-Encoding", ""))
+
+
+# Content-Encodings decoded here (a single one, as a proxy may add despite Accept-Encoding: identity).
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+MAX_ENCODINGS = 1
+
+
+def _decoded(body: bytes, header: str) -> bytes:
+    """``body`` with its Content-Encoding undone, never past MAX_RESPONSE_BYTES; else VaultTransient naming it."""
+    codings = [c.strip().lower() for c in header.split(",") if c.strip() and c.strip().lower() != "identity"]
+    if not codings:
+        return body
+    if len(codings) > MAX_ENCODINGS or codings[0] not in _DECODERS:
+        raise VaultTransient(f"the vault's answer has Content-Encoding {_quoted(header.strip())!r}, which the agent "
+                             f"does not decode (it asks for identity)")
+    decoder = zlib.decompressobj(_DECODERS[codings[0]])
+    try:
+        out = decoder.decompress(body, MAX_RESPONSE_BYTES + 1)
+    except zlib.error:
+        raise VaultTransient(f"the vault's answer is not valid {codings[0]} (Content-Encoding)") from None
+    if len(out) > MAX_RESPONSE_BYTES or decoder.unconsumed_tail:
+        raise VaultTransient(f"the vault's answer is too large once decoded ({codings[0]} to over "
+                             f"{MAX_RESPONSE_BYTES} bytes)")
+    return out
 
 
 def _status_error(status: int, headers: requests.structures.CaseInsensitiveDict[str], body: bytes) -> VaultRejected | VaultTransient:
