@@ -17,6 +17,8 @@ import sys
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from agent.secrecy import no_core_dumps
+
 PUBLIC_EXPONENT = 65537
 _PR_SET_PDEATHSIG = 1
 
@@ -34,6 +36,7 @@ def _die_with_parent(parent: int) -> None:
 
 def main(argv: list[str]) -> int:
     bits, parent = int(argv[0]), int(argv[1])
+    no_core_dumps()  # before the key exists: a crash must not write it to disk
     _die_with_parent(parent)
     key = rsa.generate_private_key(PUBLIC_EXPONENT, bits)
     pem = key.private_bytes(
