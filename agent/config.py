@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import ssl
+import stat
 import string
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
@@ -126,6 +127,7 @@ def load(files: Sequence[Path] | None = None) -> Config:
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
+            _check_owner(path, os.fstat(f.fileno()), "configuration")
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"cannot read configuration {path}: no such file") from None
@@ -138,6 +140,69 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot parse configuration {path}: not UTF-8 text (line {line})") from None
     except RecursionError:
         raise ConfigError(f"cannot parse configuration {path}: arrays or tables nested too deeply") from None
+
+
+# An api-key file holds one line; anything much longer is not one (and is not read whole).
+MAX_API_KEY_BYTES = 4096
+
+
+def _owner_problem(path: Path | str, st: os.stat_result) -> str | None:
+    """Why a file the agent trusts may not be used: nobody but root (or the agent's user) may be able to change it."""
+    if st.st_uid not in (0, os.geteuid()):
+        return (f"is owned by uid {st.st_uid}; only root (or the agent's own user) may own what the agent "
+                f"trusts: run: chown root: {path}")
+    if st.st_mode & 0o022:
+        return f"is writable by others (mode {st.st_mode & 0o7777:04o}): run: chmod go-w {path}"
+    return None
+
+
+def _check_owner(path: Path | str, st: os.stat_result, what: str) -> None:
+    problem = _owner_problem(path, st)
+    if problem:
+        raise ConfigError(f"cannot use {what} {path}: it {problem}")
+
+
+def _read_api_key_file(path: str, fail: Any) -> str:
+    """The api-key file's text: a regular file, root's or ours, 0600 (O_NONBLOCK: a FIFO is refused, not waited on)."""
+    where = "vault.api-key-file"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise fail(where, f"cannot be read ({path}: {exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        problem = _owner_problem(path, st)
+        if problem is None and stat.S_ISDIR(st.st_mode):
+            raise fail(where, f"cannot be read ({path}: Is a directory)")
+        if problem is None and not stat.S_ISREG(st.st_mode):
+            problem = "is not a regular file"
+        if problem is None and st.st_mode & 0o077:
+            problem = f"holds the api-key and others may read it (mode {st.st_mode & 0o7777:04o}): run: chmod 0600 {path}"
+        if problem:
+            raise fail(where, f"cannot be used: {path} {problem}")
+        raw = os.read(fd, MAX_API_KEY_BYTES + 1)
+    except OSError as exc:
+        raise fail(where, f"cannot be read ({path}: {exc.strerror})") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_API_KEY_BYTES:
+        raise fail(where, f"is over {MAX_API_KEY_BYTES} bytes: not an api-key ({path})")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise fail(where, f"cannot be read ({path}: not UTF-8 text)") from None
+
+
+def _check_inline_key_file(path: Path) -> str | None:
+    """Why the configuration file ``path``, which holds the api-key inline, may not: others may read it."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"cannot be checked ({exc.strerror})"
+    if st.st_mode & 0o077:
+        return (f"is set in {path}, which others may read (mode {st.st_mode & 0o7777:04o}): run: chmod 0600 {path}, "
+                "or keep the key in vault.api-key-file (0600)")
+    return None
 
 
 def _check_table(table: Mapping[str, Any], schema: Mapping[str, Any], path: Path, prefix: str) -> dict[str, Any]:
@@ -234,7 +299,7 @@ def _build(merged: Mapping[str, Any], origin: Mapping[str, Path], files: tuple[P
         brand=brand,
         model=model,
         model_assertion=model_assertion,
-        vault=_build_vault(merged, fail),
+        vault=_build_vault(merged, origin, fail),
         serial_template=_check_template(_get(merged, "serial.template"), fail),
         identity=_build_identity(merged, fail),
         files=files,
@@ -276,7 +341,7 @@ def _load_model(path: str, fail: Any) -> assertions.Assertion | None:
     return model
 
 
-def _build_vault(merged: Mapping[str, Any], fail: Any) -> VaultConfig:
+def _build_vault(merged: Mapping[str, Any], origin: Mapping[str, Path], fail: Any) -> VaultConfig:
     url = _get(merged, "vault.url")
     if not url:
         raise fail("vault.url", "is required")
@@ -294,7 +359,7 @@ def _build_vault(merged: Mapping[str, Any], fail: Any) -> VaultConfig:
         _check_ca_file(ca_file, fail)
     return VaultConfig(
         url=url,
-        api_key=_api_key(merged, fail),
+        api_key=_api_key(merged, origin.get("vault.api-key"), fail),
         ca_file=ca_file,
         allow_insecure_http=_get(merged, "vault.allow-insecure-http"),
         trusted_account_keys=_account_keys(_get(merged, "vault.trusted-account-keys"), fail),
@@ -303,20 +368,18 @@ def _build_vault(merged: Mapping[str, Any], fail: Any) -> VaultConfig:
     )
 
 
-def _api_key(merged: Mapping[str, Any], fail: Any) -> str:
+def _api_key(merged: Mapping[str, Any], inline_file: Path | None, fail: Any) -> str:
     """The api-key, checked here because it is sent as an HTTP header: a value http.client cannot
     encode, or requests refuses (and quotes in its error), would fail every exchange, or show the key."""
     inline, path = _get(merged, "vault.api-key"), _get(merged, "vault.api-key-file")
     if inline and path:
         raise fail("vault.api-key", "and vault.api-key-file are both set: keep one")
     key, where = inline.strip(), "vault.api-key"
+    if key and inline_file is not None and (problem := _check_inline_key_file(inline_file)):
+        raise fail(where, problem)
     if path:
         where = "vault.api-key-file"
-        try:
-            key = Path(path).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            cause = getattr(exc, "strerror", None) or "not UTF-8 text"
-            raise fail(where, f"cannot be read ({path}: {cause})") from None
+        key = _read_api_key_file(path, fail).strip()
         if not key:
             raise fail(where, f"is empty ({path})")
     if not key:

@@ -727,6 +727,7 @@ def test_a_vault_refusal_blocks_with_its_code_and_action(batch, case) -> None:
 def _invalid_api_key(env: Env) -> None:
     env.api_key_file = env.tmp / "wrong-api-key"
     env.api_key_file.write_text("0123456789abcdef-not-the-key\n")
+    env.api_key_file.chmod(0o600)  # a wrong key, not one others may read (refused before any exchange)
     env.start()
     env.finish()
 

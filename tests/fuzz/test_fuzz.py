@@ -758,8 +758,10 @@ def config_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The files config paths may name: good ones, bad ones, a directory; nothing else is written here."""
     directory = tmp_path_factory.mktemp("fuzz")
     (directory / "api-key").write_text(SECRET + "\n")
+    (directory / "api-key").chmod(0o600)  # as the agent requires of a file holding the api-key
     for name, text in BAD_KEY_FILES.items():
         (directory / name).write_text(text)
+        (directory / name).chmod(0o600)
     for name in ("brand.account-key", "trusted.assert", "model.assert", "serial.assert"):
         source = {"brand.account-key": "brand/brand.account-key", "trusted.assert": "brand/trusted.assert",
                   "model.assert": "brand/model-acme-gw.assert", "serial.assert": "serial.assert"}[name]
@@ -776,6 +778,7 @@ def _load(directory: Path, texts: list[bytes]) -> config.Config | AgentError:
     for i, text in enumerate(texts):
         path = directory / f"agent-{i}.toml"
         path.write_bytes(text)
+        path.chmod(0o600)  # an inline api-key is taken only from a file others cannot read
         files.append(path)
     result = outcome(lambda: config.load(files), ConfigError)
     if isinstance(result, AgentError):

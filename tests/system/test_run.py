@@ -129,6 +129,7 @@ def test_invalid_api_key_blocks_with_the_vaults_message(tmp_path: Path, lab: Lab
     seed_key(state)
     config = write_config(tmp_path, lab.url, lab.directory)
     (tmp_path / "wrong-key").write_text("not-the-key\n")
+    (tmp_path / "wrong-key").chmod(0o600)
     config.write_text(config.read_text().replace(f'"{lab.directory / "api-key"}"', f'"{tmp_path / "wrong-key"}"'))
     done = run_once(config, state)
     assert done.returncode == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ def write(tmp: Path, name: str, text: str) -> Path:
 
 def base(tmp: Path, extra: str = "", vault: str = "") -> Path:
     (tmp / "api-key").write_text("s3cret-key\n")
+    (tmp / "api-key").chmod(0o600)  # the agent refuses an api-key file others may read
     return write(tmp, "agent.toml", f"""
 brand = "acme"
 model = "acme-gw"
@@ -109,10 +111,70 @@ def test_api_key_problems(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"'vault.api-key-file' cannot be read .*api-key: No such file"):
         config.load([path])
     (tmp_path / "api-key").write_text("\n")
+    (tmp_path / "api-key").chmod(0o600)
     with pytest.raises(ConfigError, match="is empty"):
         config.load([path])
     (tmp_path / "api-key").write_bytes(b"\xff\xfe")
     with pytest.raises(ConfigError, match="not UTF-8"):
+        config.load([path])
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o444])
+def test_an_api_key_file_others_may_read_is_refused_with_the_chmod_to_run(tmp_path: Path, mode: int) -> None:
+    path = base(tmp_path)
+    (tmp_path / "api-key").chmod(mode)
+    with pytest.raises(ConfigError) as info:
+        config.load([path])
+    assert f"'vault.api-key-file' cannot be used: {tmp_path / 'api-key'} holds the api-key and others may read it " \
+           f"(mode {mode:04o}): run: chmod 0600 {tmp_path / 'api-key'}" in str(info.value)
+    assert "s3cret-key" not in str(info.value)
+
+
+def test_an_api_key_file_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    path = base(tmp_path)
+    (tmp_path / "api-key").unlink()
+    os.mkfifo(tmp_path / "api-key", 0o600)  # opened without O_NONBLOCK, this would wait for a writer forever
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        config.load([path])
+
+
+def test_an_inline_api_key_in_a_file_others_may_read_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "agent.toml", """
+brand = "acme"
+model = "acme-gw"
+[vault]
+url = "https://vault.example.com/v1"
+api-key = "inline-s3cret"
+trusted-account-keys = ["%s"]
+""" % ACCOUNT_KEY)
+    path.chmod(0o644)
+    with pytest.raises(ConfigError) as info:
+        config.load([path])
+    assert f"'vault.api-key' is set in {path}, which others may read (mode 0644): run: chmod 0600 {path}" in str(info.value)
+    assert "inline-s3cret" not in str(info.value)
+    path.chmod(0o600)
+    assert config.load([path]).vault.api_key == "inline-s3cret"
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o664, 0o646])
+def test_a_configuration_file_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    path = base(tmp_path)
+    path.chmod(mode)
+    with pytest.raises(ConfigError, match=rf"cannot use configuration {path}: it is writable by others "
+                                          rf"\(mode {mode:04o}\): run: chmod go-w {path}"):
+        config.load([path])
+
+
+def test_a_configuration_or_api_key_file_of_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another uid")
+    path = base(tmp_path)
+    os.chown(tmp_path / "api-key", 65534, 65534)
+    with pytest.raises(ConfigError, match=r"api-key is owned by uid 65534; only root .* run: chown root: "):
+        config.load([path])
+    os.chown(tmp_path / "api-key", 0, 0)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(ConfigError, match=rf"cannot use configuration {path}: it is owned by uid 65534"):
         config.load([path])
 
 
