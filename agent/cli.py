@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__, assertions, errors, keys, openpgp, store
-from .errors import AgentError, AssertionFormatError, ConfigError
+from . import __version__, assertions, errors, keys, openpgp, secrecy, store
+from .errors import AgentError, AssertionFormatError, ConfigError, UntrustedFileError
 
 if TYPE_CHECKING:
     from . import config
@@ -43,10 +43,11 @@ def _read(path: str, what: str) -> bytes:
 
 
 def cmd_key(args: argparse.Namespace) -> int:
+    secrecy.no_core_dumps()
     state_dir = resolve_state_dir(args.state_dir, os.environ)
     key = store.load_device_key(state_dir)
     if key is None and args.generate:
-        store.ensure_state_dir(state_dir)
+        store.Store(state_dir).prepare()  # the lock: never beside a running agent's own generation
         started = time.monotonic()
         key = store.save_device_key(state_dir, keys.generate_key_pem(args.bits))
         print(f"generated {key.public.bits}-bit device key in {time.monotonic() - started:.1f} s", file=sys.stderr)
@@ -110,6 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from . import daemon, systemd
 
+    secrecy.no_core_dumps()  # before the api-key is read
     systemd.setup_logging()
     cfg = _load_config(args)
     systemd.redact([cfg.vault.api_key])  # defence in depth: it is never logged, and never shown if it were
@@ -242,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.func(args))
         except BaseExceptionGroup as group:
             raise _leaf(group) from group
-    except ConfigError as exc:
+    except (ConfigError, UntrustedFileError) as exc:  # a person must fix a file: restarting cannot
         print(f"factory-agent: {exc}", file=sys.stderr)
         return EX_CONFIG
     except AgentError as exc:

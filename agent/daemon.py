@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -164,6 +165,9 @@ class Driver:
         self.identity: identity.DeviceIdentity | None = None
         self.request_id: tuple[str, float] | None = None  # (id, monotonic time fetched)
         self.activity, self.next_retry = "starting", 0.0
+        self.serial_note = ""  # set when the vault signed another serial than the one proposed
+        self.verified_serial: bytes | None = None  # what GetSerialAssertion serves: checked by this process
+        self._serial_stat: tuple[int, int, int, int] | None = None  # serial.assertion when it was last seen
         # Background work returns its AgentError instead of raising it, so a
         # failure feeds the state machine instead of tearing down the TaskGroup.
         self.key_task: asyncio.Task[keys.DeviceKey | AgentError] | None = None
@@ -174,13 +178,45 @@ class Driver:
         self.kick.set()
 
     def serial_assertion(self) -> str:
-        """GetSerialAssertion(): the stored bytes, once registered."""
+        """GetSerialAssertion(): the verified serial held in memory, once registered.
+
+        It is the one this process verified (at registration, or on the first call after a restart,
+        from disk); a serial.assertion changed on disk afterwards is reported, and never served.
+        """
         if self.progress.phase is not Phase.REGISTERED:
             raise NotRegisteredError(f"not registered yet (state {self.status().state})")
+        if self.verified_serial is None:
+            self.verified_serial = self._verify_stored_serial()
+        else:
+            self._notice_swapped_serial()
+        return self.verified_serial.decode("utf-8")
+
+    def _verify_stored_serial(self) -> bytes:
+        path = self.store.dir / store.SERIAL_FILE
         text = self.store.read_serial()
         if text is None:
-            raise NotRegisteredError(f"not registered: {self.store.dir / store.SERIAL_FILE} is missing")
-        return text.decode("utf-8")
+            raise NotRegisteredError(f"not registered: {path} is missing")
+        try:
+            serial = check_serial_for(self.cfg, self.progress.key_id, text)
+        except AgentError as exc:
+            log.error("refusing to serve %s: %s", path, exc)
+            raise SerialRejectedError(f"cannot serve {path}: it is not this device's verified serial ({exc})") from None
+        if serial.header("serial") != self.progress.serial:
+            log.error("refusing to serve %s: it holds serial %s, the state records %s", path,
+                      serial.header("serial"), self.progress.serial)
+            raise SerialRejectedError(f"cannot serve {path}: it holds serial {serial.header('serial')}, "
+                                      f"not the registered {self.progress.serial}")
+        self._serial_stat = file_identity(path)
+        return serial.encode()
+
+    def _notice_swapped_serial(self) -> None:
+        """Warn (once per change) when serial.assertion on disk is no longer the file that was verified."""
+        path = self.store.dir / store.SERIAL_FILE
+        now = file_identity(path)
+        if self._serial_stat is not None and now != self._serial_stat:
+            log.warning("%s changed on disk after it was verified; serving the verified serial %s, not the file",
+                        path, self.progress.serial)
+        self._serial_stat = now
 
     def registration_settings(self) -> dict[str, str]:
         """GetRegistrationSettings(): for snapd mode only (snapd.SnapdDriver)."""
@@ -286,6 +322,8 @@ class Driver:
             return registration.Accepted(request.decode(), answer.retry_after)
         serial = check_serial_for(self.cfg, self.progress.key_id, answer.body)
         await asyncio.to_thread(self.store.save_serial, serial.encode())  # the artifact before the record
+        self.verified_serial, self._serial_stat = serial.encode(), file_identity(self.store.dir / store.SERIAL_FILE)
+        self.serial_note = serial_note(request, serial.header("serial"))
         return registration.Registered(serial.header("serial"))
 
     def _serial_request(self) -> bytes:
@@ -316,6 +354,9 @@ class Driver:
         progress = decision.progress
         if self.identity is not None:
             progress = with_identity(progress, self.identity.fields(self.cfg.identity.allow_weak))
+        if isinstance(outcome, registration.Registered) and self.serial_note:
+            log.warning("%s", self.serial_note)
+            progress = replace(progress, last_error=SERIAL_NOT_PROPOSED, last_error_message=self.serial_note)
         waiting = 0 < decision.delay < math.inf
         if waiting:  # announced with the transition itself: one PropertiesChanged, not two
             self.next_retry = time.time() + decision.delay
@@ -368,6 +409,28 @@ class Driver:
 
 
 T = TypeVar("T")
+
+# LastError of a registered device whose serial is not the one it proposed. The Serial Vault signs the
+# proposed serial; a service that assigns its own (the Model Service may) is obeyed: the signed serial is
+# the device's, and the technician is told which label it does not match.
+SERIAL_NOT_PROPOSED = "serial-not-proposed"
+
+
+def serial_note(request: bytes, signed: str) -> str:
+    """What to say when the vault signed ``signed`` for the serial-request ``request``: "" if it was proposed."""
+    proposed = assertions.decode(request).headers.get("serial", "")
+    if not isinstance(proposed, str) or not proposed or proposed == signed:
+        return ""
+    return f"the vault signed serial {signed}, not the proposed {proposed}: the signed one is this device's"
+
+
+def file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    """Which file is at ``path`` (device, inode, size, mtime), to notice it being replaced; None if none."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def import_adapters() -> None:

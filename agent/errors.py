@@ -87,6 +87,21 @@ class StoreError(AgentError):
     dbus_name = DBUS_ERROR_PREFIX + "Store"
 
 
+class UntrustedFileError(StoreError):
+    """A file or directory the agent would trust is not its own: a symlink, a FIFO, another user's, writable by
+    others, or too large. Nothing is read from it or changed; a person must fix it (exit 78 at start)."""
+
+    code = "untrusted-file"
+    dbus_name = DBUS_ERROR_PREFIX + "UntrustedFile"
+
+
+class StateLockedError(StoreError):
+    """Another factory-agent process holds the state directory's lock."""
+
+    code = "state-locked"
+    dbus_name = DBUS_ERROR_PREFIX + "StateLocked"
+
+
 class AssertionFormatError(AgentError):
     """Bytes that are not a valid assertion in snapd's format.
 

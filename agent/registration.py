@@ -44,6 +44,7 @@ from .errors import (
     RelayRefusedError,
     RemoteFormatError,
     SerialRejectedError,
+    UntrustedFileError,
     VaultClockSkew,
     VaultError,
     VaultRejected,
@@ -90,6 +91,8 @@ ACTIONS = {
     "device-key-lost": "the state records a device key that is no longer on disk: the device identity is lost; "
     "reflash or clear the state directory",
     "device-key": "the device key cannot be generated or stored: check free space in the state directory; retrying",
+    "untrusted-file": "a file in the state directory is not the agent's own (see LastErrorMessage): move it "
+    "aside or fix its owner and mode, then Retry",
     "vault-unavailable": "cannot reach the vault: check the network and vault.url; retrying",
     # snapd mode: the relay's own refusals (snapd retries on its own schedule, up to 24 h apart)
     "relay-wrong-model": "snapd asked for a serial for another brand or model: check brand, model and "
@@ -258,7 +261,7 @@ def needs_person(error: AgentError) -> bool:
         return error.error_code not in TRANSIENT_VAULT_CODES and error.error_code != "invalid-nonce"
     if isinstance(error, RelayRefusedError):
         return error.code != "relay-bad-request"  # garbage is the sender's problem, not the device's
-    return isinstance(error, (SerialRejectedError, IdentityError, DeviceKeyLostError))
+    return isinstance(error, (SerialRejectedError, IdentityError, DeviceKeyLostError, UntrustedFileError))
 
 
 def error_code(error: AgentError) -> str:

@@ -5,23 +5,115 @@ rename (or link, where an existing file must never be replaced), then fsync
 of the directory. A reader therefore sees the old file or the new one, never
 a partial one. Temp files are named ``.<name>.<random>.tmp``; a crash can
 leave one behind, and :func:`remove_stale_temps` clears them at start.
+
+The agent trusts only what it owns (docs/reliability.md, "Local adversary"):
+the directory is a real directory of the agent's uid that nobody else may
+write, every file is opened with O_NOFOLLOW and O_NONBLOCK and used only if
+it is a regular file of the agent's, private where it must be, and no larger
+than its cap; anything else is an UntrustedFileError naming the path and what
+is wrong, and nothing is changed. One process at a time: :meth:`Store.prepare`
+takes an exclusive flock on the directory, held for the process's life, before
+it touches anything in it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
+import logging
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
 
 from . import keys, registration
-from .errors import DeviceKeyError, StoreError
+from .errors import StateLockedError, StoreError, UntrustedFileError
+
+log = logging.getLogger(__name__)
 
 DEVICE_KEY_FILE = "device-key.pem"
 TEMP_SUFFIX = ".tmp"
+# Caps on what is read from the state directory: each file is a few KiB at most (a 4096-bit PEM key is
+# 3.2 KiB, a serial 2 KiB, state.json with a pending serial-request 10 KiB); these leave room and no more.
+MAX_KEY_BYTES = 64 * 1024
+MAX_SERIAL_BYTES = 1024 * 1024  # as much as the vault client takes in one answer
+MAX_STATE_BYTES = 1024 * 1024
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link"}
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def _owner_problem(st: os.stat_result, what: str) -> str | None:
+    if st.st_uid != os.geteuid():
+        return f"{what} is owned by uid {st.st_uid}, not by the agent's uid {os.geteuid()}"
+    return None
+
+
+def check_directory(path: Path, st: os.stat_result) -> None:
+    """The state directory is the agent's: a real directory (not a symlink) of its uid that nobody else may write."""
+    if not stat.S_ISDIR(st.st_mode):
+        raise UntrustedFileError(f"cannot use state directory {path}: it is {_kind(st.st_mode)}, not a directory")
+    problem = _owner_problem(st, "it")
+    if problem is None and st.st_mode & 0o022:
+        problem = f"it is writable by others (mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 0700 {path}"
+    if problem:
+        raise UntrustedFileError(f"cannot use state directory {path}: {problem}")
+
+
+def read_owned(path: Path, limit: int, private: bool = False) -> bytes | None:
+    """The bytes of ``path``, or None when it does not exist; UntrustedFileError unless it is a regular file
+    of the agent's, not writable by others (``private``: not even readable), of at most ``limit`` bytes.
+
+    O_NONBLOCK: opening a FIFO planted in its place returns at once (and is then refused) instead of
+    waiting for a writer forever; O_NOFOLLOW: a symlink is refused, not followed to someone else's file.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UntrustedFileError(f"cannot use {path}: it is a symbolic link; the agent reads only its own "
+                                     "regular files") from None
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        problem = None if stat.S_ISREG(st.st_mode) else f"it is {_kind(st.st_mode)}, not a regular file"
+        problem = problem or _owner_problem(st, "it")
+        mode = stat.S_IMODE(st.st_mode)
+        if problem is None and mode & (0o077 if private else 0o022):
+            problem = (f"it is {'readable' if private else 'writable'} by others (mode {mode:04o}); "
+                       f"run: chmod {'0600' if private else 'go-w'} {path}")
+        if problem is None and st.st_size > limit:
+            problem = f"it is {st.st_size} bytes, more than the {limit} such a file can hold"
+        if problem:
+            raise UntrustedFileError(f"cannot use {path}: {problem}")
+        data = _read_fd(fd, limit + 1)
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # it grew after fstat
+        raise UntrustedFileError(f"cannot use {path}: it is more than the {limit} bytes such a file can hold")
+    return data
+
+
+def _read_fd(fd: int, most: int) -> bytes:
+    chunks, size = [], 0
+    while size < most:
+        chunk = os.read(fd, min(64 * 1024, most - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def fsync_dir(path: Path) -> None:
@@ -70,29 +162,31 @@ def remove_stale_temps(directory: Path) -> list[str]:
 
 
 def save_device_key(state_dir: Path, pem: bytes) -> keys.DeviceKey:
-    """Store a new device key (0600); refuses to replace one that exists."""
+    """Store a new device key (0600); never replaces one that exists: that one is adopted instead.
+
+    A key can appear while ours was being made only from outside the lock (``factory-agent key
+    --generate``, a person restoring a backup): the one on disk is the identity from then on, checked
+    as any stored key is, and ours is dropped. Never a second generation.
+    """
     key = keys.load_key(pem)
     try:
         write_durable(state_dir / DEVICE_KEY_FILE, pem, mode=0o600, replace=False)
     except FileExistsError:
-        raise DeviceKeyError(f"cannot store device key: {state_dir / DEVICE_KEY_FILE} already exists") from None
+        found = load_device_key(state_dir)
+        if found is None:  # gone again meanwhile: the same race once more is no reason to loop
+            raise StoreError(f"cannot store device key: {state_dir / DEVICE_KEY_FILE} appeared and vanished") from None
+        log.warning("%s appeared while a key was being generated; adopting it (key %s)",
+                    state_dir / DEVICE_KEY_FILE, found.key_id)
+        return found
     except OSError as exc:
         raise StoreError(f"cannot store device key in {state_dir}: {exc.strerror}") from None
     return key
 
 
 def load_device_key(state_dir: Path) -> keys.DeviceKey | None:
-    """The stored device key, or None when there is none yet."""
-    path = state_dir / DEVICE_KEY_FILE
-    try:
-        pem = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc.strerror}") from None
-    if os.stat(path).st_mode & 0o077:
-        raise DeviceKeyError(f"cannot use device key: {path} is readable by others (mode must be 0600)")
-    return keys.load_key(pem)
+    """The stored device key, or None when there is none yet (UntrustedFileError unless ours and 0600)."""
+    pem = read_owned(state_dir / DEVICE_KEY_FILE, MAX_KEY_BYTES, private=True)
+    return None if pem is None else keys.load_key(pem)
 
 
 def ensure_state_dir(state_dir: Path) -> None:
@@ -144,24 +238,53 @@ class Store:
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir
+        self._lock: int | None = None  # the .lock file's descriptor, open (and locked) for the process's life
 
     def prepare(self) -> list[str]:
-        """Create the directory if needed; clear temp files a crash left; returns their names."""
+        """Create the directory if needed, check it is ours, take its lock, then clear the temp files a crash
+        left (only the lock's holder may: another instance's may be in flight); returns their names."""
         ensure_state_dir(self.dir)
+        self.lock()
         try:
             return remove_stale_temps(self.dir)
         except OSError as exc:
             raise StoreError(f"cannot clean state directory {self.dir}: {exc.strerror}") from None
 
+    def lock(self) -> None:
+        """The state directory checked (check_directory), then an exclusive flock on it, kept until the process
+        ends; StateLockedError if another process holds it.
+
+        The directory, not a lock file in it: nothing is created, so a second instance changes not one byte,
+        and the lock is on the very inode whose files it guards (a directory renamed away takes its lock with
+        it). flock, not fcntl locks: it belongs to the open file, so no other close() in this process drops
+        it; O_CLOEXEC keeps it out of the key generation child, which must not outlive it holding the lock.
+        """
+        if self._lock is not None:
+            return
+        try:
+            fd = os.open(self.dir, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UntrustedFileError(f"cannot use state directory {self.dir}: it is a symbolic link, "
+                                         "not a directory") from None
+            raise StoreError(f"cannot open state directory {self.dir}: {exc.strerror}") from None
+        try:
+            check_directory(self.dir, os.fstat(fd))  # the directory that was opened, not one swapped in since
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateLockedError(f"another factory-agent holds {self.dir}: one agent per state directory") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock = fd
+
     def load_progress(self) -> tuple[registration.Progress, str | None]:
         """The recorded progress, and the name a corrupt state file was moved to (else None)."""
         path = self.dir / STATE_FILE
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
+        raw = read_owned(path, MAX_STATE_BYTES)
+        if raw is None:
             return registration.Progress(), None
-        except OSError as exc:
-            raise StoreError(f"cannot read {path}: {exc.strerror}") from None
         try:
             return progress_from_json(json.loads(raw)), None
         except (ValueError, TypeError, KeyError):
@@ -175,22 +298,18 @@ class Store:
         self._write(STATE_FILE, data, 0o600)
 
     def has_key(self) -> bool:
-        return (self.dir / DEVICE_KEY_FILE).is_file()
+        """Something is at device-key.pem (whatever it is: loading it says whether it can be used)."""
+        return os.path.lexists(self.dir / DEVICE_KEY_FILE)
 
     def has_artifacts(self) -> bool:
-        """Both the device key and the serial assertion are on disk."""
-        return (self.dir / DEVICE_KEY_FILE).is_file() and (self.dir / SERIAL_FILE).is_file()
+        """Something is at both device-key.pem and serial.assertion."""
+        return self.has_key() and os.path.lexists(self.dir / SERIAL_FILE)
 
     def save_serial(self, text: bytes) -> None:
         self._write(SERIAL_FILE, text, 0o644)
 
     def read_serial(self) -> bytes | None:
-        try:
-            return (self.dir / SERIAL_FILE).read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise StoreError(f"cannot read {self.dir / SERIAL_FILE}: {exc.strerror}") from None
+        return read_owned(self.dir / SERIAL_FILE, MAX_SERIAL_BYTES)
 
     def _write(self, name: str, data: bytes, mode: int) -> None:
         try:

@@ -236,7 +236,8 @@ def open_dir(vault: LabVault) -> Iterator[Path]:
         shutil.copy(vault.directory / name, directory / name)
         (directory / name).chmod(0o644)
     (directory / "api-key").write_text(vault.api_key + "\n")
-    (directory / "api-key").chmod(0o644)  # for this test only: nobody must get past the config to the state
+    (directory / "api-key").chmod(0o600)  # nobody must get past the config to the state: the key is its own
+    os.chown(directory / "api-key", NOBODY, NOBODY)
     config = write_agent_config(directory, vault.url, directory, template="BAD-{soc_serial}", soc_serial=SOC_SERIAL)
     config.chmod(0o644)
     yield directory
@@ -275,6 +276,7 @@ def test_an_unreadable_configuration_file(open_dir: Path, templates: dict[str, P
     state = copy_state(templates["registered"], open_dir / "state")
     chown_tree(state, NOBODY)
     (open_dir / what).chmod(0o600)
+    os.chown(open_dir / what, 0, 0)  # readable by root only
     before = snapshot(state)
     done = run_agent(open_dir / "agent.toml", state, prefix=AS_NOBODY, env={"HOME": str(open_dir)})
     expected = ([f"cannot read configuration {open_dir / what}"] if what == "agent.toml"

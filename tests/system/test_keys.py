@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent import keys, store
-from agent.errors import DeviceKeyError
+from agent.errors import DeviceKeyError, UntrustedFileError
 from tests.conftest import DATA, REPO
 
 
@@ -34,10 +34,13 @@ def test_key_sizes_below_2048_are_refused() -> None:
         keys.generate_key_pem(1024)
 
 
-def test_an_existing_key_is_never_replaced(tmp_path: Path) -> None:
+def test_an_existing_key_is_never_replaced_but_adopted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A key that appeared while ours was made is the identity from then on: never replaced, never a second try."""
     first = store.save_device_key(tmp_path, (DATA / "device" / "device-key.pem").read_bytes())
-    with pytest.raises(DeviceKeyError, match="already exists"):
-        store.save_device_key(tmp_path, (DATA / "brand" / "brand-key.pem").read_bytes())
+    before = (tmp_path / store.DEVICE_KEY_FILE).read_bytes()
+    adopted = store.save_device_key(tmp_path, (DATA / "brand" / "brand-key.pem").read_bytes())
+    assert adopted.key_id == first.key_id and (tmp_path / store.DEVICE_KEY_FILE).read_bytes() == before
+    assert f"appeared while a key was being generated; adopting it (key {first.key_id})" in caplog.text
     assert store.load_device_key(tmp_path).key_id == first.key_id
     assert [p.name for p in tmp_path.iterdir()] == [store.DEVICE_KEY_FILE]  # no temp left behind
 
@@ -49,7 +52,7 @@ def test_no_key_yet_is_none(tmp_path: Path) -> None:
 def test_a_world_readable_key_is_refused(tmp_path: Path) -> None:
     store.save_device_key(tmp_path, (DATA / "device" / "device-key.pem").read_bytes())
     (tmp_path / store.DEVICE_KEY_FILE).chmod(0o644)
-    with pytest.raises(DeviceKeyError, match="mode must be 0600"):
+    with pytest.raises(UntrustedFileError, match=r"readable by others \(mode 0644\); run: chmod 0600 "):
         store.load_device_key(tmp_path)
 
 
