@@ -146,8 +146,16 @@ def _json_entries(data: Mapping[str, Any], key: str, kind: Callable[..., _T], na
 # ---- pure: classification, assembly, output --------------------------------
 
 
+# Longest identity value taken, in UTF-8 bytes. A serial, a CID or a MAC is tens of bytes; a sysfs attribute
+# or static value of 200 KiB would make a serial-request of hundreds of KB, which snapd's decoder refuses.
+MAX_VALUE_BYTES = 256
+_SHOWN_REJECTED = 64  # characters of a rejected value kept for `identity` and the logs
+
+
 def check_value(value: str) -> str | None:
-    """Why ``value`` cannot be an identity (empty, zeros, a placeholder...), or None if it can."""
+    """Why ``value`` cannot be an identity (empty, zeros, a placeholder, too long...), or None if it can."""
+    if len(value) > MAX_VALUE_BYTES or len(value.encode("utf-8", "surrogatepass")) > MAX_VALUE_BYTES:
+        return f"{len(value.encode('utf-8', 'surrogatepass'))} bytes long, over the {MAX_VALUE_BYTES} an identity value may be"
     low = value.strip().lower()
     digits = low.removeprefix("0x")
     if not low:
@@ -168,7 +176,10 @@ def check_value(value: str) -> str | None:
 def accept(name: str, value: str, source: str, path: str, weak: bool = False) -> Value | Rejected:
     """A Value, or a Rejected saying why ``value`` (or ``name``) does not qualify."""
     reason = check_value(value) if _FIELD.fullmatch(name) else "not a field name (a letter, then letters, digits, _)"
-    return Value(name, value, source, path, weak) if reason is None else Rejected(name, value, source, path, reason)
+    if reason is None:
+        return Value(name, value, source, path, weak)
+    shown = value if len(value) <= _SHOWN_REJECTED else value[:_SHOWN_REJECTED - 3] + "..."
+    return Rejected(name, shown, source, path, reason)
 
 
 def decode_attribute(raw: bytes) -> str:

@@ -61,6 +61,25 @@ def test_real_serials_are_accepted(value: str) -> None:
     assert identity.accept("soc_serial", value, "soc-serial", "/p") == Value("soc_serial", value, "soc-serial", "/p")
 
 
+@pytest.mark.parametrize("size", [257, 200 * 1024, 1024 * 1024])
+def test_a_value_longer_than_256_bytes_is_rejected_and_not_carried_whole(size: int) -> None:
+    """A 200 KiB-1 MiB value would make a serial-request snapd's decoder refuses (issue 11, attack 9)."""
+    value = "A" * size
+    rejected = identity.accept("soc_serial", value, "static", "config")
+    assert isinstance(rejected, Rejected)
+    assert rejected.reason == f"{size} bytes long, over the 256 an identity value may be"
+    assert len(rejected.value) <= 64  # what `identity` and the journal show of it
+    found = identity.build_identity([], {"soc_serial": value})
+    assert "soc_serial" not in found.fields(allow_weak=True)
+    with pytest.raises(IdentityError, match="soc_serial"):
+        identity.proposed_serial(found, "{soc_serial}", allow_weak=True)
+
+
+def test_256_bytes_is_still_a_value() -> None:
+    assert identity.check_value("A" * 256) is None
+    assert identity.check_value("\u00e9" * 129) == "258 bytes long, over the 256 an identity value may be"  # UTF-8 bytes
+
+
 def test_reasons_say_what_is_wrong() -> None:
     assert identity.check_value("0000") == "all zeros"
     assert identity.check_value("Default string") == "a known placeholder, not a serial"
