@@ -387,7 +387,7 @@ def test_a_local_user_that_sends_and_hangs_up_at_once_binds_nothing_and_reaches_
     try:
         attacker = mode.client(small_key)
         payloads = [_request(mode, "request-id"), _request(mode, "serial", attacker.serial_request("attacker-id"))]
-        done = subprocess.run(_nobody(HANG_UP, mode.netloc.split(":")[0], mode.netloc.split(":")[1], "60"),
+        done = subprocess.run(_nobody(HANG_UP, mode.netloc.split(":")[0], mode.netloc.split(":")[1], "200"),
                               input=b"\0NEXT\0".join(payloads), capture_output=True, timeout=120, cwd="/")
         assert done.returncode == 0, done.stderr
         forwarded = (lab.requests[("POST", "/v1/request-id")], _serial_posts(lab))
