@@ -242,6 +242,7 @@ class _Writer:
         self.armed = False  # the loop watches the socket for writability
         self.replies = self.dropped = self.peak_bytes = 0
         self._unlogged, self._logged_at = 0, -math.inf
+        self.summarized = False
         for data, future in _leftovers(old):  # connect() leaves nothing in practice; kept in order if it does
             self.queue.append((memoryview(data), None, future))
             self.queued_bytes += len(data)
@@ -370,7 +371,9 @@ class Service:
 
     async def stay_connected(self) -> None:
         """Returns once close()d; until then keeps the name owned on the bus, reconnecting when it is lost."""
+        delay = RECONNECT_FIRST
         while not self.closed:
+            since = time.monotonic()
             try:
                 await self.bus.wait_for_disconnect()
                 cause = "closed by the bus"
@@ -380,24 +383,28 @@ class Service:
                 return
             _log_summary(self.bus)
             log.warning("lost the D-Bus connection (%s); connecting again with backoff, the registration goes on", cause)
-            await self._reconnect()
+            # a bus that keeps dropping us at once is not tried, nor logged, twice a second
+            delay = RECONNECT_FIRST if time.monotonic() - since >= RECONNECT_CAP else delay
+            delay = await self._reconnect(delay)
 
-    async def _reconnect(self) -> None:
-        delay, attempts = RECONNECT_FIRST, 0
+    async def _reconnect(self, delay: float) -> float:
+        """Connected again (or closed); returns the delay to start from the next time."""
+        attempts = 0
         while not self.closed:
             await asyncio.sleep(delay)
             attempts += 1
+            delay = min(delay * 2, RECONNECT_CAP)
             try:
                 bus = await _connect(self.bus_kind, self.interface)
             except Exception:  # BusError, or anything else the library raises: try again later
-                delay = min(delay * 2, RECONNECT_CAP)
                 continue
             if self.closed:
                 bus.disconnect()
-                return
+                break
             self.bus = bus
             log.info("owns %s on the %s bus again (attempt %d)", BUS_NAME, self.bus_kind, attempts)
-            return
+            break
+        return delay
 
     # daemon.py awaits it by this name: it no longer fails, it returns only after close().
     fail_on_disconnect = stay_connected
@@ -411,7 +418,8 @@ class Service:
 
 def _log_summary(bus: Any) -> None:
     writer = getattr(bus, "_writer", None)
-    if isinstance(writer, _Writer) and writer.dropped:  # quiet unless something was dropped
+    if isinstance(writer, _Writer) and writer.dropped and not writer.summarized:  # quiet unless something was dropped
+        writer.summarized = True
         log.info("D-Bus connection ended: %s", writer.summary())
 
 
