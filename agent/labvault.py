@@ -105,7 +105,7 @@ class Faults:
     request-id is burned, so the same request can be posted again (as snapd
     does). Every other knob stays in force until changed: ``delay`` (seconds
     before answering any request), and on signed serials ``other_device_key``,
-    ``wrong_brand``, ``untrusted_key``, ``bad_signature`` (what is signed), then
+    ``wrong_brand``, ``untrusted_key``, ``bad_signature``, ``assigned_serial`` (what is signed), then
     ``truncate`` (first half only), ``oversize`` (that many bytes of padding
     appended) and ``content_type`` ("" sends none) on the response.
     """
@@ -120,6 +120,7 @@ class Faults:
     bad_signature: bool = False
     wrong_brand: str | None = None
     untrusted_key: bool = False
+    assigned_serial: str | None = None  # signed instead of the proposed one, as a vault that assigns serials does
     content_type: str | None = None
 
 
@@ -397,7 +398,7 @@ class LabVault:
         now = self._now()
         headers: dict[str, HeaderValue] = {
             "type": "serial", "authority-id": brand, "revision": str(revision), "brand-id": brand,
-            "model": self.model, "serial": serial, "device-key": device_key,
+            "model": self.model, "serial": faults.assigned_serial or serial, "device-key": device_key,
             "device-key-sha3-384": device_key_id, "timestamp": rfc3339(now),
         }
         try:

@@ -74,6 +74,29 @@ def read_owned(path: Path, limit: int, private: bool = False) -> bytes | None:
     O_NONBLOCK: opening a FIFO planted in its place returns at once (and is then refused) instead of
     waiting for a writer forever; O_NOFOLLOW: a symlink is refused, not followed to someone else's file.
     """
+    fd = _open_owned(path, limit, private)
+    if fd is None:
+        return None
+    try:
+        data = _read_fd(fd, limit + 1)
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # it grew after fstat
+        raise UntrustedFileError(f"cannot use {path}: it is more than the {limit} bytes such a file can hold")
+    return data
+
+
+def check_owned(path: Path, limit: int, private: bool = False) -> bool:
+    """What read_owned() checks, without reading: False when absent, UntrustedFileError when not usable."""
+    fd = _open_owned(path, limit, private)
+    if fd is not None:
+        os.close(fd)
+    return fd is not None
+
+
+def _open_owned(path: Path, limit: int, private: bool) -> int | None:
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
@@ -85,24 +108,21 @@ def read_owned(path: Path, limit: int, private: bool = False) -> bytes | None:
         raise StoreError(f"cannot read {path}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
-        problem = None if stat.S_ISREG(st.st_mode) else f"it is {_kind(st.st_mode)}, not a regular file"
-        problem = problem or _owner_problem(st, "it")
-        mode = stat.S_IMODE(st.st_mode)
-        if problem is None and mode & (0o077 if private else 0o022):
-            problem = (f"it is {'readable' if private else 'writable'} by others (mode {mode:04o}); "
-                       f"run: chmod {'0600' if private else 'go-w'} {path}")
-        if problem is None and st.st_size > limit:
-            problem = f"it is {st.st_size} bytes, more than the {limit} such a file can hold"
-        if problem:
-            raise UntrustedFileError(f"cannot use {path}: {problem}")
-        data = _read_fd(fd, limit + 1)
     except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc.strerror}") from None
-    finally:
         os.close(fd)
-    if len(data) > limit:  # it grew after fstat
-        raise UntrustedFileError(f"cannot use {path}: it is more than the {limit} bytes such a file can hold")
-    return data
+        raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+    problem = None if stat.S_ISREG(st.st_mode) else f"it is {_kind(st.st_mode)}, not a regular file"
+    problem = problem or _owner_problem(st, "it")
+    mode = stat.S_IMODE(st.st_mode)
+    if problem is None and mode & (0o077 if private else 0o022):
+        problem = (f"it is {'readable' if private else 'writable'} by others (mode {mode:04o}); "
+                   f"run: chmod {'0600' if private else 'go-w'} {path}")
+    if problem is None and st.st_size > limit:
+        problem = f"it is {st.st_size} bytes, more than the {limit} such a file can hold"
+    if problem:
+        os.close(fd)
+        raise UntrustedFileError(f"cannot use {path}: {problem}")
+    return fd
 
 
 def _read_fd(fd: int, most: int) -> bytes:
@@ -245,10 +265,18 @@ class Store:
         left (only the lock's holder may: another instance's may be in flight); returns their names."""
         ensure_state_dir(self.dir)
         self.lock()
+        self.check_files()
         try:
             return remove_stale_temps(self.dir)
         except OSError as exc:
             raise StoreError(f"cannot clean state directory {self.dir}: {exc.strerror}") from None
+
+    def check_files(self) -> None:
+        """Every state file that exists is one the agent may use (read_owned's checks, nothing read), so that a
+        planted one stops the start with its path, before the key is loaded in the background or the vault asked."""
+        check_owned(self.dir / DEVICE_KEY_FILE, MAX_KEY_BYTES, private=True)
+        check_owned(self.dir / SERIAL_FILE, MAX_SERIAL_BYTES)
+        check_owned(self.dir / STATE_FILE, MAX_STATE_BYTES)
 
     def lock(self) -> None:
         """The state directory checked (check_directory), then an exclusive flock on it, kept until the process
