@@ -456,8 +456,11 @@ def connect():
     made += 1
     return sock
 socks = [connect() for _ in range(count)]
-print("holding", flush=True)
+told = False
 while not select.select([sys.stdin], [], [], 0)[0]:
+    if not told and closed >= count:  # every first connection refused and replaced: the flood is steady
+        print("holding", flush=True)
+        told = True
     for i, sock in enumerate(socks):
         try:
             data = sock.recv(65536)
@@ -494,7 +497,7 @@ def test_non_root_peers_holding_connections_do_not_starve_snapd(tmp_path: Path, 
         log = mode.stop()
     assert holder.returncode == 0, err
     made, closed = map(int, out.split())
-    assert made >= HELD and closed > 0  # it held its connections, and the relay closed each one it refused
+    assert made >= 2 * HELD and closed >= HELD  # it held its connections, and the relay closed each one it refused
     for attempt in attempts:
         assert attempt.error == "" and attempt.serial is not None
         assert [a.status for _, a in attempt.answers] == [200, 200]  # never a 503 relay-busy
