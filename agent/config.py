@@ -162,6 +162,25 @@ def _check_owner(path: Path | str, st: os.stat_result, what: str) -> None:
         raise ConfigError(f"cannot use {what} {path}: it {problem}")
 
 
+# Assertion files named by the configuration (a model, account-keys): a few KiB each.
+MAX_TRUSTED_BYTES = 1024 * 1024
+
+
+def _read_trusted(path: str, key: str, fail: Any) -> bytes:
+    """The bytes of a file the agent trusts (``key`` names it): root's or ours, writable by nobody else, capped."""
+    try:
+        with open(path, "rb") as f:
+            problem = _owner_problem(path, os.fstat(f.fileno()))
+            if problem:
+                raise fail(key, f"cannot be used: {path} {problem}")
+            data = f.read(MAX_TRUSTED_BYTES + 1)
+    except OSError as exc:
+        raise fail(key, f"cannot be read ({path}: {exc.strerror})") from None
+    if len(data) > MAX_TRUSTED_BYTES:
+        raise fail(key, f"names a file over {MAX_TRUSTED_BYTES} bytes ({path})")
+    return data
+
+
 def _read_api_key_file(path: str, fail: Any) -> str:
     """The api-key file's text: a regular file, root's or ours, 0600 (O_NONBLOCK: a FIFO is refused, not waited on)."""
     where = "vault.api-key-file"
@@ -331,9 +350,7 @@ def _load_model(path: str, fail: Any) -> assertions.Assertion | None:
     if not path:
         return None
     try:
-        model = assertions.decode(Path(path).read_bytes())
-    except OSError as exc:
-        raise fail("model-assertion", f"cannot be read ({path}: {exc.strerror})") from None
+        model = assertions.decode(_read_trusted(path, "model-assertion", fail))
     except AssertionFormatError as exc:
         raise fail("model-assertion", f"is not a model assertion ({path}: {exc})") from None
     if model.type != "model":
@@ -393,6 +410,12 @@ def _api_key(merged: Mapping[str, Any], inline_file: Path | None, fail: Any) -> 
 def _check_ca_file(path: str, fail: Any) -> None:
     """A CA file the TLS layer can load (a directory is a c_rehash'ed one, used as is): else every
     exchange would fail later, and requests reports a missing one as a bare OSError."""
+    try:
+        problem = _owner_problem(path, os.stat(path))
+    except OSError as exc:
+        raise fail("vault.ca-file", f"cannot be used ({path}: {exc.strerror})") from None
+    if problem:
+        raise fail("vault.ca-file", f"cannot be used: {path} {problem}")
     if os.path.isdir(path):
         return
     try:
@@ -406,9 +429,7 @@ def _account_keys(paths: Sequence[str], fail: Any) -> tuple[assertions.Assertion
     found = []
     for path in paths:
         try:
-            stream = assertions.decode_stream(Path(path).read_bytes())
-        except OSError as exc:
-            raise fail("vault.trusted-account-keys", f"cannot be read ({path}: {exc.strerror})") from None
+            stream = assertions.decode_stream(_read_trusted(path, "vault.trusted-account-keys", fail))
         except AssertionFormatError as exc:
             raise fail("vault.trusted-account-keys", f"holds an invalid assertion ({path}: {exc})") from None
         keys = [a for a in stream if a.type == "account-key"]

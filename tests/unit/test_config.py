@@ -178,6 +178,31 @@ def test_a_configuration_or_api_key_file_of_another_user_is_refused(tmp_path: Pa
         config.load([path])
 
 
+@pytest.mark.parametrize("key", ["vault.trusted-account-keys", "model-assertion", "vault.ca-file"])
+def test_a_trusted_file_others_may_write_is_refused(tmp_path: Path, key: str) -> None:
+    """Whoever may change the account-key, the model or the CA decides what the agent trusts."""
+    source = {"vault.trusted-account-keys": DATA / "brand" / "brand.account-key",
+              "model-assertion": DATA / "brand" / "model-acme-gw.assert", "vault.ca-file": None}[key]
+    planted = tmp_path / "trusted"
+    if source is None:
+        import trustme
+
+        trustme.CA().cert_pem.write_to_path(str(planted))
+    else:
+        planted.write_bytes(source.read_bytes())
+    planted.chmod(0o666)
+    line = {"vault.trusted-account-keys": f'trusted-account-keys = ["{planted}"]',
+            "model-assertion": f'model-assertion = "{planted}"', "vault.ca-file": f'ca-file = "{planted}"'}[key]
+    path = base(tmp_path, extra=line if key == "model-assertion" else "", vault=line if key != "model-assertion" else "")
+    if key == "vault.trusted-account-keys":
+        path.write_text(path.read_text().replace(f'trusted-account-keys = ["{ACCOUNT_KEY}"]\n', ""))
+    with pytest.raises(ConfigError, match=rf"'{key}' cannot be used: {planted} is writable by others \(mode 0666\): "
+                                          rf"run: chmod go-w {planted}"):
+        config.load([path])
+    planted.chmod(0o644)
+    config.load([path])
+
+
 def test_trust_is_required_and_checked(tmp_path: Path) -> None:
     path = base(tmp_path)
     path.write_text(path.read_text().replace(f'["{ACCOUNT_KEY}"]', "[]"))
