@@ -159,7 +159,7 @@ class SnapdDriver(daemon.Driver):
 
     async def relay_request_id(self, headers: dict[str, str]) -> relay.Response:
         if self.progress.phase is Phase.REGISTERED:
-            # snapd only wants a request-id to build the serial-request that relay_serial answers from disk;
+            # snapd only wants a request-id to build the serial-request that relay_serial answers from memory;
             # a local one keeps that working when the vault is unreachable or refuses this device now.
             local = f"registered-{secrets.token_hex(8)}"
             self._issued(local)
