@@ -403,8 +403,8 @@ def test_the_daemon_owns_the_name_again_after_the_bus_restarts(tmp_path: Path, s
         system_bus.stop()  # the bus goes away mid-registration; the daemon keeps going without it
         stopped = time.monotonic()
         gate.clear()
-        wait_for(lambda: daemon.check_alive() or (state / "serial.assertion").exists())
-        assert json.loads((state / "state.json").read_text())["phase"] == "registered"
+        wait_for(lambda: daemon.check_alive() or json.loads((state / "state.json").read_text())["phase"] == "registered")
+        assert (state / "serial.assertion").exists()
         time.sleep(max(0.0, stopped + 3.0 - time.monotonic()))  # long enough for attempts at 0.5 s and 1.5 s to fail
         system_bus.start()
         wait_for(lambda: read_state() == 's "registered"', seconds=60)  # the backoff is capped at 30 s
