@@ -423,6 +423,25 @@ def _log_summary(bus: Any) -> None:
         log.info("D-Bus connection ended: %s", writer.summary())
 
 
+def _install_writer(bus: Any) -> None:
+    """Our _Writer on ``bus``, and the filter that drops a call whose reply would be dropped, before any work."""
+    try:
+        writer = _Writer(bus, bus._writer)
+    except (AttributeError, TypeError, ValueError):  # a later release reorganised its internals: it keeps its writer
+        log.warning("cannot bound the D-Bus queue on this %s (its writer changed): a flood of calls may cut "
+                    "the connection, which is then made again", _lib.__name__)
+        return
+    bus._writer = writer
+
+    def shed(msg: Any) -> bool:
+        if msg.message_type == _lib.MessageType.METHOD_CALL and msg.sender and writer.refuses(msg.sender):
+            writer.note_dropped()
+            return True
+        return False
+
+    bus.add_message_handler(shed)
+
+
 async def publish(bus_kind: str, snapshot: Snapshot, get_serial: Callable[[], str], on_retry: Callable[[], None],
                   get_settings: Callable[[], dict[str, str]]) -> Service:
     """Connect to the ``system`` or ``session`` bus, export the object, then own the name (no queueing)."""
@@ -438,16 +457,7 @@ async def _connect(bus_kind: str, interface: Agent1) -> Any:
         bus = await _aio.MessageBus(bus_type=bus_type).connect()
     except (OSError, ValueError, _lib.errors.DBusError) as exc:
         raise BusError(f"cannot connect to the {bus_kind} bus: {exc}") from None
-    bus._writer = writer = _Writer(bus, bus._writer)
-
-    def shed(msg: Any) -> bool:
-        """A call whose reply would be dropped is dropped before any work is done for it."""
-        if msg.message_type == _lib.MessageType.METHOD_CALL and msg.sender and writer.refuses(msg.sender):
-            writer.note_dropped()
-            return True
-        return False
-
-    bus.add_message_handler(shed)
+    _install_writer(bus)
     bus.export(OBJECT_PATH, interface)  # before the name: whoever sees the name finds the object
     try:
         reply = await bus.request_name(BUS_NAME, _lib.NameFlag.DO_NOT_QUEUE)
