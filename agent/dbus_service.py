@@ -382,7 +382,8 @@ class Service:
             if self.closed:
                 return
             _log_summary(self.bus)
-            log.warning("lost the D-Bus connection (%s); connecting again with backoff, the registration goes on", cause)
+            log.warning("lost the D-Bus connection (%s); connecting again with backoff, the registration goes on",
+                        cause)
             # a bus that keeps dropping us at once is not tried, nor logged, twice a second
             delay = RECONNECT_FIRST if time.monotonic() - since >= RECONNECT_CAP else delay
             delay = await self._reconnect(delay)

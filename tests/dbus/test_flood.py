@@ -321,6 +321,15 @@ async def until(predicate: Any, what: str, seconds: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def posts(lab: LabVault) -> int:
+    """How many serial-requests the daemon has posted."""
+    return lab.requests[("POST", SERIAL_PATH)]
+
+
+def phase(state: Path) -> str:
+    return str(json.loads((state / "state.json").read_text())["phase"])
+
+
 def states(rec: Recorder) -> list[str]:
     return [s["State"] for s in rec.signals if "State" in s]
 
@@ -340,7 +349,7 @@ def test_a_flood_from_nobody_neither_stops_nor_starves_the_daemon(tmp_path: Path
             flood: Flooder | None = None
             try:
                 await until(lambda: daemon.check_alive() or "waiting-retry" in states(rec), "the first 503")
-                flood, attempts = Flooder(system_bus, mode), lab.requests[("POST", SERIAL_PATH)]
+                flood, attempts = Flooder(system_bus, mode), posts(lab)
 
                 def flooding(count: int) -> bool:
                     daemon.check_alive()
@@ -348,7 +357,7 @@ def test_a_flood_from_nobody_neither_stops_nor_starves_the_daemon(tmp_path: Path
                     return flood.sent >= count  # type: ignore[union-attr]
 
                 # the flood is on, and the daemon has gone on trying to register through it
-                await until(lambda: flooding(SENT_BEFORE_REGISTERING) and lab.requests[("POST", SERIAL_PATH)] >= attempts + 2,
+                await until(lambda: flooding(SENT_BEFORE_REGISTERING) and posts(lab) >= attempts + 2,
                             f"{SENT_BEFORE_REGISTERING} calls sent and two more attempts to register")
                 assert "registered" not in states(rec) and not (state / "serial.assertion").exists()
                 signals_before, figures["sent_while_held"] = len(rec.signals), flood.sent
@@ -399,11 +408,11 @@ def test_the_daemon_owns_the_name_again_after_the_bus_restarts(tmp_path: Path, s
         return done.stdout.strip() if done.returncode == 0 else None
 
     try:
-        wait_for(lambda: read_state() == 's "waiting-retry"' and lab.requests[("POST", SERIAL_PATH)] >= 2)
+        wait_for(lambda: read_state() == 's "waiting-retry"' and posts(lab) >= 2)
         system_bus.stop()  # the bus goes away mid-registration; the daemon keeps going without it
         stopped = time.monotonic()
         gate.clear()
-        wait_for(lambda: daemon.check_alive() or json.loads((state / "state.json").read_text())["phase"] == "registered")
+        wait_for(lambda: daemon.check_alive() or phase(state) == "registered")
         assert (state / "serial.assertion").exists()
         time.sleep(max(0.0, stopped + 3.0 - time.monotonic()))  # long enough for attempts at 0.5 s and 1.5 s to fail
         system_bus.start()
