@@ -482,7 +482,7 @@ async def main(cfg: Config, state_dir: Path, *, once: bool, bus: str = "none", p
         async with asyncio.TaskGroup() as tg:
             helpers = [tg.create_task(systemd.watchdog_loop())]
             if service is not None:
-                helpers.append(tg.create_task(service.fail_on_disconnect()))
+                helpers.append(tg.create_task(service.stay_connected()))  # a lost bus is reconnected, never fatal
             progress = await driver.run(tg, once)
             for task in (*helpers, driver.key_task, driver.identity_task):
                 if task is not None:

@@ -407,9 +407,6 @@ class Service:
             break
         return delay
 
-    # daemon.py awaits it by this name: it no longer fails, it returns only after close().
-    fail_on_disconnect = stay_connected
-
     def close(self) -> None:
         self.closed = True
         _log_summary(self.bus)
