@@ -379,14 +379,15 @@ class Driver:
         self.next_retry = 0.0
 
     async def _wait_for_retry(self, step: Step) -> bool:
-        """Registered: serve status until stopped. Blocked: wait for Retry(), then go on."""
-        self.kick.clear()
-        await self.kick.wait()
-        if step is Step.BLOCKED:
-            await self._commit(registration.unblock(self.progress))
-            self.identity = None if self.progress.blocked_by == "identity" else self.identity
-            return True
-        return False
+        """Registered: serve status until stopped (SIGTERM); a Retry() then has nothing to do, and used to end
+        the daemon (exit 0, which systemd does not restart). Blocked: wait for Retry(), then go on."""
+        while True:
+            self.kick.clear()
+            await self.kick.wait()
+            if step is Step.BLOCKED:
+                await self._commit(registration.unblock(self.progress))
+                self.identity = None if self.progress.blocked_by == "identity" else self.identity
+                return True
 
     def _set_activity(self, activity: str) -> None:
         self.activity, self.next_retry = activity, 0.0

@@ -115,21 +115,23 @@ class Agent1(_service.ServiceInterface):  # type: ignore[name-defined]
         except Exception as exc:  # never a traceback to the caller
             raise _dbus_error(exc) from None
 
+    # Retry and GetRegistrationSettings are answered by _RootOnly, which checks the caller's uid first; these
+    # declare them (introspection) and are what a call would reach if that check were ever bypassed: a refusal.
     @_service.method()
     @_signature("")
     def Retry(self) -> None:
-        try:
-            self._on_retry()
-        except Exception as exc:
-            raise _dbus_error(exc) from None
+        raise _lib.DBusError("org.freedesktop.DBus.Error.AccessDenied", "Retry() is for root only")
 
     @_service.method()
     @_signature("a{ss}")
     def GetRegistrationSettings(self) -> dict[str, str]:
-        try:
-            return dict(self._get_settings())
-        except Exception as exc:
-            raise _dbus_error(exc) from None
+        raise _lib.DBusError("org.freedesktop.DBus.Error.AccessDenied", "GetRegistrationSettings() is for root only")
+
+    def retry(self) -> None:
+        self._on_retry()
+
+    def settings(self) -> dict[str, str]:
+        return dict(self._get_settings())
 
     @_service.dbus_property(access=_service.PropertyAccess.READ)
     @_signature("s")
@@ -440,6 +442,67 @@ def _install_writer(bus: Any) -> None:
     bus.add_message_handler(shed)
 
 
+# Methods only root may call. The project's bus policy already says so on Debian, but on Ubuntu Core the
+# slot's policy is snapd's, which lets anyone send to the name: the agent checks the caller's uid itself.
+ROOT_ONLY = frozenset({"Retry", "GetRegistrationSettings"})
+MAX_ROOT_CHECKS = 32  # uid look-ups in flight; past that a caller is answered LimitsExceeded at once
+
+
+class _RootOnly:
+    """Answers the ROOT_ONLY members itself, after asking the bus for the caller's uid (GetConnectionUnixUser)."""
+
+    def __init__(self, bus: Any, interface: Agent1) -> None:
+        self.bus, self.interface = bus, interface
+        self.checks: set[asyncio.Task[None]] = set()
+
+    def intercept(self, msg: Any) -> Any:
+        """A bus message handler: True (handled) for a ROOT_ONLY call, which is answered by a task; else False."""
+        if msg.message_type != _lib.MessageType.METHOD_CALL or msg.path != OBJECT_PATH \
+                or msg.interface != INTERFACE or msg.member not in ROOT_ONLY:
+            return False
+        if len(self.checks) >= MAX_ROOT_CHECKS:
+            return _lib.Message.new_error(msg, "org.freedesktop.DBus.Error.LimitsExceeded", "too many calls at once")
+        task = asyncio.get_running_loop().create_task(self._answer(msg))
+        self.checks.add(task)
+        task.add_done_callback(self.checks.discard)
+        return True
+
+    async def _answer(self, msg: Any) -> None:
+        if await self._caller_uid(msg.sender) not in (0, os.geteuid()):  # the agent's own user: a session bus
+            log.warning("refused %s from %s: root only", msg.member, msg.sender)
+            reply = _lib.Message.new_error(msg, "org.freedesktop.DBus.Error.AccessDenied",
+                                           f"{msg.member}() is for root only")
+        elif msg.signature != "":
+            reply = _lib.Message.new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs", f"{msg.member}() takes no arguments")
+        else:
+            reply = self._call(msg)
+        if not msg.flags & _lib.MessageFlag.NO_REPLY_EXPECTED:
+            self.bus.send(reply)
+
+    def _call(self, msg: Any) -> Any:
+        try:
+            if msg.member == "Retry":
+                self.interface.retry()
+                return _lib.Message.new_method_return(msg)
+            return _lib.Message.new_method_return(msg, "a{ss}", [self.interface.settings()])
+        except Exception as exc:  # never a traceback to the caller
+            error: Any = _dbus_error(exc)  # a DBusError of the chosen library
+            return _lib.Message.new_error(msg, error.type, error.text)
+
+    async def _caller_uid(self, sender: str | None) -> int | None:
+        if not sender:
+            return None
+        ask = _lib.Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                           interface="org.freedesktop.DBus", member="GetConnectionUnixUser", signature="s", body=[sender])
+        try:
+            reply = await self.bus.call(ask)
+        except Exception:  # noqa: BLE001 - the bus went away: nobody to answer, and no uid
+            return None
+        if reply is None or reply.message_type != _lib.MessageType.METHOD_RETURN:
+            return None
+        return int(reply.body[0])
+
+
 async def publish(bus_kind: str, snapshot: Snapshot, get_serial: Callable[[], str], on_retry: Callable[[], None],
                   get_settings: Callable[[], dict[str, str]]) -> Service:
     """Connect to the ``system`` or ``session`` bus, export the object, then own the name (no queueing)."""
@@ -456,6 +519,7 @@ async def _connect(bus_kind: str, interface: Agent1) -> Any:
     except (OSError, ValueError, _lib.errors.DBusError) as exc:
         raise BusError(f"cannot connect to the {bus_kind} bus: {exc}") from None
     _install_writer(bus)
+    bus.add_message_handler(_RootOnly(bus, interface).intercept)
     bus.export(OBJECT_PATH, interface)  # before the name: whoever sees the name finds the object
     try:
         reply = await bus.request_name(BUS_NAME, _lib.NameFlag.DO_NOT_QUEUE)

@@ -177,15 +177,15 @@ print(json.dumps({"t": time.time(), "done": True, **stats, "errors": errors}), f
 '''
 
 
-def bus_config(directory: Path) -> str:
-    """Debian's system.conf (its default-deny policy and limits) listening in ``directory``, plus our policy."""
+def bus_config(directory: Path, policy: Path = REPO / "systemd" / "io.factoryagent.Agent1.conf") -> str:
+    """Debian's system.conf (its default-deny policy and limits) listening in ``directory``, plus ``policy``."""
     root = ET.parse("/usr/share/dbus-1/system.conf").getroot()
     dropped = {"user", "fork", "pidfile", "syslog", "listen", "include", "includedir",
                "servicedir", "standard_system_servicedirs", "servicehelper"}
     for element in [e for e in root if e.tag in dropped]:
         root.remove(element)
     ET.SubElement(root, "listen").text = f"unix:path={directory}/bus"
-    ET.SubElement(root, "include").text = str(REPO / "systemd" / "io.factoryagent.Agent1.conf")
+    ET.SubElement(root, "include").text = str(policy)
     return ('<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"\n'
             ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n' + ET.tostring(root, "unicode"))
 
@@ -193,9 +193,9 @@ def bus_config(directory: Path) -> str:
 class SystemBus:
     """A private dbus-daemon configured like the system bus; stop() and start() again keep its address."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, policy: Path | None = None) -> None:
         self.directory = directory
-        (directory / "bus.conf").write_text(bus_config(directory))
+        (directory / "bus.conf").write_text(bus_config(directory, *([policy] if policy else [])))
         self.proc: subprocess.Popen[str] | None = None
         self.address = ""
 

@@ -1,0 +1,79 @@
+"""Retry() and GetRegistrationSettings() are root's even where the bus policy lets anyone call them.
+
+On Ubuntu Core the agent's D-Bus slot gets snapd's policy, which lets any user send to the name; the
+agent then checks the caller's uid itself (GetConnectionUnixUser). Here a private system-like
+dbus-daemon loads a policy shaped like snapd's, the real daemon runs as root, and uid 65534 calls.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.labvault import LabVault
+from tests.dbus.conftest import BUS_NAME, PATH, seed_key, wait_for, write_config
+from tests.dbus.test_flood import SystemBus, SystemDaemon
+
+NOBODY = 65534
+# What snapd writes for a `dbus` slot on the system bus: root owns the name, anyone may send to it.
+SNAPD_LIKE_POLICY = f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <policy user="root"><allow own="{BUS_NAME}"/></policy>
+  <policy context="default"><allow send_destination="{BUS_NAME}"/></policy>
+</busconfig>
+"""
+
+
+@pytest.fixture
+def open_bus() -> Iterator[SystemBus]:
+    if os.geteuid() != 0 or not all(map(shutil.which, ("dbus-daemon", "setpriv", "busctl"))):
+        pytest.skip("needs root, dbus-daemon, setpriv and busctl")
+    if not Path("/usr/share/dbus-1/system.conf").exists():
+        pytest.skip("no system bus configuration to start from")
+    directory = Path(tempfile.mkdtemp(prefix="fa-rootonly-"))
+    directory.chmod(0o755)  # nobody reaches the socket in here
+    (directory / "snapd-like.conf").write_text(SNAPD_LIKE_POLICY)
+    bus = SystemBus(directory, directory / "snapd-like.conf")
+    try:
+        bus.start()
+        yield bus
+    finally:
+        bus.stop()
+        shutil.rmtree(directory)
+
+
+def call(address: str, uid: int, member: str) -> subprocess.CompletedProcess[str]:
+    as_user = [] if uid == 0 else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    return subprocess.run([*as_user, "busctl", f"--address={address}", "call", BUS_NAME, PATH, BUS_NAME, member],
+                          capture_output=True, text=True, timeout=20, check=False)
+
+
+def test_nobody_is_refused_by_the_agent_where_the_bus_lets_it_through(tmp_path: Path, open_bus: SystemBus,
+                                                                       backend: str, lab: LabVault) -> None:
+    state = tmp_path / "state"
+    seed_key(state)
+    daemon = SystemDaemon(open_bus, backend, write_config(tmp_path, lab), state)
+    try:
+        wait_for(lambda: call(open_bus.address, 0, "GetSerialAssertion").returncode == 0)  # registered, name owned
+        # The bus lets nobody through (a method the agent does not guard answers it) ...
+        served = call(open_bus.address, NOBODY, "GetSerialAssertion")
+        assert served.returncode == 0 and "type: serial" in served.stdout, served.stderr
+        # ... the agent does not.
+        for member in ("Retry", "GetRegistrationSettings"):
+            refused = call(open_bus.address, NOBODY, member)  # busctl shows AccessDenied as "Access denied"
+            assert refused.returncode != 0 and "Access denied" in refused.stderr, refused
+            assert f"refused {member} from :" in daemon.stderr()  # the agent's refusal, not the bus's
+        assert call(open_bus.address, 0, "Retry").returncode == 0
+        as_root = call(open_bus.address, 0, "GetRegistrationSettings")
+        assert "the agent runs in standalone mode" in as_root.stderr, as_root  # past the check, to the daemon
+        daemon.check_alive()
+    finally:
+        log = daemon.stop()
+    assert log.count("root only") == 2 and "Traceback" not in log
