@@ -17,6 +17,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,6 +188,7 @@ def _huge(path: Path) -> None:
     path.chmod(0o600)
 
 
+HUNG = 30.0  # far beyond the ~0.1 s a refusal takes, and far short of "forever"
 ODD = {"fifo": (_fifo, "it is a FIFO, not a regular file"), "dev-zero": (_to_dev_zero, "it is a symbolic link"),
        "600-mib": (_huge, "it is 629145600 bytes, more than the")}
 
@@ -204,13 +206,15 @@ def test_odd_files_are_refused_at_once_in_bounded_memory(name: str, odd: str, tm
     started = time.monotonic()
     with open(err, "w") as stderr:
         proc = subprocess.Popen(agent_argv(config, state, "--once"), cwd=REPO, env=ENV, stderr=stderr)
+        hung = threading.Timer(HUNG, proc.kill)  # a daemon stuck on the FIFO would otherwise stall the suite
+        hung.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         finally:
-            if proc.poll() is None:
-                proc.kill()
+            hung.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.monotonic() - started
+    assert elapsed < HUNG, f"still running after {HUNG:g} s: killed"
     done = subprocess.CompletedProcess(proc.args, proc.returncode, "", err.read_text())
     refused(done, str(state / name), why)
     assert snapshot(state) == before and vault_calls(lab) == 0
