@@ -17,7 +17,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 
 from agent.labvault import LabVault
 from tests.conftest import DATA, REPO
+from tests.fakes import peak
 from tests.fakes.agentconf import seed_key, write_agent_config
 
 NOBODY = 65534
@@ -205,21 +205,22 @@ def test_odd_files_are_refused_at_once_in_bounded_memory(name: str, odd: str, tm
     err = tmp_path / "stderr"
     started = time.monotonic()
     with open(err, "w") as stderr:
-        proc = subprocess.Popen(agent_argv(config, state, "--once"), cwd=REPO, env=ENV, stderr=stderr)
-        hung = threading.Timer(HUNG, proc.kill)  # a daemon stuck on the FIFO would otherwise stall the suite
-        hung.start()
+        proc = peak.run(agent_argv(config, state, "--once"), tmp_path / "peak", cwd=REPO, env=ENV, stderr=stderr,
+                        start_new_session=True)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            proc.wait(timeout=HUNG)  # a daemon stuck on the FIFO would otherwise stall the suite
         finally:
-            hung.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     elapsed = time.monotonic() - started
     assert elapsed < HUNG, f"still running after {HUNG:g} s: killed"
     done = subprocess.CompletedProcess(proc.args, proc.returncode, "", err.read_text())
     refused(done, str(state / name), why)
     assert snapshot(state) == before and vault_calls(lab) == 0
-    print(f"{name} {odd}: refused in {elapsed:.2f} s, peak RSS {usage.ru_maxrss / 1024:.1f} MiB")
-    assert usage.ru_maxrss < 100 * 1024
+    peak_kib = peak.peak_kib(tmp_path / "peak")
+    print(f"{name} {odd}: refused in {elapsed:.2f} s, peak RSS {peak_kib / 1024:.1f} MiB")
+    assert peak_kib < 100 * 1024
 
 
 # ---- attack 5: one agent per state directory -------------------------------------------------------
