@@ -13,6 +13,7 @@ registration, so the two overlap whatever the machine's speed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -215,21 +216,32 @@ class SystemBus:
             self.proc = None
 
 
-@pytest.fixture
-def system_bus() -> Iterator[SystemBus]:
-    if os.geteuid() != 0 or not all(map(shutil.which, ("dbus-daemon", "setpriv"))):
-        pytest.skip("needs root, dbus-daemon and setpriv")
+@contextlib.contextmanager
+def private_system_bus(policy_text: str | None = None) -> Iterator[SystemBus]:
+    """A started SystemBus in a fresh 0755 directory, with our policy or ``policy_text``; skips where it cannot run."""
+    if os.geteuid() != 0 or not all(map(shutil.which, ("dbus-daemon", "setpriv", "busctl"))):
+        pytest.skip("needs root, dbus-daemon, setpriv and busctl")
     if not Path("/usr/share/dbus-1/system.conf").exists():
         pytest.skip("no system bus configuration to start from")
-    directory = Path(tempfile.mkdtemp(prefix="fa-flood-"))
+    directory = Path(tempfile.mkdtemp(prefix="fa-bus-"))
     directory.chmod(0o755)  # nobody reaches the socket and the flooder's script in here, and nothing else of ours
-    bus = SystemBus(directory)
+    policy = None
+    if policy_text is not None:
+        policy = directory / "policy.conf"
+        policy.write_text(policy_text)
+    bus = SystemBus(directory, policy)
     try:
         bus.start()
         yield bus
     finally:
         bus.stop()
         shutil.rmtree(directory)
+
+
+@pytest.fixture
+def system_bus() -> Iterator[SystemBus]:
+    with private_system_bus() as bus:
+        yield bus
 
 
 def peak_rss(pid: int) -> int:

@@ -7,10 +7,7 @@ dbus-daemon loads a policy shaped like snapd's, the real daemon runs as root, an
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +15,7 @@ import pytest
 
 from agent.labvault import LabVault
 from tests.dbus.conftest import BUS_NAME, PATH, seed_key, wait_for, write_config
-from tests.dbus.test_flood import SystemBus, SystemDaemon
+from tests.dbus.test_flood import SystemBus, SystemDaemon, private_system_bus
 
 NOBODY = 65534
 # What snapd writes for a `dbus` slot on the system bus: root owns the name, anyone may send to it.
@@ -33,20 +30,8 @@ SNAPD_LIKE_POLICY = f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bu
 
 @pytest.fixture
 def open_bus() -> Iterator[SystemBus]:
-    if os.geteuid() != 0 or not all(map(shutil.which, ("dbus-daemon", "setpriv", "busctl"))):
-        pytest.skip("needs root, dbus-daemon, setpriv and busctl")
-    if not Path("/usr/share/dbus-1/system.conf").exists():
-        pytest.skip("no system bus configuration to start from")
-    directory = Path(tempfile.mkdtemp(prefix="fa-rootonly-"))
-    directory.chmod(0o755)  # nobody reaches the socket in here
-    (directory / "snapd-like.conf").write_text(SNAPD_LIKE_POLICY)
-    bus = SystemBus(directory, directory / "snapd-like.conf")
-    try:
-        bus.start()
+    with private_system_bus(SNAPD_LIKE_POLICY) as bus:
         yield bus
-    finally:
-        bus.stop()
-        shutil.rmtree(directory)
 
 
 def call(address: str, uid: int, member: str) -> subprocess.CompletedProcess[str]:
