@@ -57,7 +57,11 @@ MAX_LENGTH_DIGITS = 8  # a longer Content-Length (leading zeros included) is no 
 READ_TIMEOUT = 30.0  # a client that sends its request slower than this is not snapd
 # Status for a failure with no HTTP answer from the vault. snapd retries what is above 500 (every
 # 60 s) and gives up this attempt on anything else, so: above 500 unless a person must act first.
-RETRY_STATUS, REFUSED_STATUS = 502, 400
+RETRY_STATUS, REFUSED_STATUS = 503, 400
+# Vault answers that mean "not now" but that snapd would take as the end of its attempt (it retries only
+# above 500; anything else waits its change backoff, 5 min doubling to 24 h): passed on as RETRY_STATUS,
+# with the vault's JSON body, so that snapd tries again in 60 s.
+SNAPD_FINAL_TRANSIENT = frozenset({408, 425, 429, 500})
 
 
 ASSERTION_TYPE = "application/x.ubuntu.assertion"  # what snapd's serial POST carries, exactly
@@ -154,6 +158,7 @@ def passed_on(status: int, content_type: str | None, body: bytes, error: AgentEr
     """
     if status < 300:
         return Response(status, body, _header_value(content_type))
+    status = RETRY_STATUS if status in SNAPD_FINAL_TRANSIENT else status
     if _is_json_object(body):
         return Response(status, body, JSON_TYPE)
     if error is None:

@@ -237,6 +237,26 @@ def test_202_and_5xx_pass_through_so_snapd_polls_and_retries(tmp_path: Path, bus
     assert props["LastError"] == ""
 
 
+@pytest.mark.parametrize("endpoint", ["request-id", "serial"])
+@pytest.mark.parametrize("status", [500, 429])
+def test_a_vault_500_or_429_keeps_snapd_retrying_within_its_attempt(tmp_path: Path, bus_address: str, backend: str,
+                                                                    lab: LabVault, device_key: keys.DeviceKey,
+                                                                    endpoint: str, status: int) -> None:
+    """snapd ends its attempt on anything but >500 and then waits its change backoff (5 min doubling to 24 h):
+    the relay answers 503 with the vault's JSON, and the next try is snapd's 60 s retry, in the same attempt."""
+    lab.faults.status[endpoint] = [Forced(status, retry_after="1")]
+    mode = SnapdMode(tmp_path, bus_address, backend, lab)
+    try:
+        attempt, props = mode.register(device_key)
+    finally:
+        mode.stop()
+    statuses = [(e, a.status) for e, a in attempt.answers]
+    before = [("request-id", 200)] if endpoint == "serial" else []
+    assert statuses == [*before, (endpoint, 503), ("request-id", 200), ("serial", 200)], attempt
+    assert json.loads(attempt.answers[len(before)][1].body)["error_code"] == "vault-transient"
+    assert attempt.error == "" and attempt.serial is not None and props["State"] == "registered"
+
+
 def test_a_serial_the_agent_cannot_trust_is_not_handed_to_snapd(tmp_path: Path, bus_address: str, backend: str,
                                                                 lab: LabVault, device_key: keys.DeviceKey) -> None:
     lab.faults.untrusted_key = True

@@ -109,7 +109,7 @@ def test_refusals_block_except_a_bad_request() -> None:
     assert registration.needs_person(RelayRefusedError("x", "relay-wrong-model"))
     assert registration.needs_person(RelayRefusedError("x", "relay-other-device-key"))
     assert not registration.needs_person(RelayRefusedError("x", "relay-bad-request"))
-    assert relay.error_response(RelayRefusedError("x", "relay-bad-request")).status == 400  # not 502: no retry helps
+    assert relay.error_response(RelayRefusedError("x", "relay-bad-request")).status == 400  # not 503: no retry helps
     blocked = registration.apply(Progress(), RelayRefusedError("x", "relay-other-device-key"), Random(1))
     assert blocked.progress.blocked_by == "relay-other-device-key"
     assert blocked.progress.action == registration.ACTIONS["relay-other-device-key"]
@@ -132,7 +132,7 @@ def test_errors_reach_snapd_as_application_json_exactly() -> None:
     assert (refused.status, refused.content_type) == (400, "application/json")
     assert json.loads(refused.body)["message"] == "the vault refused: invalid-api-key: Invalid API key used"
     transient = relay.error_response(VaultTransient("cannot talk to the vault"))
-    assert transient.status == 502 and transient.content_type == "application/json"  # above 500: snapd retries
+    assert transient.status == 503 and transient.content_type == "application/json"  # above 500: snapd retries
 
 
 def test_the_vaults_json_refusal_keeps_its_bytes_and_gets_the_exact_type() -> None:
