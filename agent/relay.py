@@ -33,7 +33,6 @@ import logging
 import os
 import secrets
 import socket
-import stat
 import struct
 import sys
 import time
@@ -43,8 +42,8 @@ from typing import Protocol
 
 import h11
 
-from . import registration
-from .errors import AgentError, RelayError, RelayRefusedError
+from . import registration, store
+from .errors import AgentError, RelayError, RelayRefusedError, StoreError, UntrustedFileError
 
 log = logging.getLogger(__name__)
 
@@ -434,48 +433,26 @@ def load_token(directory: Path) -> str:
     """
     path = directory / TOKEN_FILE
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
+        text = store.read_owned(path, 2 * TOKEN_BYTES + 1, private=True)
+    except UntrustedFileError as exc:
+        log.warning("replacing %s: %s", path, str(exc).removeprefix(f"cannot use {path}: "))
         return _new_token(path)
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise RelayError(f"cannot read {path}: {exc.strerror or exc}") from None
-        log.warning("replacing %s: it is a symbolic link", path)
-        return _new_token(path, replace=True)
-    with os.fdopen(fd, "rb") as token_file:
-        info = os.fstat(token_file.fileno())
-        text = token_file.read(2 * TOKEN_BYTES + 2) if stat.S_ISREG(info.st_mode) else b""
+    except StoreError as exc:
+        raise RelayError(str(exc)) from None
+    if text is None:
+        return _new_token(path)
     token = text.decode("ascii", "replace").strip()
-    wrong = ("not a regular file" if not stat.S_ISREG(info.st_mode) else
-             f"owned by uid {info.st_uid}" if info.st_uid != os.geteuid() else
-             f"mode {stat.S_IMODE(info.st_mode):04o}" if info.st_mode & 0o077 else
-             "not a token" if len(token) != 2 * TOKEN_BYTES or not _is_hex(token) else "")
-    if not wrong:
+    if len(token) == 2 * TOKEN_BYTES and all(c in "0123456789abcdef" for c in token):
         return token
-    log.warning("replacing %s: %s", path, wrong)
-    return _new_token(path, replace=True)
+    log.warning("replacing %s: not a token", path)
+    return _new_token(path)
 
 
-def _is_hex(text: str) -> bool:
-    return all(c in "0123456789abcdef" for c in text)
-
-
-def _new_token(path: Path, replace: bool = False) -> str:
+def _new_token(path: Path) -> str:
+    """A fresh token, written as every state file is (temp, fsync, rename over whatever was there, dir fsync)."""
     token = secrets.token_hex(TOKEN_BYTES)
     try:
-        if replace:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as token_file:
-            token_file.write(token.encode("ascii") + b"\n")
-            token_file.flush()
-            os.fsync(token_file.fileno())
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        store.write_durable(path, token.encode("ascii") + b"\n", mode=0o600)
     except OSError as exc:
         raise RelayError(f"cannot write {path}: {exc.strerror or exc}") from None
     return token
