@@ -9,9 +9,11 @@ and the RSA key, independently of agent.openpgp's signing code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from agent import keys, openpgp
@@ -60,8 +62,29 @@ def gpg(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def import_key(home: Path, key: keys.DeviceKey) -> None:
+@contextlib.contextmanager
+def keyring(home: Path, key: keys.DeviceKey) -> Iterator[Path]:
+    """A gpg home at ``home`` holding ``key``'s public key; its gpg-agent is stopped on the way out.
+
+    gpg starts a gpg-agent for the home on first use and the agent outlives gpg: without the
+    ``gpgconf --kill`` one daemon per home would keep running after the suite.
+    """
     home.mkdir(mode=0o700, exist_ok=True)
+    try:
+        import_key(home, key)
+        yield home
+    finally:
+        stop_agents(home)
+
+
+def stop_agents(home: Path) -> None:
+    done = subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def import_key(home: Path, key: keys.DeviceKey) -> None:
+    """Imports into an existing home: use it inside ``keyring``, which stops the home's agent."""
     path = home / f"{key.key_id}.gpg"
     path.write_bytes(transferable_public_key(key))
     done = gpg(home, "--import", str(path))
@@ -84,7 +107,9 @@ def with_issuer_hint(signature_block: bytes, key: keys.DeviceKey) -> bytes:
     return openpgp.packet(tag, body[:hashed_end] + struct.pack(">H", len(unhashed)) + unhashed + rest)
 
 
-def verify_detached(home: Path, content: bytes, signature_block: bytes, key: keys.DeviceKey) -> subprocess.CompletedProcess[str]:
+def verify_detached(
+    home: Path, content: bytes, signature_block: bytes, key: keys.DeviceKey
+) -> subprocess.CompletedProcess[str]:
     """gpg --verify of the signature packet, with ``key``'s issuer hint added."""
     (home / "content").write_bytes(content)
     (home / "content.sig").write_bytes(with_issuer_hint(signature_block, key))

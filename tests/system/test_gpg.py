@@ -15,9 +15,8 @@ pytestmark = pytest.mark.skipif(shutil.which("gpg") is None, reason="gpg (Debian
 
 @pytest.fixture
 def home(tmp_path, device_key):
-    home = tmp_path / "gnupg"
-    gpg.import_key(home, device_key)
-    return home
+    with gpg.keyring(tmp_path / "gnupg", device_key) as home:
+        yield home
 
 
 def _signed_request(device_key, created=1_750_000_000) -> assertions.Assertion:
@@ -45,10 +44,9 @@ def test_gpg_rejects_a_tampered_copy(home, device_key) -> None:
 def test_gpg_accepts_snapd_vectors(home, device_key, brand_key, tmp_path) -> None:
     request = assertions.decode((DATA / "serial-request-body.assert").read_bytes())
     assert "GOODSIG" in gpg.verify_detached(home, request.content, request.signature, device_key).stdout
-    brand_home = tmp_path / "brand-gnupg"
-    gpg.import_key(brand_home, brand_key)
     serial = assertions.decode((DATA / "serial.assert").read_bytes())
-    assert "GOODSIG" in gpg.verify_detached(brand_home, serial.content, serial.signature, brand_key).stdout
+    with gpg.keyring(tmp_path / "brand-gnupg", brand_key) as brand_home:
+        assert "GOODSIG" in gpg.verify_detached(brand_home, serial.content, serial.signature, brand_key).stdout
 
 
 def test_gpg_accepts_snapds_4096_bit_count_quirk(home, device_key) -> None:
