@@ -17,12 +17,12 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Union
+from typing import TypeAlias
 
 from . import openpgp
 from .errors import AssertionFormatError, BadSignatureError, LocalFormatError
 
-HeaderValue = Union[str, list["HeaderValue"], dict[str, "HeaderValue"]]
+HeaderValue: TypeAlias = str | list["HeaderValue"] | dict[str, "HeaderValue"]
 Headers = Mapping[str, HeaderValue]
 
 MAX_HEADERS_SIZE = 128 * 1024
@@ -277,9 +277,8 @@ def _check_assertion(headers: Headers, body: bytes) -> None:
     _int_header(headers, "format")
     _int_header(headers, "revision")
     for key in PRIMARY_KEYS[kind]:
-        if key in headers or (kind, key) not in _PRIMARY_KEY_DEFAULTS:
-            if "/" in _string(headers, key):
-                raise _fail(f"{key!r} primary key header cannot contain '/'")
+        if (key in headers or (kind, key) not in _PRIMARY_KEY_DEFAULTS) and "/" in _string(headers, key):
+            raise _fail(f"{key!r} primary key header cannot contain '/'")
     _TYPE_CHECKS.get(kind, _no_check)(headers, body)
 
 

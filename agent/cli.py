@@ -100,7 +100,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _load_config(args: argparse.Namespace) -> "config.Config":
+def _load_config(args: argparse.Namespace) -> config.Config:
     from . import config
 
     return config.load([Path(f) for f in args.config] if args.config else None)
@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="the daemon: register this device with the Serial Vault")
     p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="configuration file (repeatable, later wins; default /etc/factory-agent/agent.toml and agent.toml.d/*.toml)")
+                   help="configuration file (repeatable, later wins; default /etc/factory-agent/agent.toml"
+                        " and agent.toml.d/*.toml)")
     p.add_argument("--state-dir", metavar="DIR")
     p.add_argument("--bus", choices=["system", "session", "none"], default="system",
                    help="where to publish io.factoryagent.Agent1 (default: system; none: no D-Bus)")
@@ -252,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # a bug: say so in one line, keep the traceback for those who ask
+    except Exception as exc:  # noqa: BLE001 - a bug: say so in one line, keep the traceback for those who ask
         if os.environ.get("FACTORY_AGENT_DEBUG") == "1":
             traceback.print_exc()
         print(f"factory-agent: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -316,7 +316,8 @@ def proposed_serial(identity: DeviceIdentity, template: str, allow_weak: bool) -
     for name in names:
         choices = name.split("|")
         if not all(_FIELD.fullmatch(choice) for choice in choices):
-            raise IdentityError(f"cannot use serial template {template!r}: {{{name}}} is not a plain field name (or an a|b list of them)")
+            raise IdentityError(f"cannot use serial template {template!r}: {{{name}}} is not a plain field name"
+                                " (or an a|b list of them)")
         found = next((fields[choice] for choice in choices if choice in fields), None)
         if found is None:
             weak = [c for c in choices if c in identity.fields()]

@@ -87,7 +87,7 @@ async def fetch(bus_kind: str, timeout: float) -> tuple[int, str]:
                 answer = await asyncio.wait_for(_ask(bus), remaining)
             except (OSError, ValueError, EOFError, TimeoutError) as exc:  # no bus (yet), or it went away
                 bus, reason = _drop(bus), f"cannot reach the {bus_kind} bus: {exc or type(exc).__name__}"
-            except Exception as exc:  # dbus-next/dbus-fast errors have no common base we can name here
+            except Exception as exc:  # noqa: BLE001 - dbus-next/dbus-fast errors have no common base we can name here
                 bus, reason = _drop(bus), f"cannot talk to the {bus_kind} bus: {type(exc).__name__}: {exc}"
             else:
                 if not isinstance(answer, tuple):

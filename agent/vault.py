@@ -36,7 +36,7 @@ ASSERTION_TYPE = "application/x.ubuntu.assertion"
 MAX_RESPONSE_BYTES = 1024 * 1024  # a serial is ~2 KiB; anything near this is not one
 _CHUNK = 16 * 1024
 MAX_QUOTED = 300  # characters of the vault's error_code or message that reach LastErrorMessage and the log
-_DIGITS = re.compile(r"[0-9]+")  # str.isdigit() also says yes to "²" and "١", which int() refuses
+_DIGITS = re.compile(r"[0-9]+")  # str.isdigit() also says yes to "²" and "\u0661" (Arabic-Indic one), which int() refuses
 _SYSTEM_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem")
 # Refusals that mean "not now" rather than "no": retried with backoff.
 _TRANSIENT_STATUS = {408, 425, 429}
@@ -133,7 +133,9 @@ class Vault:
             sent["Content-Type"] = content_type
         return Exchange(*self._post(path, data, sent))
 
-    def _post(self, path: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, requests.structures.CaseInsensitiveDict[str], bytes]:
+    def _post(
+        self, path: str, data: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, requests.structures.CaseInsensitiveDict[str], bytes]:
         url = self.cfg.url + path
         with _Deadline(self.cfg.timeout) as deadline:
             try:
@@ -304,20 +306,23 @@ def _decoded(body: bytes, header: str) -> bytes:
     return out
 
 
-def _status_error(status: int, headers: requests.structures.CaseInsensitiveDict[str], body: bytes) -> VaultRejected | VaultTransient:
+def _status_error(
+    status: int, headers: requests.structures.CaseInsensitiveDict[str], body: bytes
+) -> VaultRejected | VaultTransient:
     retry_after = parse_retry_after(headers.get("Retry-After"), time.time())
     code, message = _json_error(headers, body)
     if status >= 500 or status in _TRANSIENT_STATUS:
         detail = (f": {code}: {message}" if message else f": {code}") if code else ""
         return VaultTransient(f"the vault answered HTTP {status}{detail}", retry_after, code)
     if code:
-        return VaultRejected(f"the vault refused: {code}: {message}" if message else f"the vault refused: {code}", code, retry_after)
+        refusal = f"the vault refused: {code}: {message}" if message else f"the vault refused: {code}"
+        return VaultRejected(refusal, code, retry_after)
     return VaultRejected(f"the vault answered HTTP {status}", f"http-{status}", retry_after)
 
 
 def _json_error(headers: requests.structures.CaseInsensitiveDict[str], body: bytes) -> tuple[str, str]:
     """(error_code, message) of the vault's JSON error body, or ("", "")."""
-    if not headers.get("Content-Type", "").split(";")[0].strip().lower() == "application/json":
+    if headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
         return "", ""
     data = _json(body)
     if not isinstance(data, dict):

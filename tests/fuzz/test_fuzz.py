@@ -31,6 +31,7 @@ with ``@example`` so that the short run checks them every time.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import os
@@ -38,14 +39,14 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from datetime import date, datetime, time, timezone
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
-import requests
 from requests.structures import CaseInsensitiveDict
 
 from agent import assertions, config, openpgp, serials, vault
@@ -231,7 +232,7 @@ def mutated_packet(draw: st.DrawFn, text: bytes) -> bytes:
 def _decode_deeper(data: bytes) -> None:
     """decode, decode_stream, and for what decodes: the signature packet, verification, account keys."""
     for decoder in (assertions.decode, assertions.decode_stream):
-        result = outcome(lambda: decoder(data), AssertionFormatError)
+        result = outcome(functools.partial(decoder, data), AssertionFormatError)
         if isinstance(result, AgentError):
             assert_one_line(str(result))
             continue
@@ -239,7 +240,7 @@ def _decode_deeper(data: bytes) -> None:
         event(f"{decoder.__name__}: decoded")
         for a in found:
             assert isinstance(a, assertions.Assertion)
-            checked = outcome(lambda: _verify_if_known(a), AssertionFormatError)
+            checked = outcome(functools.partial(_verify_if_known, a), AssertionFormatError)
             if isinstance(checked, AgentError):
                 assert_one_line(str(checked))
 
@@ -256,7 +257,7 @@ def _verify_if_known(a: assertions.Assertion) -> None:
 
 def test_the_vectors_decode_and_verify() -> None:
     """The mutation targets start from inputs that pass: a failure below is the mutation's doing."""
-    for name, data in VECTORS.items():
+    for data in VECTORS.values():
         for a in assertions.decode_stream(data):
             _verify_if_known(a)
     serials.check_serial(SERIAL, brand="acme", model="acme-gw", key_id=DEVICE_KEY_ID, trusted=[BRAND_ACCOUNT_KEY])
@@ -291,7 +292,7 @@ def test_openpgp_mutated_packets(signature: bytes, public: bytes) -> None:
         content = assertions.decode(SERIAL).content
         for candidate in (KNOWN_KEYS[assertions.decode(SERIAL).sign_key_id], key):
             if not isinstance(candidate, AgentError):
-                verified = outcome(lambda: openpgp.verify_signature(content, sig, candidate), AssertionFormatError)
+                verified = outcome(functools.partial(openpgp.verify_signature, content, sig, candidate), AssertionFormatError)
                 if isinstance(verified, AgentError):
                     assert_one_line(str(verified))
 
@@ -651,15 +652,15 @@ def test_raw_http_answers_over_loopback(raw_vault: tuple[_Holder, vault.Vault], 
 SECRET = "SECRET-API-KEY-f0e1d2c3"
 BAD_KEY_FILES = {"api-key-ctl": SECRET + "\x01\n", "api-key-euro": SECRET + "\u20ac\n", "api-key-crlf": SECRET + "\r\nx\n",
                  "api-key-tab": SECRET + "\tx\n", "api-key-del": SECRET + "\x7f\n"}
-PATH_NAMES = ["api-key", *BAD_KEY_FILES, "brand.account-key", "trusted.assert", "model.assert", "serial.assert", "empty", "garbage",
-              "not-utf8", "dir", "missing", "", "../fuzz/api-key", "/nonexistent/x", "a\x00b", "nl\nname"]
+PATH_NAMES = ["api-key", *BAD_KEY_FILES, "brand.account-key", "trusted.assert", "model.assert", "serial.assert", "empty",
+              "garbage", "not-utf8", "dir", "missing", "", "../fuzz/api-key", "/nonexistent/x", "a\x00b", "nl\nname"]
 PATHS = st.sampled_from(PATH_NAMES) | TEXT
 NUMBERS = (st.integers() | st.floats() | st.sampled_from([0, -1, 10**19, 10**400, -(10**400), 1e308, math.inf, -math.inf,
                                                           math.nan]))
 TEMPLATES = (st.sampled_from(["{soc_serial}", "ACME-{soc_serial|mmc_cid|mac}", "{", "}", "{0}", "{a.b}", "{a[b]}",
                               "{a[0]}", "{a!r}", "{a!x}", "{a:>{b}}", "{a:{b:{c}}}", "{a:d}", ""])
              | st.text(st.sampled_from("{}[]!:.|ab0_ "), max_size=12) | TEXT)
-DATETIMES = st.datetimes(timezones=st.none() | st.just(timezone.utc)) | st.dates() | st.times()
+DATETIMES = st.datetimes(timezones=st.none() | st.just(UTC)) | st.dates() | st.times()
 TOML_SCALARS = TEXT | NUMBERS | st.booleans() | DATETIMES
 TOML_VALUES = st.recursive(TOML_SCALARS, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(TEXT, inner, max_size=3), max_leaves=8)
@@ -853,7 +854,7 @@ def test_the_toml_writer_says_what_it_means(doc: dict[str, Any]) -> None:
         if isinstance(value, list):
             return [comparable(v) for v in value]
         if isinstance(value, datetime) and value.tzinfo is not None:
-            return value.astimezone(timezone.utc)
+            return value.astimezone(UTC)
         return value
 
     assert comparable(tomllib.loads(toml_document(doc))) == comparable(doc)

@@ -45,7 +45,7 @@ def _parse(data: bytes, cuts: list[int]) -> relay.Request | BaseException:
         reader = asyncio.StreamReader(limit=relay.MAX_HEAD)
         loop = asyncio.get_running_loop()
         at = 0
-        for cut in sorted(set(c for c in cuts if 0 < c < len(data))) + [len(data)]:
+        for cut in [*sorted({c for c in cuts if 0 < c < len(data)}), len(data)]:
             loop.call_soon(reader.feed_data, data[at:cut])
             at = cut
         loop.call_soon(reader.feed_eof)

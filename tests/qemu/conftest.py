@@ -11,13 +11,11 @@ import json
 import os
 import shutil
 import threading
-import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from agent import assertions
 from agent.labvault import LabVault, Reply
 from tests.qemu.board import Board, Image, build_image
 

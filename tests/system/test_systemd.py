@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -281,7 +282,7 @@ def test_watchdog_pings_from_the_loop(watchdog_pid: str) -> None:
         return
     assert stdout.strip() == "0.1"
     assert 4 <= len(pings) <= 8, len(pings)  # one at once, then every 0.1 s for 0.6 s
-    gaps = sorted(b - a for a, b in zip(pings, pings[1:]))
+    gaps = sorted(b - a for a, b in itertools.pairwise(pings))
     assert 0.07 <= gaps[len(gaps) // 2] <= 0.2, gaps
 
 

@@ -139,14 +139,14 @@ def test_an_api_key_file_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> No
 
 
 def test_an_inline_api_key_in_a_file_others_may_read_is_refused(tmp_path: Path) -> None:
-    path = write(tmp_path, "agent.toml", """
+    path = write(tmp_path, "agent.toml", f"""
 brand = "acme"
 model = "acme-gw"
 [vault]
 url = "https://vault.example.com/v1"
 api-key = "inline-s3cret"
-trusted-account-keys = ["%s"]
-""" % ACCOUNT_KEY)
+trusted-account-keys = ["{ACCOUNT_KEY}"]
+""")
     path.chmod(0o644)
     with pytest.raises(ConfigError) as info:
         config.load([path])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -143,7 +145,5 @@ def test_headers_round_trip(headers: dict) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400))
 def test_arbitrary_header_bytes_fail_only_with_the_typed_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(AssertionFormatError):
         assertions.parse_headers(data)
-    except AssertionFormatError:
-        pass

@@ -170,7 +170,7 @@ def test_machine_id_is_always_the_last_resort() -> None:
     assert identity.source_order(["soc-serial", "mac", "soc-serial"]) == ["soc-serial", "mac", "machine-id"]
     assert identity.source_order(["machine-id", "dmi"]) == ["machine-id", "dmi"]
     assert identity.source_order([]) == ["machine-id"]
-    with pytest.raises(IdentityError, match="unknown source.*tpm"):
+    with pytest.raises(IdentityError, match=r"unknown source.*tpm"):
         identity.source_order(["tpm"])
 
 
@@ -367,7 +367,7 @@ def test_unreadable_attributes_are_rejected_not_fatal(tmp_path: Path, monkeypatc
 
 def test_udev_failures_become_identity_errors(tmp_path: Path) -> None:
     context = FakeContext(error=OSError(errno.ENOMEM, "Cannot allocate memory"))
-    with pytest.raises(IdentityError, match="cannot read hardware identity through udev: .*Cannot allocate memory"):
+    with pytest.raises(IdentityError, match=r"cannot read hardware identity through udev: .*Cannot allocate memory"):
         identity.read_identity(config.IdentityConfig(), machine_id=tmp_path / "none", context=context)
 
 

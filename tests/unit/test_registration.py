@@ -107,7 +107,7 @@ def test_retry_after_is_honoured_within_bounds(retry_after, delay) -> None:
 
 def test_invalid_nonce_gets_a_fresh_request_id_at_once_then_backs_off() -> None:
     p = POLLING
-    for n in range(r.MAX_NONCE_RETRIES):
+    for _ in range(r.MAX_NONCE_RETRIES):
         d = apply(p, VaultRejected("stale", "invalid-nonce"))
         assert d.delay == 0.0 and d.forget_request_id and not d.progress.blocked_by
         assert d.progress.phase is r.Phase.KEY_READY and d.progress.serial_request == ""

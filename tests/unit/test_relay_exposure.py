@@ -29,7 +29,7 @@ TCP6 = """\
   sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 0000000000000000FFFF00000100007F:9C41 0000000000000000FFFF00000100007F:21AE 01 00000000:00000000 00:00000000 00000000     0        0 702 1 0 20 4 30 10 -1
    1: 00000000000000000000000001000000:9C42 00000000000000000000000001000000:21AE 01 00000000:00000000 00:00000000 00000000 65534        0 703 1 0 20 4 30 10 -1
-"""
+"""  # noqa: E501 - lines as the kernel writes /proc/net/tcp6
 # The same peer after it closed its socket: a TIME_WAIT (06) or FIN_WAIT2 (05) mini-socket, uid 0, inode 0; and
 # one that shut its sending side only (FIN_WAIT2, still open: its inode is there).
 CLOSED = """\

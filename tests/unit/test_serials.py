@@ -57,7 +57,8 @@ def test_key_validity_must_cover_the_serial_timestamp() -> None:
 
 def test_a_broken_signature_is_rejected() -> None:
     sig_start = SERIAL.rindex(b"\n\n") + 2
-    broken = SERIAL[: sig_start + 40] + (b"A" if SERIAL[sig_start + 40 : sig_start + 41] != b"A" else b"B") + SERIAL[sig_start + 41 :]
+    flipped = b"A" if SERIAL[sig_start + 40 : sig_start + 41] != b"A" else b"B"
+    broken = SERIAL[: sig_start + 40] + flipped + SERIAL[sig_start + 41 :]
     with pytest.raises(SerialRejectedError, match="does not verify"):
         check(broken)
 
@@ -84,5 +85,6 @@ def test_another_authority_needs_the_models_serial_authority() -> None:
     other = assertions.Assertion({**serial.headers, "authority-id": "generic"}, serial.body, serial.content, serial.signature)
     with pytest.raises(SerialRejectedError, match="different from brand"):
         serials._check_authority(other, model)
-    allowing = assertions.Assertion({**model.headers, "serial-authority": ["generic"]}, model.body, model.content, model.signature)
+    allowing = assertions.Assertion({**model.headers, "serial-authority": ["generic"]},
+                                    model.body, model.content, model.signature)
     serials._check_authority(other, allowing)
