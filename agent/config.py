@@ -22,10 +22,10 @@ from typing import Any
 
 from . import assertions
 from .errors import AssertionFormatError, ConfigError
+from .registration import Mode
 
 DEFAULT_FILE = Path("/etc/factory-agent/agent.toml")
 IDENTITY_SOURCES = ("soc-serial", "mmc-cid", "mac", "dmi", "machine-id")
-MODES = ("standalone", "snapd")
 # snapd mode: where the loopback relay listens. A fixed port, not an ephemeral one: snapd keeps
 # re-posting to the device-service.url the hook set, so the relay must come back where it was.
 DEFAULT_RELAY_LISTEN = "127.0.0.1:8622"
@@ -76,7 +76,7 @@ class Config:
     serial_template: str
     identity: IdentityConfig
     files: tuple[Path, ...]
-    mode: str = "standalone"  # standalone: the agent owns key and serial; snapd: snapd does, through the relay
+    mode: Mode = Mode.STANDALONE  # standalone: the agent owns key and serial; snapd: snapd does, through the relay
     relay: RelayConfig = field(default_factory=RelayConfig)
 
 
@@ -327,10 +327,10 @@ def _build(merged: Mapping[str, Any], origin: Mapping[str, Path], files: tuple[P
     )
 
 
-def _check_mode(mode: str, fail: Any) -> str:
-    if mode not in MODES:
-        raise fail("mode", f"must be one of {', '.join(map(repr, MODES))}, not {mode!r}")
-    return mode
+def _check_mode(mode: str, fail: Any) -> Mode:
+    if mode not in set(Mode):
+        raise fail("mode", f"must be one of {', '.join(repr(m.value) for m in Mode)}, not {mode!r}")
+    return Mode(mode)
 
 
 def _build_relay(listen: str, fail: Any) -> RelayConfig:

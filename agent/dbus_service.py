@@ -72,7 +72,7 @@ _lib, _service, _aio = backend()
 
 
 class Snapshot(Protocol):
-    """What the daemon publishes (daemon.Status)."""
+    """What the daemon publishes (session.Status)."""
 
     @property
     def state(self) -> str: ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Iterable
+from enum import StrEnum
 
 DBUS_ERROR_PREFIX = "io.factoryagent.Agent1.Error."
 # Control, format (bidi overrides, zero-width) and line/paragraph separator characters.
@@ -40,10 +41,63 @@ def one_line(text: str) -> str:
                    else ch for ch in text)
 
 
+class Code(StrEnum):
+    """The agent's own ``LastError`` (and ``blocked-by``) values: a contract, append-only.
+
+    The vault's refusals are shown by the vault's own error_code instead (:class:`VaultCode` names the ones
+    the agent acts on); every other value here is one error class's ``code``.
+    """
+
+    INTERNAL = "internal"
+    CONFIG = "config"
+    IDENTITY = "identity"
+    DEVICE_KEY = "device-key"
+    DEVICE_KEY_LOST = "device-key-lost"
+    STORE = "store"
+    UNTRUSTED_FILE = "untrusted-file"
+    STATE_LOCKED = "state-locked"
+    ASSERTION_FORMAT = "assertion-format"
+    ASSERTION_LOCAL = "assertion-local"
+    ASSERTION_REMOTE = "assertion-remote"
+    BAD_SIGNATURE = "bad-signature"
+    VAULT = "vault"
+    VAULT_UNAVAILABLE = "vault-unavailable"
+    CLOCK_SKEW = "clock-skew"
+    VAULT_TRANSIENT = "vault-transient"
+    VAULT_REJECTED = "vault-rejected"
+    SERIAL_REJECTED = "serial-rejected"
+    SERIAL_NOT_PROPOSED = "serial-not-proposed"  # registered, with another serial than the proposed one
+    NOT_REGISTERED = "not-registered"
+    DBUS = "dbus"
+    NOT_READY = "not-ready"
+    WRONG_MODE = "wrong-mode"
+    RELAY_REFUSED = "relay-refused"
+    RELAY_BAD_REQUEST = "relay-bad-request"
+    RELAY_WRONG_MODEL = "relay-wrong-model"
+    RELAY_OTHER_DEVICE_KEY = "relay-other-device-key"
+    RELAY = "relay"
+
+
+class VaultCode(StrEnum):
+    """The Serial Vault's error_code values the agent decides on (serial-vault-api.md); any other is shown as
+    the vault sent it."""
+
+    INVALID_API_KEY = "invalid-api-key"
+    INVALID_MODEL = "invalid-model"
+    MISMATCHED_MODEL = "mismatched-model"
+    CREATE_ASSERTION = "create-assertion"
+    SIGNING_ASSERTION = "signing-assertion"
+    INVALID_NONCE = "invalid-nonce"  # get a fresh request-id
+    GENERATE_NONCE = "generate-nonce"  # the vault's own trouble: transient
+    LOGGING_ASSERTION = "logging-assertion"  # the vault's own trouble: transient
+    SERVER_ERROR = "server-error"  # the vault's own trouble: transient
+    TLS_CERTIFICATE = "tls-certificate"  # named by the agent: the vault's certificate is not trusted here
+
+
 class AgentError(Exception):
     """Base of every error the agent expects and reports; its message is always one line."""
 
-    code = "internal"
+    code = Code.INTERNAL
     dbus_name = DBUS_ERROR_PREFIX + "Internal"
 
     def __init__(self, message: str = "") -> None:
@@ -55,35 +109,35 @@ class AgentError(Exception):
 class ConfigError(AgentError):
     """Bad or missing configuration: exit 78 (EX_CONFIG), systemd stops restarting."""
 
-    code = "config"
+    code = Code.CONFIG
     dbus_name = DBUS_ERROR_PREFIX + "Config"
 
 
 class IdentityError(AgentError):
     """The hardware identity lacks a required field."""
 
-    code = "identity"
+    code = Code.IDENTITY
     dbus_name = DBUS_ERROR_PREFIX + "Identity"
 
 
 class DeviceKeyError(AgentError):
     """The device key cannot be generated, loaded or stored."""
 
-    code = "device-key"
+    code = Code.DEVICE_KEY
     dbus_name = DBUS_ERROR_PREFIX + "DeviceKey"
 
 
 class DeviceKeyLostError(DeviceKeyError):
     """The state records a device key that is gone or replaced: the identity is lost, a person must act."""
 
-    code = "device-key-lost"
+    code = Code.DEVICE_KEY_LOST
     dbus_name = DBUS_ERROR_PREFIX + "DeviceKeyLost"
 
 
 class StoreError(AgentError):
     """The state directory cannot be read or written safely."""
 
-    code = "store"
+    code = Code.STORE
     dbus_name = DBUS_ERROR_PREFIX + "Store"
 
 
@@ -91,14 +145,14 @@ class UntrustedFileError(StoreError):
     """A file or directory the agent would trust is not its own: a symlink, a FIFO, another user's, writable by
     others, or too large. Nothing is read from it or changed; a person must fix it (exit 78 at start)."""
 
-    code = "untrusted-file"
+    code = Code.UNTRUSTED_FILE
     dbus_name = DBUS_ERROR_PREFIX + "UntrustedFile"
 
 
 class StateLockedError(StoreError):
     """Another factory-agent process holds the state directory's lock."""
 
-    code = "state-locked"
+    code = Code.STATE_LOCKED
     dbus_name = DBUS_ERROR_PREFIX + "StateLocked"
 
 
@@ -110,35 +164,35 @@ class AssertionFormatError(AgentError):
     Remote (the vault sent it: report and retry).
     """
 
-    code = "assertion-format"
+    code = Code.ASSERTION_FORMAT
     dbus_name = DBUS_ERROR_PREFIX + "AssertionFormat"
 
 
 class LocalFormatError(AssertionFormatError):
     """We built something invalid: a bug in the agent or in its input."""
 
-    code = "assertion-local"
+    code = Code.ASSERTION_LOCAL
     dbus_name = DBUS_ERROR_PREFIX + "AssertionLocal"
 
 
 class RemoteFormatError(AssertionFormatError):
     """The service sent something invalid or mismatched."""
 
-    code = "assertion-remote"
+    code = Code.ASSERTION_REMOTE
     dbus_name = DBUS_ERROR_PREFIX + "AssertionRemote"
 
 
 class BadSignatureError(AssertionFormatError):
     """A signature that does not verify with the key it names."""
 
-    code = "bad-signature"
+    code = Code.BAD_SIGNATURE
     dbus_name = DBUS_ERROR_PREFIX + "BadSignature"
 
 
 class VaultError(AgentError):
     """Abstract: one exchange with the vault failed. ``retry_after`` is the vault's hint, in seconds."""
 
-    code = "vault"
+    code = Code.VAULT
     dbus_name = DBUS_ERROR_PREFIX + "Vault"
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
@@ -149,14 +203,14 @@ class VaultError(AgentError):
 class VaultUnavailable(VaultError):
     """No network, DNS failure, connection refused: not the vault's answer, not counted."""
 
-    code = "vault-unavailable"
+    code = Code.VAULT_UNAVAILABLE
     dbus_name = DBUS_ERROR_PREFIX + "VaultUnavailable"
 
 
 class VaultClockSkew(VaultError):
     """The vault's TLS certificate is not yet valid or expired for us: our clock is wrong."""
 
-    code = "clock-skew"
+    code = Code.CLOCK_SKEW
     dbus_name = DBUS_ERROR_PREFIX + "ClockSkew"
 
 
@@ -166,7 +220,7 @@ class VaultTransient(VaultError):
     ``error_code`` is the vault's own, when its JSON body named one (``server-error`` on a 500).
     """
 
-    code = "vault-transient"
+    code = Code.VAULT_TRANSIENT
     dbus_name = DBUS_ERROR_PREFIX + "VaultTransient"
 
     def __init__(self, message: str, retry_after: float | None = None, error_code: str = "") -> None:
@@ -177,7 +231,7 @@ class VaultTransient(VaultError):
 class VaultRejected(VaultError):
     """The vault refused (4xx): carries its own ``error_code`` and message."""
 
-    code = "vault-rejected"
+    code = Code.VAULT_REJECTED
     dbus_name = DBUS_ERROR_PREFIX + "VaultRejected"
 
     def __init__(self, message: str, error_code: str, retry_after: float | None = None) -> None:
@@ -188,56 +242,65 @@ class VaultRejected(VaultError):
 class SerialRejectedError(AgentError):
     """The vault signed something that is not this device's serial, or not by a trusted key."""
 
-    code = "serial-rejected"
+    code = Code.SERIAL_REJECTED
     dbus_name = DBUS_ERROR_PREFIX + "SerialRejected"
 
 
 class NotRegisteredError(AgentError):
     """Asked for the serial before there is one."""
 
-    code = "not-registered"
+    code = Code.NOT_REGISTERED
     dbus_name = DBUS_ERROR_PREFIX + "NotRegistered"
 
 
 class BusError(AgentError):
     """The D-Bus connection failed, or another instance owns the name."""
 
-    code = "dbus"
+    code = Code.DBUS
     dbus_name = DBUS_ERROR_PREFIX + "Bus"
 
 
 class NotReadyError(AgentError):
     """Asked for something the daemon is still gathering (the registration settings before the identity)."""
 
-    code = "not-ready"
+    code = Code.NOT_READY
     dbus_name = DBUS_ERROR_PREFIX + "NotReady"
 
 
 class WrongModeError(AgentError):
     """Asked for a snapd-mode service of an agent that runs standalone (or the reverse)."""
 
-    code = "wrong-mode"
+    code = Code.WRONG_MODE
     dbus_name = DBUS_ERROR_PREFIX + "WrongMode"
 
 
 class RelayRefusedError(AgentError):
-    """snapd mode: the relay refused to forward a serial-request; ``code`` says why.
+    """snapd mode: the relay refused to forward a serial-request; the subclass (its ``code``) says why."""
 
-    ``relay-wrong-model``: not the configured brand and model; ``relay-other-device-key``: signed by a
-    device key other than the one the relay already serves; ``relay-bad-request``: not a valid,
-    self-signed serial-request stream.
-    """
-
-    code = "relay-refused"
+    code = Code.RELAY_REFUSED
     dbus_name = DBUS_ERROR_PREFIX + "RelayRefused"
 
-    def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code
+
+class RelayBadRequest(RelayRefusedError):
+    """Not a valid, self-signed serial-request stream: the sender's problem, never the device's."""
+
+    code = Code.RELAY_BAD_REQUEST
+
+
+class RelayWrongModel(RelayRefusedError):
+    """A serial-request for another brand or model than the configured ones."""
+
+    code = Code.RELAY_WRONG_MODEL
+
+
+class RelayOtherDeviceKey(RelayRefusedError):
+    """A serial-request signed by a device key other than the one the relay already serves."""
+
+    code = Code.RELAY_OTHER_DEVICE_KEY
 
 
 class RelayError(AgentError):
     """snapd mode: the relay cannot listen (its port is taken); the daemon exits and systemd tries again."""
 
-    code = "relay"
+    code = Code.RELAY
     dbus_name = DBUS_ERROR_PREFIX + "Relay"

@@ -39,13 +39,16 @@ from typing import Union
 from .errors import (
     AgentError,
     AssertionFormatError,
+    Code,
     DeviceKeyLostError,
     IdentityError,
+    RelayBadRequest,
     RelayRefusedError,
     RemoteFormatError,
     SerialRejectedError,
     UntrustedFileError,
     VaultClockSkew,
+    VaultCode,
     VaultError,
     VaultRejected,
     VaultTransient,
@@ -74,30 +77,30 @@ CLOCK_SCHEDULE = (30.0,) * 5 + (60.0,) * 5 + (120.0,) * 5 + (240.0,)
 # saying it is broken, and gets the ordinary backoff after this many.
 MAX_NONCE_RETRIES = 3
 # Refusals the real vault sends for its own internal trouble.
-TRANSIENT_VAULT_CODES = frozenset({"generate-nonce", "logging-assertion", "server-error"})
+TRANSIENT_VAULT_CODES = frozenset({VaultCode.GENERATE_NONCE, VaultCode.LOGGING_ASSERTION, VaultCode.SERVER_ERROR})
 
-ACTIONS = {
-    "invalid-api-key": "the vault does not accept this api-key: check vault.api-key-file, then Retry",
-    "invalid-model": "the vault has no active model for this brand, model and api-key: check brand and model, "
+ACTIONS: dict[str, str] = {
+    VaultCode.INVALID_API_KEY: "the vault does not accept this api-key: check vault.api-key-file, then Retry",
+    VaultCode.INVALID_MODEL: "the vault has no active model for this brand, model and api-key: check brand and model, "
     "and the model's signing key in the vault, then Retry",
-    "mismatched-model": "the model assertion does not match brand/model: check model-assertion, then Retry",
-    "create-assertion": "the vault found no serial number in the request: check serial.template, then Retry",
-    "signing-assertion": "the vault cannot sign with its brand key: ask the vault's operator, then Retry",
-    "serial-rejected": "the vault's serial is not this device's or not signed by a trusted key: "
+    VaultCode.MISMATCHED_MODEL: "the model assertion does not match brand/model: check model-assertion, then Retry",
+    VaultCode.CREATE_ASSERTION: "the vault found no serial number in the request: check serial.template, then Retry",
+    VaultCode.SIGNING_ASSERTION: "the vault cannot sign with its brand key: ask the vault's operator, then Retry",
+    Code.SERIAL_REJECTED: "the vault's serial is not this device's or not signed by a trusted key: "
     "check vault.trusted-account-keys and the vault's brand and model, then Retry",
-    "identity": "required identity fields are missing: check the board, identity.sources and identity.static, then Retry",
-    "tls-certificate": "the vault's TLS certificate is not trusted here: check vault.url and vault.ca-file, then Retry",
-    "clock-skew": "the device clock is wrong for the vault's TLS certificate: set the time (NTP or RTC); retrying",
-    "device-key-lost": "the state records a device key that is no longer on disk: the device identity is lost; "
+    Code.IDENTITY: "required identity fields are missing: check the board, identity.sources and identity.static, then Retry",
+    VaultCode.TLS_CERTIFICATE: "the vault's TLS certificate is not trusted here: check vault.url and vault.ca-file, then Retry",
+    Code.CLOCK_SKEW: "the device clock is wrong for the vault's TLS certificate: set the time (NTP or RTC); retrying",
+    Code.DEVICE_KEY_LOST: "the state records a device key that is no longer on disk: the device identity is lost; "
     "reflash or clear the state directory",
-    "device-key": "the device key cannot be generated or stored: check free space in the state directory; retrying",
-    "untrusted-file": "a file in the state directory is not the agent's own (see LastErrorMessage): move it "
+    Code.DEVICE_KEY: "the device key cannot be generated or stored: check free space in the state directory; retrying",
+    Code.UNTRUSTED_FILE: "a file in the state directory is not the agent's own (see LastErrorMessage): move it "
     "aside or fix its owner and mode, then Retry",
-    "vault-unavailable": "cannot reach the vault: check the network and vault.url; retrying",
+    Code.VAULT_UNAVAILABLE: "cannot reach the vault: check the network and vault.url; retrying",
     # snapd mode: the relay's own refusals (snapd retries on its own schedule, up to 24 h apart)
-    "relay-wrong-model": "snapd asked for a serial for another brand or model: check brand, model and "
+    Code.RELAY_WRONG_MODEL: "snapd asked for a serial for another brand or model: check brand, model and "
     "model-assertion against the device's model (snap model), then Retry",
-    "relay-other-device-key": "snapd presented a device key other than the one this agent already serves: "
+    Code.RELAY_OTHER_DEVICE_KEY: "snapd presented a device key other than the one this agent already serves: "
     "the device's identity changed (snapd state reset?); if intended, clear the agent's state directory and restart it",
 }
 DEFAULT_REFUSAL_ACTION = "the vault refused the request (see LastErrorMessage): fix the cause, then Retry"
@@ -110,6 +113,29 @@ class Phase(StrEnum):
     KEY_READY = "key-ready"  # device key durable, key_id recorded
     POLLING = "polling"  # the vault said 202; serial_request kept for re-posting
     REGISTERED = "registered"  # serial assertion durable (terminal)
+
+
+class State(StrEnum):
+    """The D-Bus ``State`` (a fixed contract: append-only). The XML, ``status --json`` and STATUS= are checked
+    against it (tests/unit/test_contracts.py)."""
+
+    STARTING = "starting"  # loading the state directory
+    IDENTIFYING = "identifying"  # gathering the hardware identity
+    GENERATING_KEY = "generating-key"  # making the device key (standalone)
+    REQUESTING = "requesting"  # an exchange with the vault: a request-id, or the serial-request
+    POLLING = "polling"  # the vault said 202: asking again with the same serial-request
+    WAITING_RETRY = "waiting-retry"  # backing off after a transient failure (NextRetry says until when)
+    WAITING_CLOCK = "waiting-clock"  # the device clock is wrong for the vault's certificate
+    WAITING_SNAPD = "waiting-snapd"  # snapd mode: the settings are ready, snapd's move
+    REGISTERED = "registered"  # the serial assertion is durable (terminal)
+    BLOCKED = "blocked"  # a refusal that needs a person: until Retry()
+
+
+class Mode(StrEnum):
+    """Whose device key the agent registers (config ``mode``, state.json ``mode``)."""
+
+    STANDALONE = "standalone"  # the agent's own key and serial
+    SNAPD = "snapd"  # snapd's key: the agent relays for it (Ubuntu Core)
 
 
 class Step(StrEnum):
@@ -138,7 +164,7 @@ class Progress:
     blocked_by: str = ""  # error code of a refusal that needs a person; cleared by unblock()
     last_error: str = ""
     last_error_message: str = ""
-    mode: str = "standalone"  # whose key this state is about: "standalone" (the agent's) or "snapd" (snapd's)
+    mode: Mode = Mode.STANDALONE  # whose key this state is about
 
     @property
     def action(self) -> str:
@@ -237,7 +263,7 @@ def _failed(p: Progress, error: AgentError, rng: Random) -> Decision:
     if isinstance(error, VaultClockSkew):
         step = CLOCK_SCHEDULE[min(p.clock_tries, len(CLOCK_SCHEDULE) - 1)]
         return Decision(replace(counted, clock_tries=p.clock_tries + 1), step, spent)
-    if isinstance(error, VaultRejected) and error.error_code == "invalid-nonce" and p.nonce_retries < MAX_NONCE_RETRIES:
+    if isinstance(error, VaultRejected) and error.error_code == VaultCode.INVALID_NONCE and p.nonce_retries < MAX_NONCE_RETRIES:
         fresh = replace(counted, nonce_retries=p.nonce_retries + 1)
         return Decision(_drop_serial_request(fresh), 0.0, True)
     if needs_person(error):
@@ -258,9 +284,9 @@ def _drop_serial_request(p: Progress) -> Progress:
 def needs_person(error: AgentError) -> bool:
     """Refusals that retrying cannot fix: blocked until Retry() or a restart."""
     if isinstance(error, VaultRejected):
-        return error.error_code not in TRANSIENT_VAULT_CODES and error.error_code != "invalid-nonce"
+        return error.error_code not in TRANSIENT_VAULT_CODES and error.error_code != VaultCode.INVALID_NONCE
     if isinstance(error, RelayRefusedError):
-        return error.code != "relay-bad-request"  # garbage is the sender's problem, not the device's
+        return not isinstance(error, RelayBadRequest)  # garbage is the sender's problem, not the device's
     return isinstance(error, (SerialRejectedError, IdentityError, DeviceKeyLostError, UntrustedFileError))
 
 
@@ -321,14 +347,14 @@ def reconcile_snapd(p: Progress, serial_on_disk: str | None) -> Progress:
 
 def _lost(p: Progress, message: str) -> Progress:
     if p.phase is Phase.REGISTERED:
-        return replace(p, last_error="device-key-lost", last_error_message=message)
-    return replace(p, blocked_by="device-key-lost", last_error="device-key-lost", last_error_message=message)
+        return replace(p, last_error=Code.DEVICE_KEY_LOST, last_error_message=message)
+    return replace(p, blocked_by=Code.DEVICE_KEY_LOST, last_error=Code.DEVICE_KEY_LOST, last_error_message=message)
 
 
-def display_state(p: Progress, activity: str) -> str:
+def display_state(p: Progress, activity: State) -> State:
     """The D-Bus ``State``: registered and blocked win over what the daemon is doing."""
     if p.phase is Phase.REGISTERED:
-        return "registered"
+        return State.REGISTERED
     if p.blocked_by:
-        return "blocked"
+        return State.BLOCKED
     return activity

@@ -37,13 +37,14 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
 import h11
 
 from . import registration, store
-from .errors import AgentError, RelayError, RelayRefusedError, StoreError, UntrustedFileError
+from .errors import AgentError, Code, RelayError, RelayRefusedError, StoreError, UntrustedFileError
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,17 @@ class _BadRequest(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class Refusal(StrEnum):
+    """The relay's own error_code values in its JSON answers to snapd (the vault's pass through as they came)."""
+
+    FORBIDDEN = "relay-forbidden"  # not snapd: a wrong peer, Host, Origin or token
+    BAD_REQUEST = Code.RELAY_BAD_REQUEST.value  # not HTTP the relay takes, or not a serial-request
+    BUSY = "relay-busy"  # another exchange is in progress
+    NOT_FOUND = "relay-not-found"
+    METHOD = "relay-method"
+    UNKNOWN_REQUEST_ID = "relay-unknown-request-id"  # a serial-request on a request-id not handed out lately
 
 
 def json_error(status: int, code: str, message: str) -> Response:
@@ -466,12 +478,12 @@ def token_headers(token: str) -> str:
 def check_request_headers(request: Request, own_hosts: tuple[str, ...]) -> Response | None:
     """What snapd's Go client sends and a browser or a rebinding page cannot: anything else is refused."""
     if "origin" in request.headers:
-        return json_error(403, "relay-forbidden", "the relay takes no requests from web pages (Origin header)")
+        return json_error(403, Refusal.FORBIDDEN, "the relay takes no requests from web pages (Origin header)")
     if request.headers.get("host", "").lower() not in own_hosts:
-        return json_error(403, "relay-forbidden", f"the relay answers for Host {own_hosts[0]} only")
+        return json_error(403, Refusal.FORBIDDEN, f"the relay answers for Host {own_hosts[0]} only")
     if request.method == "POST" and request.path == API_PREFIX + "serial" and \
             request.headers.get("content-type") != ASSERTION_TYPE:
-        return json_error(415, "relay-bad-request", f"{API_PREFIX}serial takes Content-Type {ASSERTION_TYPE} only")
+        return json_error(415, Refusal.BAD_REQUEST, f"{API_PREFIX}serial takes Content-Type {ASSERTION_TYPE} only")
     return None
 
 
@@ -554,7 +566,7 @@ class Relay:
         except Exception as exc:  # a bug: never a traceback to the client; stop the daemon
             log.error("relay: internal error", exc_info=exc)
             with contextlib.suppress(OSError, RuntimeError):
-                writer.write(encode_response(json_error(500, "internal", "internal error in the factory-agent relay; "
+                writer.write(encode_response(json_error(500, Code.INTERNAL, "internal error in the factory-agent relay; "
                                                                          "its journal has the details")))
             if not self._bug.done():
                 self._bug.set_exception(exc)
@@ -572,7 +584,7 @@ class Relay:
             return
         if self._slots.locked():
             log.warning("relay: refused a connection: %d already open", MAX_CONNECTIONS)
-            await self._refuse(writer, json_error(503, "relay-busy", "the relay is busy; try again"), reader)
+            await self._refuse(writer, json_error(503, Refusal.BUSY, "the relay is busy; try again"), reader)
             return
         async with self._slots:
             response = await self._respond(reader, peer, own)
@@ -615,7 +627,7 @@ class Relay:
             return None
         who = "a peer with no live socket (gone, or its uid cannot be told)" if uid is None else f"a process of uid {uid}"
         self._refusals.refused(who, peer, f"only snapd (uid {PEER_UID}) may use the relay")
-        return json_error(403, "relay-forbidden", f"only snapd (uid {PEER_UID}) may use the relay")
+        return json_error(403, Refusal.FORBIDDEN, f"only snapd (uid {PEER_UID}) may use the relay")
 
     async def _respond(self, reader: asyncio.StreamReader, peer: object, own: object) -> Response:
         try:
@@ -623,7 +635,7 @@ class Relay:
                 request = await read_request(reader)
         except _BadRequest as exc:
             log.warning("relay: refused a malformed request: %s", exc)
-            return json_error(exc.status, "relay-bad-request", str(exc))
+            return json_error(exc.status, Refusal.BAD_REQUEST, str(exc))
         # Again, now that the request is in: the socket that sent it must still be root's, live and
         # established. One that sent and closed at once is a mini-socket now, whoever sent it.
         refused = await self._check_peer(peer, own, ESTABLISHED)
@@ -632,7 +644,7 @@ class Relay:
         if not token_matches(request, self.token):
             self._refusals.refused("a root process without the relay's token", peer,
                                    "only snapd holds it (device-service.headers, set by the prepare-device hook)")
-            return json_error(403, "relay-forbidden", "only snapd may use the relay: no or a wrong relay token "
+            return json_error(403, Refusal.FORBIDDEN, "only snapd may use the relay: no or a wrong relay token "
                                                       "(the prepare-device hook sets it in device-service.headers)")
         refused = check_request_headers(request, self._own_hosts)
         if refused is not None:
@@ -640,15 +652,15 @@ class Relay:
             return refused
         endpoint = request.path[len(API_PREFIX):] if request.path.startswith(API_PREFIX) else ""
         if endpoint not in ENDPOINTS:
-            return json_error(404, "relay-not-found", f"the relay serves {API_PREFIX}request-id and {API_PREFIX}serial only")
+            return json_error(404, Refusal.NOT_FOUND, f"the relay serves {API_PREFIX}request-id and {API_PREFIX}serial only")
         if request.method != "POST":
-            return json_error(405, "relay-method", f"{API_PREFIX}{endpoint} takes POST only")
+            return json_error(405, Refusal.METHOD, f"{API_PREFIX}{endpoint} takes POST only")
         try:
             async with asyncio.timeout(LOCK_WAIT):
                 await self._exchange.acquire()
         except TimeoutError:
             log.warning("relay: answered 503: another exchange held the relay for over %g s", LOCK_WAIT)
-            return json_error(503, "relay-busy", "the relay is busy with another exchange; try again")
+            return json_error(503, Refusal.BUSY, "the relay is busy with another exchange; try again")
         try:  # one exchange at a time: snapd makes one call at a time, and so must anyone else
             if endpoint == "request-id":
                 return await self.handler.relay_request_id(forward_headers(request))

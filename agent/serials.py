@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from . import assertions, openpgp
-from .errors import AssertionFormatError, RelayRefusedError, RemoteFormatError, SerialRejectedError
+from .errors import (AssertionFormatError, RelayBadRequest, RelayOtherDeviceKey, RelayWrongModel, RemoteFormatError,
+                     SerialRejectedError)
 
 
 def check_serial(
@@ -97,26 +98,24 @@ def check_serial_request(data: bytes, *, brand: str, model: str, key_id: str) ->
     It must be a serial-request self-signed by its device key (so a key is
     never bound on a forged request), for the configured ``brand`` and
     ``model``, and, once the relay serves a device key (``key_id``), by that
-    key. Raises RelayRefusedError. The rest of the stream (the model
+    key. Raises a RelayRefusedError. The rest of the stream (the model
     assertion) is the vault's to judge.
     """
     try:
         request = assertions.decode_stream(data)[0]
         if request.type != "serial-request":
-            raise RelayRefusedError(f"cannot relay a {request.type!r} assertion: a serial-request must come first",
-                                    "relay-bad-request")
+            raise RelayBadRequest(f"cannot relay a {request.type!r} assertion: a serial-request must come first")
         assertions.verify(request, openpgp.decode_public_key(request.header("device-key")))
     except (AssertionFormatError, IndexError) as exc:
         cause = exc if isinstance(exc, AssertionFormatError) else "empty request"
-        raise RelayRefusedError(f"cannot relay the serial-request: {cause}", "relay-bad-request") from None
+        raise RelayBadRequest(f"cannot relay the serial-request: {cause}") from None
     except (ValueError, UnicodeError, RecursionError, OverflowError) as exc:  # the client's bytes: never a crash
-        raise RelayRefusedError(f"cannot relay the serial-request: undecodable ({type(exc).__name__})",
-                                "relay-bad-request") from None
+        raise RelayBadRequest(f"cannot relay the serial-request: undecodable ({type(exc).__name__})") from None
     got = (request.header("brand-id"), request.header("model"))
     if got != (brand, model):
-        raise RelayRefusedError(f"cannot relay a serial-request for brand {got[0]!r}, model {got[1]!r}: "
-                                f"this device is {brand!r}, {model!r}", "relay-wrong-model")
+        raise RelayWrongModel(f"cannot relay a serial-request for brand {got[0]!r}, model {got[1]!r}: "
+                              f"this device is {brand!r}, {model!r}")
     if key_id and request.sign_key_id != key_id:
-        raise RelayRefusedError(f"cannot relay a serial-request signed by device key {request.sign_key_id}: "
-                                f"the relay serves device key {key_id} only", "relay-other-device-key")
+        raise RelayOtherDeviceKey(f"cannot relay a serial-request signed by device key {request.sign_key_id}: "
+                                  f"the relay serves device key {key_id} only")
     return request

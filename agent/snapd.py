@@ -27,14 +27,13 @@ import logging
 import secrets
 import time
 from dataclasses import replace
-from random import Random
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import daemon, keys, registration, relay, serials, store
-from .config import Config, VaultConfig
-from .errors import (AgentError, IdentityError, NotReadyError, RelayRefusedError, SerialRejectedError,
-                     VaultError)
-from .registration import Phase, Progress
+from . import registration, relay, serials
+from .config import VaultConfig
+from .errors import AgentError, Code, IdentityError, NotReadyError, RelayRefusedError, VaultError
+from .registration import Phase, Progress, State
+from .session import Session, import_adapters
 
 if TYPE_CHECKING:
     from . import vault
@@ -49,42 +48,58 @@ RELAY_VAULT_TIMEOUT = 25.0
 # Vault's nonce lifetime, and snapd's hardware-identity docs: 600 s).
 REQUEST_ID_LIFETIME = 600.0
 MAX_ISSUED_IDS = 32  # snapd fetches one per try; older ones are forgotten first
-IDLE = "waiting-snapd"  # State between exchanges: settings available, snapd's move
+IDLE = State.WAITING_SNAPD  # between exchanges: settings available, snapd's move
 
 
-def load_snapd_state(st: store.Store, cfg: Config) -> Progress:
+class ForwardPort(Protocol):
+    """What snapd mode asks of the vault: one call passed on (vault.Vault; a test may hand in its own)."""
+
+    def forward(self, path: str, data: bytes | None, content_type: str | None = None,
+                headers: dict[str, str] | None = None) -> Exchange: ...
+    def close(self) -> None: ...
+
+
+def load_state(session: Session) -> None:
     """The recorded progress, adopting a serial.assertion whose record a crash lost (blocking)."""
-    recorded = daemon.adopt_mode(daemon.load_recorded(st), st, cfg.mode)
-    text = st.read_serial()
-    serial = None
-    if text is not None and recorded.key_id:
-        try:
-            serial = daemon.check_serial_for(cfg, recorded.key_id, text).header("serial")
-        except AgentError as exc:
-            log.warning("ignoring %s: %s", st.dir / store.SERIAL_FILE, exc)
-    progress = registration.reconcile_snapd(recorded, serial)
-    if progress != recorded:
-        st.save_progress(progress)
-    return progress
+    recorded = session.load_recorded()
+    serial = session.serial_on_disk(recorded.key_id)
+    session.progress = session.reconciled(registration.reconcile_snapd(recorded, serial), recorded)
 
 
-class SnapdDriver(daemon.Driver):
-    """Serves the relay and the settings; every exchange is one registration.apply()."""
+class SnapdDriver:
+    """Serves the relay and the settings; every exchange is one Session.record()."""
 
-    def __init__(self, cfg: Config, st: store.Store, publisher: daemon.Publisher, rng: Random | None = None,
-                 key_bits: int = keys.DEVICE_KEY_BITS) -> None:
-        super().__init__(cfg, st, publisher, rng, key_bits)
+    def __init__(self, session: Session, *, vault: ForwardPort | None = None) -> None:
+        self.session = session
+        self._vault = vault
+        self.kick = asyncio.Event()
         self.relay: relay.Relay | None = None
-        self.state_lock = asyncio.Lock()  # one read-modify-write of progress at a time
         self.retry_requested = False
         self.issued_ids: dict[str, float] = {}  # request-id handed to snapd -> monotonic time
 
+    @property
+    def vault(self) -> ForwardPort:
+        if self._vault is None:
+            from . import vault
+
+            self._vault = vault.Vault(self.vault_config())
+        return self._vault
+
     def vault_config(self) -> VaultConfig:
-        return replace(self.cfg.vault, timeout=min(self.cfg.vault.timeout, RELAY_VAULT_TIMEOUT))
+        """The vault client's settings, its timeout within snapd's 30 s for one exchange."""
+        cfg = self.session.cfg.vault
+        return replace(cfg, timeout=min(cfg.timeout, RELAY_VAULT_TIMEOUT))
+
+    def close(self) -> None:
+        if self._vault is not None:
+            self._vault.close()
+
+    def background(self) -> list[asyncio.Task[Any]]:
+        return []
 
     async def load(self) -> None:
-        self.progress = await asyncio.to_thread(load_snapd_state, self.store, self.cfg)
-        self.retry_requested = self.progress.blocked_by == "identity"  # a restart tries the identity again
+        await asyncio.to_thread(load_state, self.session)
+        self.retry_requested = self.session.progress.blocked_by == Code.IDENTITY  # a restart tries the identity again
 
     def retry(self) -> None:
         self.retry_requested = True
@@ -92,37 +107,41 @@ class SnapdDriver(daemon.Driver):
 
     def registration_settings(self) -> dict[str, str]:
         """GetRegistrationSettings(): what the hook hands to snapd with snapctl set."""
-        if self.identity is None:
-            if self.progress.blocked_by == "identity":
+        session, cfg = self.session, self.session.cfg
+        if session.identity is None:
+            if session.progress.blocked_by == Code.IDENTITY:
                 self.retry()  # the hook's call is snapd's new attempt: gather again, for the next one
-                raise IdentityError(self.progress.last_error_message)
-            raise NotReadyError(f"cannot give the registration settings yet: state {self.status().state}")
+                raise IdentityError(session.progress.last_error_message)
+            raise NotReadyError(f"cannot give the registration settings yet: state {session.status().state}")
         if self.relay is None or not self.relay.url:
             raise NotReadyError("cannot give the registration settings yet: the relay is not listening")
         from . import identity
 
-        allow_weak = self.cfg.identity.allow_weak
+        allow_weak = cfg.identity.allow_weak
         return {
             "device-service.url": self.relay.url,
             "device-service.headers": relay.token_headers(self.relay.token),
-            "registration.proposed-serial": identity.proposed_serial(self.identity, self.cfg.serial_template, allow_weak),
-            "registration.body": identity.registration_body(self.identity, allow_weak).decode("ascii"),
+            "registration.proposed-serial": identity.proposed_serial(session.identity, cfg.serial_template, allow_weak),
+            "registration.body": identity.registration_body(session.identity, allow_weak).decode("ascii"),
         }
 
     async def run(self, tg: asyncio.TaskGroup, once: bool) -> Progress:
-        self._publish()
-        await asyncio.to_thread(daemon.import_adapters)
-        self.relay = relay.Relay(self, await asyncio.to_thread(relay.load_token, self.store.dir))
-        log.info("relay for snapd listening on %s", await self.relay.start(self.cfg.relay.host, self.cfg.relay.port))
+        session = self.session
+        session.publish()
+        await asyncio.to_thread(import_adapters)
+        self.relay = relay.Relay(self, await asyncio.to_thread(relay.load_token, session.store.dir))
+        cfg = session.cfg.relay
+        log.info("relay for snapd listening on %s", await self.relay.start(cfg.host, cfg.port))
         watching = tg.create_task(self.relay.watch())
         try:
             while True:
                 if self.retry_requested:
-                    await self._unblock()
-                if self.identity is None and self.progress.blocked_by != "identity":
+                    self.retry_requested = False
+                    await session.unblock()
+                if session.identity is None and session.progress.blocked_by != Code.IDENTITY:
                     await self._gather_identity()
-                if once and (self.progress.phase is Phase.REGISTERED or self.progress.blocked_by):
-                    return self.progress
+                if once and (session.progress.phase is Phase.REGISTERED or session.progress.blocked_by):
+                    return session.progress
                 self.kick.clear()
                 await self.kick.wait()
         finally:
@@ -132,39 +151,29 @@ class SnapdDriver(daemon.Driver):
     async def _gather_identity(self) -> None:
         from . import identity
 
-        self._set_activity("identifying")
+        session, cfg = self.session, self.session.cfg
+        session.set_activity(State.IDENTIFYING)
         try:
-            found = await identity.gather_identity(self.cfg.identity)
-            identity.proposed_serial(found, self.cfg.serial_template, self.cfg.identity.allow_weak)  # usable?
+            found = await identity.gather_identity(cfg.identity)
+            identity.proposed_serial(found, cfg.serial_template, cfg.identity.allow_weak)  # usable?
         except IdentityError as exc:
-            if self.progress.phase is Phase.REGISTERED:
+            if session.progress.phase is Phase.REGISTERED:
                 log.warning("cannot gather the identity: %s", exc)  # snapd needs no settings any more
             else:
                 await self._record(exc)
             return
-        self.identity = found
-        async with self.state_lock:
-            self.activity = IDLE
-            await self._commit(daemon.with_identity(self.progress, found.fields(self.cfg.identity.allow_weak)))
-
-    async def _unblock(self) -> None:
-        self.retry_requested = False
-        blocked_by = self.progress.blocked_by
-        if blocked_by:
-            async with self.state_lock:
-                await self._commit(registration.unblock(self.progress))
-            self.identity = None if blocked_by == "identity" else self.identity
+        await session.adopt_identity(found, IDLE)
 
     # --- the relay's Handler --------------------------------------------------
 
     async def relay_request_id(self, headers: dict[str, str]) -> relay.Response:
-        if self.progress.phase is Phase.REGISTERED:
+        if self.session.progress.phase is Phase.REGISTERED:
             # snapd only wants a request-id to build the serial-request that relay_serial answers from memory;
             # a local one keeps that working when the vault is unreachable or refuses this device now.
             local = f"registered-{secrets.token_hex(8)}"
             self._issued(local)
             return relay.Response(200, json.dumps({"request-id": local}).encode(), relay.JSON_TYPE)
-        await self._begin("requesting")
+        await self._begin(State.REQUESTING)
         try:
             answer = await asyncio.to_thread(self.vault.forward, "request-id", None, None, headers)
         except VaultError as exc:
@@ -190,16 +199,17 @@ class SnapdDriver(daemon.Driver):
         return issued is not None and time.monotonic() - issued < REQUEST_ID_LIFETIME
 
     async def relay_serial(self, body: bytes, headers: dict[str, str]) -> relay.Response:
-        await self._begin("polling" if self.progress.phase is Phase.POLLING else "requesting")
+        session, cfg = self.session, self.session.cfg
+        await self._begin(State.POLLING if session.progress.phase is Phase.POLLING else State.REQUESTING)
         try:
-            request = serials.check_serial_request(body, brand=self.cfg.brand, model=self.cfg.model,
-                                                   key_id=self.progress.key_id)
-            if self.progress.phase is Phase.REGISTERED:
+            request = serials.check_serial_request(body, brand=cfg.brand, model=cfg.model,
+                                                   key_id=session.progress.key_id)
+            if session.progress.phase is Phase.REGISTERED:
                 return await self._stored_serial()
-            if not self.progress.key_id and not self._fresh(request.header("request-id") or ""):
+            if not session.progress.key_id and not self._fresh(request.header("request-id") or ""):
                 return self._not_ours(request.header("request-id") or "")
-            if not self.progress.key_id:  # the one key served from now on: durable before it is used
-                await self._record(registration.KeyReady(request.sign_key_id), self.activity)
+            if not session.progress.key_id:  # the one key served from now on: durable before it is used
+                await session.record(registration.KeyReady(request.sign_key_id))
             from . import vault
 
             answer = await asyncio.to_thread(self.vault.forward, "serial", body, vault.ASSERTION_TYPE, headers)
@@ -213,29 +223,26 @@ class SnapdDriver(daemon.Driver):
         with a fresh request-id in 60 s."""
         log.warning("relay: refused to bind a device key: request-id %s was not handed out by this relay in the "
                     "last %d s", relay.printable(request_id, 40), int(REQUEST_ID_LIFETIME))
-        self._set_activity(IDLE)
-        return relay.json_error(503, "relay-unknown-request-id",
+        self.session.set_activity(IDLE)
+        return relay.json_error(503, relay.Refusal.UNKNOWN_REQUEST_ID,
                                 "the request-id was not handed out by this relay lately; ask for a new one")
 
     async def _stored_serial(self) -> relay.Response:
         """snapd asks again for the serial this device holds (its state lost it, or it never stored it): the
-        verified serial held in memory (Driver.serial_assertion: a serial.assertion changed on disk since is
+        verified serial held in memory (Session.serial_assertion: a serial.assertion changed on disk since is
         reported, never served), not a second one from a vault that may refuse duplicates."""
         from . import vault
 
-        text = await asyncio.to_thread(self.serial_assertion)
-        log.info("relay: gave snapd the stored serial %s again", self.progress.serial)
-        self._set_activity(IDLE)
+        session = self.session
+        text = await asyncio.to_thread(session.serial_assertion)
+        log.info("relay: gave snapd the stored serial %s again", session.progress.serial)
+        session.set_activity(IDLE)
         return relay.Response(200, text.encode("utf-8"), vault.ASSERTION_TYPE)
 
     async def _answered(self, key_id: str, request: bytes, answer: Exchange) -> relay.Response:
         content_type = answer.headers.get("Content-Type")
         if answer.status in (200, 201):
-            serial = daemon.check_serial_for(self.cfg, key_id, answer.body)
-            await asyncio.to_thread(self.store.save_serial, serial.encode())  # the artifact before the record
-            self.verified_serial = serial.encode()  # what is served from now on (GetSerialAssertion, the relay)
-            self._serial_stat = daemon.file_identity(self.store.dir / store.SERIAL_FILE)
-            await self._record(registration.Registered(serial.header("serial")))
+            await self._record(await self.session.store_serial(key_id, request, answer.body))
             return relay.passed_on(answer.status, content_type, answer.body)
         if answer.status == 202:
             await self._record(registration.Accepted(request.decode("utf-8"), answer.retry_after))
@@ -244,35 +251,27 @@ class SnapdDriver(daemon.Driver):
         await self._record(error)
         return relay.passed_on(answer.status, content_type, answer.body, error)
 
-    async def _begin(self, activity: str) -> None:
+    async def _begin(self, activity: State) -> None:
         """A new exchange is snapd's retry: it ends a block (but not one on the identity, which is ours)."""
-        if self.progress.blocked_by and self.progress.blocked_by != "identity":
-            async with self.state_lock:
-                await self._commit(registration.unblock(self.progress))
-        self._set_activity(activity)
+        if self.session.progress.blocked_by not in ("", Code.IDENTITY):
+            await self.session.unblock()
+        self.session.set_activity(activity)
 
     async def _failed(self, error: AgentError) -> relay.Response:
-        if self.progress.phase is Phase.REGISTERED:
+        if self.session.progress.phase is Phase.REGISTERED:
             # Registration is over: a refused request (junk, another key) is the caller's problem, not the
             # device's, so it answers the caller and leaves State, LastError and Action as they are.
             log.warning("relay refused a request after registration: %s", error)
-            self._set_activity(IDLE)
+            self.session.set_activity(IDLE)
             return relay.error_response(error)
         if isinstance(error, RelayRefusedError):
             log.warning("relay refused snapd's request: %s", error)
-        elif isinstance(error, SerialRejectedError):
-            log.error("rejected the vault's serial: %s", error)
         await self._record(error)
         return relay.error_response(error)
 
-    async def _record(self, outcome: registration.Outcome, activity: str = IDLE) -> None:
-        """Apply ``outcome``, persist, then publish (one PropertiesChanged); snapd decides what comes next."""
-        async with self.state_lock:
-            progress = registration.apply(self.progress, outcome, self.rng).progress
-            if self.identity is not None:
-                progress = daemon.with_identity(progress, self.identity.fields(self.cfg.identity.allow_weak))
-            self.activity, self.next_retry = activity, 0.0
-            await self._commit(progress)
+    async def _record(self, outcome: registration.Outcome) -> None:
+        """One outcome recorded; snapd decides what comes next, so nothing waits here."""
+        await self.session.record(outcome, activity=IDLE)
         self.kick.set()  # run(once=True) looks again
 
 

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 from . import dbus_service
 from .errors import BusError
+from .registration import State
 
 EXIT_REGISTERED, EXIT_BLOCKED, EXIT_PENDING, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 2, 3, 69
 JSON_SCHEMA = 1
@@ -40,9 +41,9 @@ NO_OWNER = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.E
 
 def exit_code(props: dict[str, Any]) -> int:
     state = props.get("State", "")
-    if state == "registered":
+    if state == State.REGISTERED:
         return EXIT_REGISTERED
-    if state == "blocked":
+    if state == State.BLOCKED:
         return EXIT_BLOCKED
     return EXIT_PENDING  # any other, or a state added later: still in progress
 
@@ -76,13 +77,13 @@ def describe(props: dict[str, Any], now: float) -> list[str]:
 def live_line(props: dict[str, Any], started: float, now: float) -> str:
     """One line: state, elapsed, attempts, countdown to the next retry, and the action when blocked."""
     parts = [props.get("State", "?"), f"{int(now - started)}s", f"attempts {props.get('Attempts', 0)}"]
-    if props.get("State") == "registered":
+    if props.get("State") == State.REGISTERED:
         parts.append(f"serial {props.get('Serial', '')}")
     elif props.get("NextRetry"):
         parts.append(f"retry in {_countdown(props, now)}")
     if props.get("LastError"):
         parts.append(f"{props['LastError']}: {props.get('LastErrorMessage', '')}")
-    if props.get("State") == "blocked" and props.get("Action"):
+    if props.get("State") == State.BLOCKED and props.get("Action"):
         parts.append(f"action: {props['Action']}")
     return " | ".join(parts)
 

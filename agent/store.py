@@ -27,6 +27,7 @@ import os
 import stat
 import tempfile
 import time
+from enum import StrEnum
 from pathlib import Path
 
 from . import keys, registration
@@ -352,7 +353,7 @@ _FIELDS = {
     "nonce-retries": "nonce_retries", "blocked-by": "blocked_by", "last-error": "last_error",
     "last-error-message": "last_error_message", "mode": "mode",  # absent in older files: "standalone"
 }
-MODES = ("standalone", "snapd")
+_VOCABULARIES: dict[str, type[StrEnum]] = {"phase": registration.Phase, "mode": registration.Mode}
 
 
 def progress_to_json(p: registration.Progress) -> dict[str, object]:
@@ -372,12 +373,14 @@ def progress_from_json(data: object) -> registration.Progress:
     values: dict[str, object] = {}
     for key, attr in _FIELDS.items():
         value = data.get(key, getattr(defaults, attr))
-        if type(value) is not type(getattr(defaults, attr)) and attr != "phase":
+        vocabulary = _VOCABULARIES.get(attr)
+        if vocabulary is not None:  # a str in the file, one of the enum's values in memory
+            if value not in set(vocabulary):
+                raise ValueError(f"state.json {key!r} must be one of {', '.join(vocabulary)}")
+            value = vocabulary(value)
+        elif type(value) is not type(getattr(defaults, attr)):
             raise TypeError(f"state.json {key!r} has the wrong type")
         values[attr] = value
-    values["phase"] = registration.Phase(str(values["phase"]))
-    if values["mode"] not in MODES:
-        raise ValueError(f"state.json 'mode' must be one of {', '.join(MODES)}")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in values["identity"].items()):  # type: ignore[attr-defined]
         raise TypeError("state.json 'identity' must map strings to strings")
     return registration.Progress(**values)  # type: ignore[arg-type]

@@ -26,6 +26,8 @@ import sys
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from .registration import State
+
 log = logging.getLogger(__name__)
 
 SYSLOG_IDENTIFIER = "factory-agent"
@@ -129,9 +131,9 @@ async def watchdog_loop() -> None:
 
 def status_line(state: str, serial: str, last_error: str, action: str) -> str:
     """STATUS= text: "registered: serial X", "blocked: invalid-api-key: check ...", "requesting"."""
-    if state == "registered":
+    if state == State.REGISTERED:
         text = f"registered: serial {serial}" if serial else "registered"
-    elif state == "blocked":
+    elif state == State.BLOCKED:
         text = ": ".join(part for part in (state, last_error, action) if part)
     elif last_error:
         text = f"{state} (last error: {last_error})"
@@ -176,7 +178,7 @@ def _one_line(text: str) -> str:
 def journal_fields(state: str, last_error: str = "", serial: str = "") -> dict[str, str]:
     """``extra=`` for a state-change record: the fields, and the MESSAGE_ID of registered/blocked."""
     fields = {FIELD_STATE: state, FIELD_ERROR: last_error, FIELD_SERIAL: serial}
-    message_id = {"registered": MESSAGE_ID_REGISTERED, "blocked": MESSAGE_ID_BLOCKED}.get(state)
+    message_id = {State.REGISTERED: MESSAGE_ID_REGISTERED, State.BLOCKED: MESSAGE_ID_BLOCKED}.get(state)
     return {k: v for k, v in fields.items() if v} | ({"MESSAGE_ID": message_id} if message_id else {})
 
 

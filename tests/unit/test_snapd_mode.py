@@ -10,7 +10,8 @@ from random import Random
 import pytest
 
 from agent import assertions, config, keys, registration, relay, serials, settings
-from agent.errors import ConfigError, RelayRefusedError, VaultRejected, VaultTransient
+from agent.errors import (ConfigError, RelayBadRequest, RelayOtherDeviceKey, RelayRefusedError, RelayWrongModel,
+                          VaultRejected, VaultTransient)
 from agent.registration import Phase, Progress
 from tests.conftest import DATA
 from tests.unit.test_config import base
@@ -106,11 +107,11 @@ def test_garbage_a_forged_signature_or_another_type_is_a_bad_request(device_key:
 
 
 def test_refusals_block_except_a_bad_request() -> None:
-    assert registration.needs_person(RelayRefusedError("x", "relay-wrong-model"))
-    assert registration.needs_person(RelayRefusedError("x", "relay-other-device-key"))
-    assert not registration.needs_person(RelayRefusedError("x", "relay-bad-request"))
-    assert relay.error_response(RelayRefusedError("x", "relay-bad-request")).status == 400  # not 503: no retry helps
-    blocked = registration.apply(Progress(), RelayRefusedError("x", "relay-other-device-key"), Random(1))
+    assert registration.needs_person(RelayWrongModel("x"))
+    assert registration.needs_person(RelayOtherDeviceKey("x"))
+    assert not registration.needs_person(RelayBadRequest("x"))
+    assert relay.error_response(RelayBadRequest("x")).status == 400  # not 503: no retry helps
+    blocked = registration.apply(Progress(), RelayOtherDeviceKey("x"), Random(1))
     assert blocked.progress.blocked_by == "relay-other-device-key"
     assert blocked.progress.action == registration.ACTIONS["relay-other-device-key"]
 

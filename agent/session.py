@@ -1,0 +1,312 @@
+"""One registration session: what every way to register shares, held (never subclassed) by each driver.
+
+A driver (standalone.py: the agent's own key; snapd.py: snapd's key, through the
+relay) decides *how* the exchanges with the vault happen. The session is the
+rest, the same for all of them: the state directory loaded and its mode adopted,
+a serial checked as this device's and stored before it is recorded, the verified
+serial held in memory for GetSerialAssertion, each outcome turned into the next
+Progress by registration.apply(), persisted, then published as one Status.
+
+daemon.py wires a session, a driver and the reporters; a new way to register
+is one more driver holding a Session, and nothing here or in the others changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from random import Random
+from typing import TYPE_CHECKING, Protocol
+
+from . import __version__, assertions, registration, serials, store, systemd
+from .config import Config
+from .errors import AgentError, Code, ConfigError, NotRegisteredError, SerialRejectedError
+from .registration import Decision, Mode, Outcome, Phase, Progress, State
+
+if TYPE_CHECKING:  # imported when first needed: the status is published before they load
+    from . import identity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Everything a technician sees; the D-Bus properties mirror it one to one."""
+
+    state: State
+    serial: str
+    brand: str
+    model: str
+    device_key_id: str
+    attempts: int
+    last_error: str
+    last_error_message: str
+    action: str
+    next_retry: int  # unix microseconds, 0 if none
+    identity: dict[str, str] = field(default_factory=dict)
+    version: str = __version__
+
+
+class Publisher(Protocol):
+    def publish(self, status: Status) -> None: ...
+
+
+class Publishers:
+    """Fan one status out to every reporter (log, D-Bus, systemd)."""
+
+    def __init__(self, *publishers: Publisher) -> None:
+        self.publishers = list(publishers)
+
+    def add(self, publisher: Publisher) -> None:
+        self.publishers.append(publisher)
+
+    def publish(self, status: Status) -> None:
+        for publisher in self.publishers:
+            publisher.publish(status)
+
+
+class LogPublisher:
+    """Reports each change of state or error as one log line."""
+
+    def __init__(self) -> None:
+        self.last: Status | None = None
+
+    def publish(self, status: Status) -> None:
+        before, self.last = self.last, status
+        if before and (before.state, before.last_error) == (status.state, status.last_error):
+            return
+        line = f"state {status.state}"
+        if status.state is State.REGISTERED:
+            line += f": serial {status.serial}"
+        elif status.last_error:
+            line += f" ({status.last_error}: {status.last_error_message})"
+            if status.action:
+                line += f"; action: {status.action}"
+        level = logging.WARNING if status.state is State.BLOCKED else logging.INFO
+        log.log(level, line, extra=systemd.journal_fields(status.state, status.last_error, status.serial))
+
+
+class Session:
+    """The progress of one device's registration, and everything said about it."""
+
+    def __init__(self, cfg: Config, st: store.Store, publisher: Publisher, rng: Random | None = None) -> None:
+        self.cfg, self.store, self.publisher = cfg, st, publisher
+        self.rng = rng or Random()
+        self.progress = Progress()
+        self.identity: identity.DeviceIdentity | None = None
+        self.activity, self.next_retry = State.STARTING, 0.0  # next_retry: unix time, 0 if none
+        self.lock = asyncio.Lock()  # one read-modify-write of progress at a time
+        self.verified_serial: bytes | None = None  # what GetSerialAssertion serves: checked by this process
+        self._serial_stat: tuple[int, int, int, int] | None = None  # serial.assertion when it was last seen
+        self._serial_note = ""  # set when the vault signed another serial than the one proposed
+
+    # --- loading (blocking: called in a thread) ---------------------------------
+
+    def load_recorded(self) -> Progress:
+        """The state directory made ready, and the progress it records, for this mode."""
+        removed = self.store.prepare()
+        if removed:
+            log.info("removed temporary files left by a crash: %s", ", ".join(removed))
+        recorded, corrupt = self.store.load_progress()
+        if corrupt:
+            log.warning("state.json was corrupt; moved aside to %s and rebuilt from the files present", corrupt,
+                        extra={"MESSAGE_ID": systemd.MESSAGE_ID_STATE_CORRUPT})
+        return adopt_mode(recorded, self.store, self.cfg.mode)
+
+    def serial_on_disk(self, key_id: str | None) -> str | None:
+        """The serial of serial.assertion if it is this device's for ``key_id``; None (and a warning) if not."""
+        text = self.store.read_serial()
+        if text is None or not key_id:
+            return None
+        try:
+            return self.check_serial(key_id, text).header("serial")
+        except AgentError as exc:
+            log.warning("ignoring %s: %s", self.store.dir / store.SERIAL_FILE, exc)
+            return None
+
+    def reconciled(self, progress: Progress, recorded: Progress) -> Progress:
+        """``progress``, persisted if reconciling changed it from what was ``recorded``."""
+        if progress != recorded:
+            self.store.save_progress(progress)
+        return progress
+
+    # --- the serial ---------------------------------------------------------------
+
+    def check_serial(self, key_id: str, body: bytes) -> assertions.Assertion:
+        """The serial assertion ``body``, checked as this device's (brand, model, key) and trusted; else AgentError."""
+        cfg = self.cfg
+        return serials.check_serial(body, brand=cfg.brand, model=cfg.model, key_id=key_id,
+                                    trusted=cfg.vault.trusted_account_keys, model_assertion=cfg.model_assertion)
+
+    async def store_serial(self, key_id: str, request: bytes, body: bytes) -> registration.Registered:
+        """The vault's answer ``body`` to the serial-request ``request``: checked, stored, held; the outcome."""
+        serial = self.check_serial(key_id, body)
+        await asyncio.to_thread(self.store.save_serial, serial.encode())  # the artifact before the record
+        self.verified_serial = serial.encode()  # what is served from now on (GetSerialAssertion, the relay)
+        self._serial_stat = file_identity(self.store.dir / store.SERIAL_FILE)
+        self._serial_note = serial_note(request, serial.header("serial"))
+        return registration.Registered(serial.header("serial"))
+
+    def serial_assertion(self) -> str:
+        """GetSerialAssertion(): the verified serial held in memory, once registered (blocking the first time).
+
+        It is the one this process verified (at registration, or on the first call after a restart,
+        from disk); a serial.assertion changed on disk afterwards is reported, and never served.
+        """
+        if self.progress.phase is not Phase.REGISTERED:
+            raise NotRegisteredError(f"not registered yet (state {self.status().state})")
+        if self.verified_serial is None:
+            self.verified_serial = self._verify_stored_serial()
+        else:
+            self._notice_swapped_serial()
+        return self.verified_serial.decode("utf-8")
+
+    def _verify_stored_serial(self) -> bytes:
+        path = self.store.dir / store.SERIAL_FILE
+        text = self.store.read_serial()
+        if text is None:
+            raise NotRegisteredError(f"not registered: {path} is missing")
+        try:
+            serial = self.check_serial(self.progress.key_id, text)
+        except AgentError as exc:
+            log.error("refusing to serve %s: %s", path, exc)
+            raise SerialRejectedError(f"cannot serve {path}: it is not this device's verified serial ({exc})") from None
+        if serial.header("serial") != self.progress.serial:
+            log.error("refusing to serve %s: it holds serial %s, the state records %s", path,
+                      serial.header("serial"), self.progress.serial)
+            raise SerialRejectedError(f"cannot serve {path}: it holds serial {serial.header('serial')}, "
+                                      f"not the registered {self.progress.serial}")
+        self._serial_stat = file_identity(path)
+        return serial.encode()
+
+    def _notice_swapped_serial(self) -> None:
+        """Warn (once per change) when serial.assertion on disk is no longer the file that was verified."""
+        path = self.store.dir / store.SERIAL_FILE
+        now = file_identity(path)
+        if self._serial_stat is not None and now != self._serial_stat:
+            log.warning("%s changed on disk after it was verified; serving the verified serial %s, not the file",
+                        path, self.progress.serial)
+        self._serial_stat = now
+
+    # --- progress ---------------------------------------------------------------
+
+    async def record(self, outcome: Outcome, *, activity: State | None = None, wait: bool = False) -> Decision:
+        """Apply ``outcome``, persist, then publish (one PropertiesChanged); the decision, for its delay.
+
+        ``activity`` is what the driver does next (None: as before). With ``wait`` a delay shows as
+        waiting-retry or waiting-clock with NextRetry; snapd mode does not wait (snapd decides when).
+        """
+        if isinstance(outcome, SerialRejectedError):
+            log.error("rejected the vault's serial: %s", outcome)
+        async with self.lock:
+            decision = registration.apply(self.progress, outcome, self.rng)
+            progress = self.with_identity(decision.progress)
+            if isinstance(outcome, registration.Registered) and self._serial_note:
+                log.warning("%s", self._serial_note)
+                progress = replace(progress, last_error=Code.SERIAL_NOT_PROPOSED, last_error_message=self._serial_note)
+            self.activity, self.next_retry = activity or self.activity, 0.0
+            if wait and 0 < decision.delay < math.inf:  # announced with the transition itself
+                self.next_retry = time.time() + decision.delay
+                clock = progress.last_error == Code.CLOCK_SKEW
+                self.activity = State.WAITING_CLOCK if clock else State.WAITING_RETRY
+            await self._commit(progress)
+        return decision
+
+    async def unblock(self) -> None:
+        """Retry() or a new attempt: a person says the cause is fixed; an identity block gathers afresh."""
+        async with self.lock:
+            if not self.progress.blocked_by:
+                return
+            if self.progress.blocked_by == Code.IDENTITY:
+                self.identity = None
+            await self._commit(registration.unblock(self.progress))
+
+    async def adopt_identity(self, found: identity.DeviceIdentity, activity: State | None = None) -> None:
+        """Hold the gathered identity; its fields are recorded with the progress."""
+        async with self.lock:
+            self.identity = found
+            self.activity = activity or self.activity
+            await self._commit(self.with_identity(self.progress))
+
+    def with_identity(self, p: Progress) -> Progress:
+        if self.identity is None:
+            return p
+        fields = self.identity.fields(self.cfg.identity.allow_weak)
+        return p if p.identity == fields else replace(p, identity=fields)
+
+    async def _commit(self, progress: Progress) -> None:
+        """Persist, then publish: nobody hears of a state that a power cut could undo."""
+        if progress != self.progress:
+            await asyncio.to_thread(self.store.save_progress, progress)
+            self.progress = progress
+        self.publish()
+
+    # --- status -----------------------------------------------------------------
+
+    def set_activity(self, activity: State) -> None:
+        self.activity, self.next_retry = activity, 0.0
+        self.publish()
+
+    def status(self) -> Status:
+        p = self.progress
+        return Status(
+            state=registration.display_state(p, self.activity),
+            serial=p.serial if p.phase is Phase.REGISTERED else "",
+            brand=self.cfg.brand, model=self.cfg.model,
+            device_key_id=p.key_id, attempts=p.attempts,
+            last_error=p.last_error, last_error_message=p.last_error_message, action=p.action,
+            next_retry=int(self.next_retry * 1_000_000),
+            identity=self.identity.fields(self.cfg.identity.allow_weak) if self.identity else dict(p.identity),
+        )
+
+    def publish(self) -> None:
+        self.publisher.publish(self.status())
+
+
+def adopt_mode(p: Progress, st: store.Store, mode: Mode) -> Progress:
+    """``p`` for ``mode``; ConfigError when the state directory holds the other mode's registration.
+
+    A standalone state is about the agent's own key, a snapd one about snapd's:
+    carrying either into the other mode would report, or relay for, the wrong key.
+    """
+    other = Mode.SNAPD if mode is Mode.STANDALONE else Mode.STANDALONE
+    pristine = p.phase is Phase.UNREGISTERED and not p.key_id and not p.serial
+    if (p.mode != mode and not pristine) or (mode is Mode.SNAPD and st.has_key()):
+        raise ConfigError(f"cannot start in {mode} mode: state directory {st.dir} holds a {other}-mode registration; "
+                          f"set mode = \"{other}\" again, or move that directory's files aside to start over in {mode} mode")
+    return p if p.mode == mode else replace(p, mode=mode)
+
+
+def serial_note(request: bytes, signed: str) -> str:
+    """What to say when the vault signed ``signed`` for the serial-request ``request``: "" if it was proposed.
+
+    The Serial Vault signs the proposed serial; a service that assigns its own (the Model Service may) is
+    obeyed: the signed serial is the device's, and LastError serial-not-proposed tells the technician which
+    label it does not match.
+    """
+    proposed = assertions.decode(request).headers.get("serial", "")
+    if not isinstance(proposed, str) or not proposed or proposed == signed:
+        return ""
+    return f"the vault signed serial {signed}, not the proposed {proposed}: the signed one is this device's"
+
+
+def file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    """Which file is at ``path`` (device, inode, size, mtime), to notice it being replaced; None if none."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def import_adapters() -> None:
+    """requests and pyudev take ~100 ms to import: done in a thread, so D-Bus keeps answering meanwhile."""
+    import importlib
+
+    for name in ("agent.identity", "agent.vault"):
+        importlib.import_module(name)
