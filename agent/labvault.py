@@ -1,19 +1,17 @@
 """A local Serial Vault with the real one's device API, signing serials with a brand key it creates.
 
 It is a test and demo tool, not a production vault: its keys sit unencrypted
-in its directory, its nonces and signing log live in memory, and fault knobs
-(:class:`Faults`) make it misbehave on purpose. What a device sees follows
-shared/reference/serial-vault-api.md: paths, status codes, JSON bodies, the
-processing order of ``/v1/serial`` and when a request-id is burned.
+in its directory and its nonces and signing log live in memory. What a device
+sees follows shared/reference/serial-vault-api.md: paths, status codes, JSON
+bodies, the processing order of ``/v1/serial`` and when a request-id is burned.
+It never misbehaves on purpose; :class:`LabVault` documents the few methods a
+subclass may override to do so (the tests' fault knobs live in tests/fakes/).
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import hashlib
 import hmac
-import http
 import json
 import logging
 import re
@@ -26,15 +24,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import cache, lru_cache
+from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, cast
-
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from . import __version__, assertions, keys, openpgp, store
 from .assertions import Assertion, HeaderValue
@@ -83,47 +79,6 @@ class Reply:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Forced:
-    """A status answered instead of processing; body None means "<code> <reason>\\n" as text/plain."""
-
-    status: int
-    retry_after: str | None = None
-    body: bytes | None = None
-    content_type: str = PLAIN_TYPE
-
-
-@dataclass
-class Faults:
-    """Knobs that make the vault misbehave. Set fields directly; the vault reads them under its lock.
-
-    Queues are consumed one entry per matching request: ``status[endpoint]``
-    (endpoint "request-id" or "serial"; an int is ``Forced(int)``) is answered
-    first, then ``error_code[endpoint]`` (a handled 400 with the real message);
-    neither touches nonces or records. ``accepted_times`` answers 202 with an
-    empty body to that many otherwise valid /serial requests, before the
-    request-id is burned, so the same request can be posted again (as snapd
-    does). Every other knob stays in force until changed: ``delay`` (seconds
-    before answering any request), and on signed serials ``other_device_key``,
-    ``wrong_brand``, ``untrusted_key``, ``bad_signature``, ``assigned_serial`` (what is signed), then
-    ``truncate`` (first half only), ``oversize`` (that many bytes of padding
-    appended) and ``content_type`` ("" sends none) on the response.
-    """
-
-    status: dict[str, list[int | Forced]] = field(default_factory=dict)
-    error_code: dict[str, list[str]] = field(default_factory=dict)
-    accepted_times: int = 0
-    delay: float = 0.0
-    truncate: bool = False
-    oversize: int = 0
-    other_device_key: bool = False
-    bad_signature: bool = False
-    wrong_brand: str | None = None
-    untrusted_key: bool = False
-    assigned_serial: str | None = None  # signed instead of the proposed one, as a vault that assigns serials does
-    content_type: str | None = None
-
-
 class _Refusal(Exception):
     """A handled vault error: HTTP 400 with the real JSON body; the message defaults to the real one."""
 
@@ -132,8 +87,14 @@ class _Refusal(Exception):
         self.code, self.message = code, MESSAGES.get(code, code) if message is None else message
 
     def reply(self) -> Reply:
-        body = {"success": False, "error_code": self.code, "error_subcode": "", "message": self.message, "StatusCode": 400}
-        return Reply(400, go_json(body), JSON_TYPE)
+        return refusal_reply(self.code, self.message)
+
+
+def refusal_reply(code: str, message: str | None = None) -> Reply:
+    """The real vault's handled error: HTTP 400, its JSON body; the message defaults to the real one for ``code``."""
+    text = MESSAGES.get(code, code) if message is None else message
+    body = {"success": False, "error_code": code, "error_subcode": "", "message": text, "StatusCode": 400}
+    return Reply(400, go_json(body), JSON_TYPE)
 
 
 def go_json(value: dict[str, Any]) -> bytes:
@@ -159,22 +120,6 @@ def _load_key(pem: bytes) -> keys.DeviceKey:
     return keys.load_key(pem)
 
 
-@cache
-def _spare_key() -> keys.DeviceKey:
-    """A key nobody trusts, for the other_device_key and untrusted_key faults (made once, in-process)."""
-    private = rsa.generate_private_key(65537, 2048)
-    numbers = private.public_key().public_numbers()
-    return keys.DeviceKey(private, openpgp.PublicKey(numbers.n, numbers.e))
-
-
-def _status_line(status: int) -> bytes:
-    try:
-        phrase = http.HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Forced"
-    return f"{status} {phrase}\n".encode("ascii")
-
-
 def _yaml_serial(body: bytes) -> str:
     """The top-level ``serial:`` value of a YAML body, "" if none (a line parse, not a YAML parser)."""
     for line in body.decode("utf-8", "replace").splitlines():
@@ -186,15 +131,20 @@ def _yaml_serial(body: bytes) -> str:
     return ""
 
 
-def _corrupt(assertion: Assertion) -> Assertion:
-    """The same assertion with the last byte of its RSA value flipped: valid base64, failing signature."""
-    packet = openpgp.decode_v1(assertion.signature, "signature")
-    broken = packet[:-1] + bytes([packet[-1] ^ 0x01])
-    return dataclasses.replace(assertion, signature=openpgp.encode_v1(broken) + b"\n")
-
-
 class LabVault:
-    """The lab vault: one brand, one model, one api-key; files in ``directory``, state in memory."""
+    """The lab vault: one brand, one model, one api-key; files in ``directory``, state in memory.
+
+    Hooks: a subclass (a test's misbehaving vault) may override these, and only these, to answer
+    what this vault never would. Each is called from the request's own thread.
+
+    - :meth:`received` sees each request's path and headers before it is answered (here: a debug log line);
+    - :meth:`respond` makes each request's :class:`Reply`: a subclass may answer something else, wait,
+      or change the reply ``super().respond`` made;
+    - :meth:`answer_serial` answers a ``/serial`` request that passed every check made before its
+      request-id is burned (right api-key, a well-formed, self-signed stream);
+    - :meth:`sign_serial` signs the serial assertion (with the vault's lock held): a subclass may
+      change its headers or signing key, or the assertion it returns.
+    """
 
     def __init__(self, directory: Path, brand: str = "acme", model: str = "acme-gw", api_key: str | None = None,
                  now: Callable[[], float] = time.time, key_bits: int = keys.DEVICE_KEY_BITS) -> None:
@@ -203,12 +153,6 @@ class LabVault:
         self.brand, self.model = brand, model
         self._directory, self._now = Path(directory), now
         self._lock = threading.Lock()
-        self.faults = Faults()
-        self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.signed: list[Assertion] = []
-        # Per request, in order: (path, headers with names lowercased); the api-key's value is replaced by
-        # "valid" or "invalid", so a test can see which one came without the key being kept anywhere.
-        self.seen_headers: list[tuple[str, dict[str, str]]] = []
         self._nonces: dict[str, float] = {}
         self._revisions: dict[tuple[str, str, str], int] = {}
         self._device_keys: set[str] = set()
@@ -291,22 +235,14 @@ class LabVault:
 
     # --- the device API ----------------------------------------------------
 
-    def record_headers(self, path: str, headers: Iterable[tuple[str, str]]) -> None:
-        seen = {name.lower(): value for name, value in headers}
-        if "api-key" in seen:
-            matches = hmac.compare_digest(seen["api-key"].encode("utf-8"), self._api_key.encode("utf-8"))
-            seen["api-key"] = "valid" if matches else "invalid"
-        with self._lock:
-            self.seen_headers.append((path.partition("?")[0], seen))
+    def received(self, method: str, path: str, headers: Iterable[tuple[str, str]]) -> None:
+        """Hook: one request's headers, before it is answered; logged at debug level, never the api-key's value."""
+        shown = ", ".join(f"{name}: {'(hidden)' if name.lower() == 'api-key' else value}" for name, value in headers)
+        log.debug("lab vault: %s %s with %s", method, path.partition("?")[0], shown)
 
     def respond(self, method: str, path: str, api_key: str | None, body: bytes | None) -> Reply:
-        """The answer to one request; ``body`` None means it was larger than MAX_REQUEST_BODY."""
+        """Hook: the answer to one request; ``body`` None means it was larger than MAX_REQUEST_BODY."""
         path = path.partition("?")[0]
-        with self._lock:
-            self.requests[(method, path)] += 1
-            delay = self.faults.delay
-        if delay > 0:
-            time.sleep(delay)
         routes: dict[str, tuple[str, Callable[[str | None, bytes | None], Reply]]] = {
             "version": ("GET", lambda key, body: VERSION), "health": ("GET", lambda key, body: HEALTH),
             "request-id": ("POST", self._request_id), "serial": ("POST", self._serial)}
@@ -316,28 +252,11 @@ class LabVault:
         allowed, handler = routes[endpoint]
         if method != allowed:
             return Reply(405)
-        forced = self._take_forced(endpoint)
-        if forced is not None:
-            return forced
         try:
             return handler(api_key, body)
         except _Refusal as refusal:
             log.info("lab vault refused %s: %s: %s", endpoint, refusal.code, refusal.message)
             return refusal.reply()
-
-    def _take_forced(self, endpoint: str) -> Reply | None:
-        with self._lock:
-            statuses, codes = self.faults.status.get(endpoint), self.faults.error_code.get(endpoint)
-            entry = statuses.pop(0) if statuses else None
-            code = codes.pop(0) if codes and entry is None else None
-        if code is not None:
-            return _Refusal(code).reply()
-        if entry is None:
-            return None
-        forced = entry if isinstance(entry, Forced) else Forced(entry)
-        body = _status_line(forced.status) if forced.body is None else forced.body
-        headers = (("Retry-After", forced.retry_after),) if forced.retry_after is not None else ()
-        return Reply(forced.status, body, forced.content_type, headers)
 
     def _check_api_key(self, api_key: str | None) -> None:
         if not api_key or not hmac.compare_digest(api_key.encode("utf-8"), self._api_key.encode("utf-8")):
@@ -359,11 +278,11 @@ class LabVault:
     def _serial(self, api_key: str | None, body: bytes | None) -> Reply:
         """Steps 1-9 of the reference's table leave the request-id alone; step 10 burns it."""
         self._check_api_key(api_key)
-        request = _check_stream(body)
+        return self.answer_serial(_check_stream(body))
+
+    def answer_serial(self, request: Assertion) -> Reply:
+        """Hook: step 10 on, for a serial-request that passed steps 1-9: burn its request-id, sign, answer."""
         with self._lock:
-            if self.faults.accepted_times > 0:
-                self.faults.accepted_times -= 1
-                return Reply(202)
             self._purge_nonces(self._now())
             if self._nonces.pop(request.header("request-id"), None) is None:
                 raise _Refusal("invalid-nonce")
@@ -373,13 +292,7 @@ class LabVault:
             if not serial:
                 raise _Refusal("create-assertion")
             signed = self._sign_serial(request, serial)
-            faults = dataclasses.replace(self.faults)
-        data = signed.encode()
-        if faults.truncate:
-            data = data[: len(data) // 2]
-        data += b"x" * faults.oversize
-        content_type = ASSERTION_TYPE if faults.content_type is None else faults.content_type or None
-        return Reply(200, data, content_type)
+        return Reply(200, signed.encode(), ASSERTION_TYPE)
 
     def _sign_serial(self, request: Assertion, serial: str) -> Assertion:
         """Sign and record the serial (the caller holds the lock); duplicates only bump the revision."""
@@ -389,28 +302,25 @@ class LabVault:
             log.warning("duplicate-assertion: serial %s and/or device key %s were already used to sign a device",
                         serial, device_key_id)
         revision = self._revisions.get(record, 0) + 1
-        faults, signer = self.faults, self._brand_key
-        if faults.other_device_key:
-            device_key, device_key_id = _spare_key().public.encoded, _spare_key().key_id
-        if faults.untrusted_key:
-            signer = _spare_key()
-        brand = faults.wrong_brand or self.brand
         now = self._now()
         headers: dict[str, HeaderValue] = {
-            "type": "serial", "authority-id": brand, "revision": str(revision), "brand-id": brand,
-            "model": self.model, "serial": faults.assigned_serial or serial, "device-key": device_key,
+            "type": "serial", "authority-id": self.brand, "revision": str(revision), "brand-id": self.brand,
+            "model": self.model, "serial": serial, "device-key": device_key,
             "device-key-sha3-384": device_key_id, "timestamp": rfc3339(now),
         }
         try:
-            signed = assertions.sign(headers, request.body, signer.public, signer.sign, int(now))
+            signed = self.sign_serial(headers, request.body, self._brand_key, int(now))
         except LocalFormatError as exc:
             log.info("lab vault cannot make serial %r: %s", serial, exc)
             raise _Refusal("create-assertion") from None
-        signed = _corrupt(signed) if faults.bad_signature else signed
         self._revisions[record] = revision
         self._device_keys.add(request.sign_key_id)
-        self.signed.append(signed)
         return signed
+
+    def sign_serial(self, headers: dict[str, HeaderValue], body: bytes, signer: keys.DeviceKey,
+                    created: int) -> Assertion:
+        """Hook: the serial assertion with ``headers`` and ``body``, signed by ``signer`` at ``created``."""
+        return assertions.sign(headers, body, signer.public, signer.sign, created)
 
     # --- serving -----------------------------------------------------------
 
@@ -542,7 +452,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(body)
             return
         try:
-            vault.record_headers(self.path, self.headers.items())
+            vault.received(self.command, self.path, self.headers.items())
             reply = vault.respond(self.command, self.path, self.headers.get("api-key"), body)
         except Exception:  # a bug: answer like a Go panic, and keep serving
             log.exception("lab vault: internal error on %s %s", self.command, self.path)

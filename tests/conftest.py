@@ -46,9 +46,9 @@ def lab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def lab(lab_dir: Path):
     """A lab vault serving on 127.0.0.1 with the session's keys and fresh nonces, counters and faults."""
-    from agent.labvault import LabVault
+    from tests.fakes.faultyvault import FaultyVault
 
-    vault = LabVault(lab_dir)
+    vault = FaultyVault(lab_dir)
     vault.start()
     yield vault
     vault.stop()

@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from agent import assertions, keys, serials, store
-from agent.labvault import LabVault
 from agent.registration import Phase, Progress
 from tests.fakes.agentconf import seed_key, write_agent_config
+from tests.fakes.faultyvault import FaultyVault
 
 REPO = Path(__file__).resolve().parents[2]
 INJECT = Path(__file__).resolve().parent / "inject"
@@ -230,7 +230,7 @@ class Trial:
 class Harness:
     """One lab vault (serving), one agent config, a work directory for state dirs, markers and logs."""
 
-    def __init__(self, lab: LabVault, work: Path, python: str = sys.executable) -> None:
+    def __init__(self, lab: FaultyVault, work: Path, python: str = sys.executable) -> None:
         self.lab, self.work, self.python = lab, work, python
         work.mkdir(parents=True, exist_ok=True)
         self.config = write_agent_config(work, lab.url, lab.directory, template=TEMPLATE, soc_serial=SOC_SERIAL)

@@ -31,13 +31,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[0] = str(REPO)  # not tests/crash: run as a script, it must import agent and tests from the repository
 
-from agent.labvault import LabVault  # noqa: E402
 from tests.crash import harness as H  # noqa: E402
 from tests.crash import syscalls  # noqa: E402
 from tests.fakes.agentconf import write_agent_config  # noqa: E402
+from tests.fakes.faultyvault import FaultyVault  # noqa: E402
 
 
-def durability(lab: LabVault, work: Path) -> dict[str, object]:
+def durability(lab: FaultyVault, work: Path) -> dict[str, object]:
     """One fresh registration under strace -f -y: per file, fsync before rename/link and directory fsync after."""
     strace = shutil.which("strace")
     if strace is None:
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
     logging.disable(logging.WARNING)  # the lab vault's duplicate-assertion notes: the double signings are counted
     work = Path(tempfile.mkdtemp(prefix="factory-agent-crash-"))
     started = time.monotonic()
-    lab = LabVault(work / "lab")
+    lab = FaultyVault(work / "lab")
     lab.start()
     out: dict[str, object] = {"python": sys.executable, "seed": seed}
     failed = True

@@ -23,16 +23,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.labvault import LabVault
 from tests.conftest import REPO
 from tests.crash import harness as H
+from tests.fakes.faultyvault import FaultyVault
 
 KILLS = int(os.environ.get("FACTORY_AGENT_CRASH_KILLS", "30"))
 
 
 @pytest.fixture(scope="module")
 def crash(lab_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    lab = LabVault(lab_dir)
+    lab = FaultyVault(lab_dir)
     lab.start()
     try:
         yield H.Harness(lab, tmp_path_factory.mktemp("crash"))

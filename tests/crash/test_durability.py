@@ -21,15 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from agent.labvault import LabVault
 from tests.conftest import REPO
 from tests.crash import syscalls
 from tests.fakes.agentconf import seed_key, write_agent_config
+from tests.fakes.faultyvault import FaultyVault
 
 FINAL = {"device-key.pem", "serial.assertion", "state.json"}
 
 
-def traced_run(tmp: Path, lab: LabVault, state: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
+def traced_run(tmp: Path, lab: FaultyVault, state: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
     strace = shutil.which("strace")
     if strace is None:
         pytest.fail("strace is not installed: it is the Debian package strace (make deps installs it)")
@@ -58,7 +58,7 @@ def check_trace(log: Path, state: Path) -> tuple[list[syscalls.FileReport], sysc
 @pytest.fixture(scope="module")
 def first_boot(lab_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """One whole registration under strace: fresh state directory, real RSA-4096 key generation."""
-    lab = LabVault(lab_dir)
+    lab = FaultyVault(lab_dir)
     lab.start()
     try:
         tmp = tmp_path_factory.mktemp("first-boot")
@@ -94,7 +94,7 @@ def test_a_state_directory_the_agent_creates_is_made_durable_in_its_parent(first
         f"{state.parent} was not fsynced after mkdir {state} and before the first file was published in it"
 
 
-def test_a_recovery_that_adopts_a_key_and_clears_a_stale_temp_writes_the_same_way(tmp_path: Path, lab: LabVault) -> None:
+def test_a_recovery_that_adopts_a_key_and_clears_a_stale_temp_writes_the_same_way(tmp_path: Path, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)  # a key whose record a crash lost
     (state / ".state.json.k1ll3d.tmp").write_bytes(b'{"schema": 1, "pha')  # a temp a crash left

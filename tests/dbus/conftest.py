@@ -1,12 +1,11 @@
-"""A private dbus-daemon per test session, the lab vault, and the real daemon as a child process."""
+"""A private dbus-daemon per test session, the lab vault, and the real daemon as a child process (the launcher's)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
+import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +14,8 @@ from typing import Any
 import pytest
 
 from agent.labvault import LabVault
-from tests.conftest import REPO
 from tests.fakes.agentconf import seed_key, write_agent_config
+from tests.fakes.launcher import Agent, agent_env, run_args
 
 BUS_NAME = "io.factoryagent.Agent1"
 PATH = "/io/factoryagent/Agent1"
@@ -51,22 +50,15 @@ def write_config(tmp: Path, lab: LabVault, api_key_file: Path | None = None) -> 
                               api_key_file=api_key_file)
 
 
-class Daemon:
-    """`factory-agent run --bus session` on the private bus."""
+class Daemon(Agent):
+    """`factory-agent run --bus session` on the private bus (tests/fakes/launcher.py's Agent)."""
 
     def __init__(self, address: str, backend: str, config: Path, state: Path, *extra: str) -> None:
-        self.env = dict(os.environ, PYTHONPATH=str(REPO), DBUS_SESSION_BUS_ADDRESS=address, FACTORY_AGENT_DBUS=backend)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--bus", "session", "--config", str(config), "--state-dir", str(state),
-             *extra],
-            cwd=REPO, env=self.env, stderr=subprocess.PIPE, text=True,
-        )
+        super().__init__(*run_args(config, state, *extra, bus="session"),
+                         env=agent_env(bus_address=address, backend=backend), stdin=None, stdout=None)
 
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        _, stderr = self.proc.communicate(timeout=15)
-        return stderr
+    def stop(self, timeout: float = 15.0, signum: int = signal.SIGTERM, check: bool = True) -> str:
+        return super().stop(timeout, signum, check)
 
 
 def busctl(address: str, *args: str) -> subprocess.CompletedProcess[str]:

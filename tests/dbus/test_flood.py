@@ -31,9 +31,11 @@ from typing import Any
 
 import pytest
 
-from agent.labvault import API_PREFIX, Forced, LabVault
+from agent.labvault import API_PREFIX
 from tests.conftest import REPO
 from tests.dbus.conftest import BUS_NAME, PATH, Recorder, busctl, get_property, seed_key, wait_for, write_config
+from tests.fakes.faultyvault import FaultyVault, Forced
+from tests.fakes.launcher import Agent, agent_env, run_args
 
 NOBODY = 65534
 CONNECTIONS = 16
@@ -251,18 +253,17 @@ def peak_rss(pid: int) -> int:
 
 
 class SystemDaemon:
-    """`factory-agent run --bus system` as root, its stderr in a file (a pipe nobody reads could block it)."""
+    """`factory-agent run --bus system` as root (the launcher's Agent), its stderr in a file (a pipe nobody
+    reads could block it)."""
 
     def __init__(self, bus: SystemBus, backend: str, config: Path, state: Path) -> None:
         self.log = state.parent / f"daemon-{backend}.log"
-        env = dict(os.environ, PYTHONPATH=str(REPO), DBUS_SYSTEM_BUS_ADDRESS=bus.address, FACTORY_AGENT_DBUS=backend)
-        with self.log.open("w") as stderr:
-            self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--bus", "system", "--config",
-                                          str(config), "--state-dir", str(state)],
-                                         cwd=REPO, env=env, stdin=subprocess.DEVNULL, stderr=stderr)
+        self.agent = Agent(*run_args(config, state, bus="system"), stdout=None, stderr_file=self.log,
+                           env=agent_env(backend=backend, DBUS_SYSTEM_BUS_ADDRESS=bus.address))
+        self.proc = self.agent.proc
 
     def stderr(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.agent.stderr
 
     def check_alive(self) -> None:
         code = self.proc.poll()
@@ -272,14 +273,7 @@ class SystemDaemon:
         return peak_rss(self.proc.pid)
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.stderr()
+        return self.agent.stop(15, check=False)
 
 
 class Flooder:
@@ -333,7 +327,7 @@ async def until(predicate: Any, what: str, seconds: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
-def posts(lab: LabVault) -> int:
+def posts(lab: FaultyVault) -> int:
     """How many serial-requests the daemon has posted."""
     return lab.requests[("POST", SERIAL_PATH)]
 
@@ -348,7 +342,7 @@ def states(rec: Recorder) -> list[str]:
 
 @pytest.mark.parametrize("mode", ["silent", "slow", "churn"])
 def test_a_flood_from_nobody_neither_stops_nor_starves_the_daemon(tmp_path: Path, system_bus: SystemBus, backend: str,
-                                                                 lab: LabVault, mode: str) -> None:
+                                                                 lab: FaultyVault, mode: str) -> None:
     state = tmp_path / "state"
     seed_key(state)
     gate = [Forced(503, retry_after="1") for _ in range(1000)]  # emptied once the flood has been seen sending
@@ -407,7 +401,7 @@ def test_a_flood_from_nobody_neither_stops_nor_starves_the_daemon(tmp_path: Path
 
 
 def test_the_daemon_owns_the_name_again_after_the_bus_restarts(tmp_path: Path, system_bus: SystemBus, backend: str,
-                                                               lab: LabVault) -> None:
+                                                               lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     gate = [Forced(503, retry_after="1") for _ in range(1000)]

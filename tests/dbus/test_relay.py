@@ -20,8 +20,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from agent import assertions, keys, registration, relay, store
-from agent.labvault import Forced, LabVault
 from tests.dbus.conftest import Daemon, Recorder, owned, wait_for
+from tests.fakes.faultyvault import FaultyVault, Forced
+from tests.fakes.launcher import as_user
 from tests.fakes.snapd_client import USER_AGENT, Attempt, SnapdClient
 from tests.fakes.snapdmode import SOC_SERIAL, hook_env, run_hook, set_values, snapctl_calls, write_snapd_config
 
@@ -29,7 +30,7 @@ from tests.fakes.snapdmode import SOC_SERIAL, hook_env, run_hook, set_values, sn
 class SnapdMode:
     """The agent in snapd mode, and the settings its hook gave snapd."""
 
-    def __init__(self, tmp: Path, bus_address: str, backend: str, lab: LabVault, api_key_file: Path | None = None,
+    def __init__(self, tmp: Path, bus_address: str, backend: str, lab: FaultyVault, api_key_file: Path | None = None,
                  listen: str = "127.0.0.1:0") -> None:
         self.tmp, self.bus_address, self.lab = tmp, bus_address, lab
         self.state, self.backend = tmp / "state", backend
@@ -93,11 +94,11 @@ class SnapdMode:
         return log
 
 
-def _serial_posts(lab: LabVault) -> int:
+def _serial_posts(lab: FaultyVault) -> int:
     return lab.requests[("POST", "/v1/serial")]
 
 
-def test_a_snapd_registration_through_the_relay(tmp_path: Path, bus_address: str, backend: str, lab: LabVault,
+def test_a_snapd_registration_through_the_relay(tmp_path: Path, bus_address: str, backend: str, lab: FaultyVault,
                                                 device_key: keys.DeviceKey) -> None:
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
     try:
@@ -120,7 +121,7 @@ def test_a_snapd_registration_through_the_relay(tmp_path: Path, bus_address: str
 
 
 def test_a_registered_agent_answers_snapds_new_serial_request_from_disk(tmp_path: Path, bus_address: str, backend: str,
-                                                                        lab: LabVault, device_key: keys.DeviceKey) -> None:
+                                                                        lab: FaultyVault, device_key: keys.DeviceKey) -> None:
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
     try:
         first = mode.client(device_key).register()
@@ -142,7 +143,7 @@ def test_a_registered_agent_answers_snapds_new_serial_request_from_disk(tmp_path
 
 
 def test_snapds_capabilities_and_user_agent_reach_the_vault_but_no_client_api_key(
-        tmp_path: Path, bus_address: str, backend: str, lab: LabVault, device_key: keys.DeviceKey) -> None:
+        tmp_path: Path, bus_address: str, backend: str, lab: FaultyVault, device_key: keys.DeviceKey) -> None:
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
     try:
         client = mode.client(device_key)
@@ -160,7 +161,7 @@ def test_snapds_capabilities_and_user_agent_reach_the_vault_but_no_client_api_ke
 
 
 def test_a_vault_refusal_reaches_snapd_as_json_and_shows_on_dbus(tmp_path: Path, bus_address: str, backend: str,
-                                                                 lab: LabVault, device_key: keys.DeviceKey) -> None:
+                                                                 lab: FaultyVault, device_key: keys.DeviceKey) -> None:
     wrong = tmp_path / "wrong-api-key"
     wrong.write_text("not-the-vaults-key\n")
     wrong.chmod(0o600)  # an api-key file others can read is refused (issue 11)
@@ -180,7 +181,7 @@ def test_a_vault_refusal_reaches_snapd_as_json_and_shows_on_dbus(tmp_path: Path,
 
 
 def test_the_relay_refuses_another_brand_and_a_second_device_key(tmp_path: Path, bus_address: str, backend: str,
-                                                                 lab: LabVault, device_key: keys.DeviceKey,
+                                                                 lab: FaultyVault, device_key: keys.DeviceKey,
                                                                  small_key: keys.DeviceKey) -> None:
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
     try:
@@ -220,7 +221,7 @@ def _assert_refused(attempt: Attempt, code: str, detail: str) -> None:
 
 
 def test_202_and_5xx_pass_through_so_snapd_polls_and_retries(tmp_path: Path, bus_address: str, backend: str,
-                                                             lab: LabVault, device_key: keys.DeviceKey) -> None:
+                                                             lab: FaultyVault, device_key: keys.DeviceKey) -> None:
     lab.faults.status["serial"] = [Forced(503)]
     lab.faults.accepted_times = 1
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
@@ -240,7 +241,7 @@ def test_202_and_5xx_pass_through_so_snapd_polls_and_retries(tmp_path: Path, bus
 @pytest.mark.parametrize("endpoint", ["request-id", "serial"])
 @pytest.mark.parametrize("status", [500, 429])
 def test_a_vault_500_or_429_keeps_snapd_retrying_within_its_attempt(tmp_path: Path, bus_address: str, backend: str,
-                                                                    lab: LabVault, device_key: keys.DeviceKey,
+                                                                    lab: FaultyVault, device_key: keys.DeviceKey,
                                                                     endpoint: str, status: int) -> None:
     """snapd ends its attempt on anything but >500 and then waits its change backoff (5 min doubling to 24 h):
     the relay answers 503 with the vault's JSON, and the next try is snapd's 60 s retry, in the same attempt."""
@@ -258,7 +259,7 @@ def test_a_vault_500_or_429_keeps_snapd_retrying_within_its_attempt(tmp_path: Pa
 
 
 def test_a_serial_the_agent_cannot_trust_is_not_handed_to_snapd(tmp_path: Path, bus_address: str, backend: str,
-                                                                lab: LabVault, device_key: keys.DeviceKey) -> None:
+                                                                lab: FaultyVault, device_key: keys.DeviceKey) -> None:
     lab.faults.untrusted_key = True
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
     try:
@@ -305,7 +306,7 @@ MALFORMED = [
 
 
 def test_malformed_requests_neither_crash_the_daemon_nor_stop_it_serving(tmp_path: Path, bus_address: str, backend: str,
-                                                                         lab: LabVault, device_key: keys.DeviceKey) -> None:
+                                                                         lab: FaultyVault, device_key: keys.DeviceKey) -> None:
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
     try:
         answers = [_raw_exchange(mode.settings["device-service.url"], data) for data in MALFORMED]
@@ -331,20 +332,14 @@ with socket.create_connection((host, port), timeout=10) as sock:
 """
 
 
-def _as_nobody() -> None:
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as nobody (and the relay takes root only)")
-def test_a_client_that_is_not_root_is_refused(tmp_path: Path, bus_address: str, backend: str, lab: LabVault,
+def test_a_client_that_is_not_root_is_refused(tmp_path: Path, bus_address: str, backend: str, lab: FaultyVault,
                                               device_key: keys.DeviceKey) -> None:
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
     try:
         where = urlsplit(mode.settings["device-service.url"])
-        nobody = subprocess.run([sys.executable, "-c", CLIENT, str(where.hostname), str(where.port)],
-                                preexec_fn=_as_nobody, capture_output=True, timeout=30, cwd="/")
+        nobody = subprocess.run(_nobody(CLIENT, str(where.hostname), str(where.port)), env=as_user(NOBODY).env(),
+                                capture_output=True, timeout=30, cwd="/")
         ids_after_nobody = lab.requests[("POST", "/v1/request-id")]
         attempt = mode.client(device_key).register()  # root, as snapd
     finally:
@@ -363,8 +358,9 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run cli
 
 
 def _nobody(script: str, *args: str) -> list[str]:
-    """``script`` run by this interpreter as uid/gid 65534 with no groups, as a local user's process would."""
-    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-c", script, *args]
+    """``script`` run as uid/gid 65534 with no groups, as a local user's process would: by this interpreter's real
+    path (a venv's python may sit in a directory nobody cannot enter), through the launcher."""
+    return as_user(NOBODY).python_argv("-c", script, *args)
 
 
 def _request(mode: SnapdMode, endpoint: str, body: bytes = b"", token: str | None = None) -> bytes:
@@ -400,7 +396,7 @@ for _ in range(rounds):
 
 @needs_root
 def test_a_local_user_that_sends_and_hangs_up_at_once_binds_nothing_and_reaches_no_vault(
-        tmp_path: Path, bus_address: str, backend: str, lab: LabVault, device_key: keys.DeviceKey,
+        tmp_path: Path, bus_address: str, backend: str, lab: FaultyVault, device_key: keys.DeviceKey,
         small_key: keys.DeviceKey) -> None:
     """Even with the token (say it leaked): a non-root sender is refused, whether it is still connected or gone."""
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
@@ -425,7 +421,7 @@ def test_a_local_user_that_sends_and_hangs_up_at_once_binds_nothing_and_reaches_
 
 @needs_root
 def test_a_root_process_without_the_token_is_refused_and_nothing_is_bound_or_forwarded(
-        tmp_path: Path, bus_address: str, backend: str, lab: LabVault, device_key: keys.DeviceKey,
+        tmp_path: Path, bus_address: str, backend: str, lab: FaultyVault, device_key: keys.DeviceKey,
         small_key: keys.DeviceKey) -> None:
     """Another root daemon (on Ubuntu Core, another snap's) reaches loopback too: the token is what it lacks."""
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
@@ -448,7 +444,7 @@ def test_a_root_process_without_the_token_is_refused_and_nothing_is_bound_or_for
 
 
 def test_a_key_is_bound_only_on_a_request_id_the_relay_handed_out(tmp_path: Path, bus_address: str, backend: str,
-                                                                  lab: LabVault, device_key: keys.DeviceKey,
+                                                                  lab: FaultyVault, device_key: keys.DeviceKey,
                                                                   small_key: keys.DeviceKey) -> None:
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
     try:
@@ -500,7 +496,7 @@ HELD = 64  # eight times the relay's slots
 
 @needs_root
 def test_non_root_peers_holding_connections_do_not_starve_snapd(tmp_path: Path, bus_address: str, backend: str,
-                                                                lab: LabVault, device_key: keys.DeviceKey) -> None:
+                                                                lab: FaultyVault, device_key: keys.DeviceKey) -> None:
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
     host, port = mode.netloc.split(":")
     holder = subprocess.Popen(_nobody(HOLD, host, port, str(HELD)), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -543,7 +539,7 @@ for i in range(rounds):
 
 @needs_root
 def test_peers_that_reset_or_hang_up_leave_no_traceback_and_the_relay_serves_on(
-        tmp_path: Path, bus_address: str, backend: str, lab: LabVault, device_key: keys.DeviceKey) -> None:
+        tmp_path: Path, bus_address: str, backend: str, lab: FaultyVault, device_key: keys.DeviceKey) -> None:
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
     host, port = mode.netloc.split(":")
     try:
@@ -560,7 +556,7 @@ def test_peers_that_reset_or_hang_up_leave_no_traceback_and_the_relay_serves_on(
 
 
 def test_a_serial_swapped_on_disk_is_reported_and_never_served(tmp_path: Path, bus_address: str, backend: str,
-                                                               lab: LabVault, device_key: keys.DeviceKey) -> None:
+                                                               lab: FaultyVault, device_key: keys.DeviceKey) -> None:
     mode = SnapdMode(tmp_path, bus_address, backend, lab)
     try:
         first, _ = mode.register(device_key)
@@ -608,7 +604,7 @@ def _free_port() -> int:
 
 
 def test_snapds_settings_from_before_a_daemon_restart_still_work(tmp_path: Path, bus_address: str, backend: str,
-                                                                 lab: LabVault, device_key: keys.DeviceKey) -> None:
+                                                                 lab: FaultyVault, device_key: keys.DeviceKey) -> None:
     """snapd keeps the token the hook set for the whole attempt (a resumed request-serial task does not run the
     hook again): the token is kept in the state directory, not made anew at each start."""
     mode = SnapdMode(tmp_path, bus_address, backend, lab, listen=f"127.0.0.1:{_free_port()}")

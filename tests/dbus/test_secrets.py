@@ -45,10 +45,10 @@ import pytest
 
 from agent import vault
 from agent.config import VaultConfig
-from agent.labvault import Forced, LabVault
 from tests.conftest import REPO
 from tests.dbus.conftest import Recorder, seed_key
 from tests.fakes.agentconf import write_agent_config
+from tests.fakes.faultyvault import FaultyVault, Forced
 from tests.fakes.rawserver import RawServer, http_reply
 
 SECRET = "SECRET-API-KEY-d41d8cd98f00b204"  # the vault's key, and the agent's when it is right
@@ -67,13 +67,13 @@ def secret_lab_dir(lab_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     directory = tmp_path_factory.mktemp("secret-lab")
     for name in ("root-key.pem", "brand-key.pem"):
         shutil.copy2(lab_dir / name, directory / name)
-    LabVault(directory, api_key=SECRET)
+    FaultyVault(directory, api_key=SECRET)
     return directory
 
 
 @pytest.fixture
-def secret_lab(secret_lab_dir: Path) -> Iterator[LabVault]:
-    lab = LabVault(secret_lab_dir)
+def secret_lab(secret_lab_dir: Path) -> Iterator[FaultyVault]:
+    lab = FaultyVault(secret_lab_dir)
     assert lab.api_key == SECRET
     lab.start()
     yield lab
@@ -234,7 +234,7 @@ def saw(name: str, value: str) -> Any:
 
 
 def test_a_registration_from_scratch_leaks_nothing_and_keeps_modes_under_umask_000(
-        tmp_path: Path, bus_address: str, secret_lab: LabVault) -> None:
+        tmp_path: Path, bus_address: str, secret_lab: FaultyVault) -> None:
     """First boot under strace: RSA-4096 key made by the keygen child, stored, registered."""
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed (Debian package strace)")
@@ -261,7 +261,7 @@ def test_a_registration_from_scratch_leaks_nothing_and_keeps_modes_under_umask_0
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o277], ids=["umask-000", "umask-277"])
-def test_modes_whatever_the_umask(tmp_path: Path, secret_lab: LabVault, umask: int) -> None:
+def test_modes_whatever_the_umask(tmp_path: Path, secret_lab: FaultyVault, umask: int) -> None:
     """A first boot (key generated) to registered under a permissive and a restrictive umask: the modes
     are the contract's, not the umask's. A 0777 parent would let anyone rename the state directory away
     and put their own in its place; a 0500 state directory would stop a non-root daemon."""
@@ -290,7 +290,7 @@ def execve_calls(log: str) -> list[tuple[str, list[str]]]:
 
 
 def test_a_refused_api_key_leaks_nothing_not_even_to_the_journal(
-        tmp_path: Path, bus_address: str, secret_lab: LabVault) -> None:
+        tmp_path: Path, bus_address: str, secret_lab: FaultyVault) -> None:
     """The vault refuses the agent's key (invalid-api-key): blocked, with the journal as the log."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare(1) for a private /run/systemd")
@@ -332,7 +332,7 @@ def test_a_vault_quoting_the_key_in_its_refusal_leaks_nothing(tmp_path: Path, bu
     assert_no_leak(exposure)
 
 
-def test_the_vault_answering_503_leaks_nothing(tmp_path: Path, bus_address: str, secret_lab: LabVault) -> None:
+def test_the_vault_answering_503_leaks_nothing(tmp_path: Path, bus_address: str, secret_lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     secret_lab.faults.status["request-id"] = [Forced(503, retry_after="1")]
@@ -362,7 +362,7 @@ def test_an_untrusted_tls_certificate_is_refused_by_default_and_leaks_nothing(
     ca = trustme.CA()
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(context)
-    lab = LabVault(secret_lab_dir)
+    lab = FaultyVault(secret_lab_dir)
     url = lab.start(ssl_context=context)
     try:
         state = tmp_path / "state"
@@ -393,7 +393,7 @@ def test_a_config_error_about_the_api_key_does_not_quote_it(tmp_path: Path, secr
 
 @pytest.mark.parametrize("bad", ["\u20ac", "\x01", "\x7f", "\x1b[2J", "\tx", "\r\nx"],
                          ids=["non-latin-1", "control", "del", "escape", "tab", "crlf"])
-def test_an_api_key_no_http_header_can_carry_is_a_config_error(tmp_path: Path, secret_lab: LabVault, bad: str) -> None:
+def test_an_api_key_no_http_header_can_carry_is_a_config_error(tmp_path: Path, secret_lab: FaultyVault, bad: str) -> None:
     """A key with a character outside latin-1 cannot be sent at all (the daemon died of it: exit 70,
     UnicodeEncodeError from http.client); control characters go out as they are, and a server refuses
     the request or the key. It is the configuration's fault: 78 at load, one line, key not shown."""

@@ -7,16 +7,16 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from agent.labvault import Forced, LabVault
 from tests.conftest import DATA
 from tests.dbus.conftest import BUS_NAME, PATH, Daemon, Recorder, busctl, get_property, owned, seed_key, wait_for, write_config
+from tests.fakes.faultyvault import FaultyVault, Forced
 
 GOLDEN = DATA / "dbus" / "io.factoryagent.Agent1.xml"
 PROPERTIES = ["State", "Serial", "Brand", "Model", "DeviceKeyId", "Attempts", "LastError", "LastErrorMessage",
               "Action", "NextRetry", "Identity", "Version"]
 
 
-def test_busctl_reads_a_registered_daemon(tmp_path: Path, bus_address: str, backend: str, lab: LabVault) -> None:
+def test_busctl_reads_a_registered_daemon(tmp_path: Path, bus_address: str, backend: str, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     daemon = Daemon(bus_address, backend, write_config(tmp_path, lab), state)
     try:
@@ -46,7 +46,7 @@ def _members(xml: str) -> dict[str, object]:
     return {"methods": methods, "properties": properties, "signals": signals}
 
 
-def test_introspection_matches_the_checked_in_contract(tmp_path: Path, bus_address: str, backend: str, lab: LabVault) -> None:
+def test_introspection_matches_the_checked_in_contract(tmp_path: Path, bus_address: str, backend: str, lab: FaultyVault) -> None:
     daemon = Daemon(bus_address, backend, write_config(tmp_path, lab), tmp_path / "state")
     try:
         wait_for(lambda: owned(bus_address))
@@ -60,7 +60,7 @@ def test_introspection_matches_the_checked_in_contract(tmp_path: Path, bus_addre
 
 
 def test_properties_changed_sequence_over_a_registration_with_a_retry(tmp_path: Path, bus_address: str, backend: str,
-                                                                      lab: LabVault) -> None:
+                                                                      lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     lab.faults.status["serial"] = [Forced(503, retry_after="1")]
@@ -89,7 +89,7 @@ def test_properties_changed_sequence_over_a_registration_with_a_retry(tmp_path: 
     assert {k: final[k] for k in replay} == replay  # the signals alone tell the whole story
 
 
-def test_get_serial_before_and_after_and_retry_unblocks(tmp_path: Path, bus_address: str, backend: str, lab: LabVault) -> None:
+def test_get_serial_before_and_after_and_retry_unblocks(tmp_path: Path, bus_address: str, backend: str, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     lab.faults.error_code["request-id"] = ["invalid-api-key"]  # refused once, then the vault accepts again
@@ -114,7 +114,7 @@ def test_get_serial_before_and_after_and_retry_unblocks(tmp_path: Path, bus_addr
     asyncio.run(scenario())
 
 
-def test_a_second_instance_fails_clearly(tmp_path: Path, bus_address: str, backend: str, lab: LabVault) -> None:
+def test_a_second_instance_fails_clearly(tmp_path: Path, bus_address: str, backend: str, lab: FaultyVault) -> None:
     first = Daemon(bus_address, backend, write_config(tmp_path, lab), tmp_path / "one")
     try:
         wait_for(lambda: owned(bus_address))
@@ -127,7 +127,7 @@ def test_a_second_instance_fails_clearly(tmp_path: Path, bus_address: str, backe
 
 
 def test_a_property_read_answers_within_50_ms_during_a_real_keygen(tmp_path: Path, bus_address: str, backend: str,
-                                                                   lab: LabVault) -> None:
+                                                                   lab: FaultyVault) -> None:
     lab.faults.status["request-id"] = [Forced(503, retry_after="60")]  # nothing else to do but generate the key
     state = tmp_path / "state"
     daemon = Daemon(bus_address, backend, write_config(tmp_path, lab), state)

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from agent.labvault import Forced, LabVault
 from tests.conftest import REPO
 from tests.dbus.conftest import Daemon, get_property, owned, seed_key, wait_for, write_config
+from tests.fakes.faultyvault import FaultyVault, Forced
 
 
 def status(address: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -30,7 +30,7 @@ def test_no_daemon_is_69(bus_address: str) -> None:
     assert done.returncode == 69 and "Traceback" not in done.stderr
 
 
-def test_registered_is_0_and_json_is_stable(tmp_path: Path, bus_address: str, backend: str, lab: LabVault) -> None:
+def test_registered_is_0_and_json_is_stable(tmp_path: Path, bus_address: str, backend: str, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     daemon = Daemon(bus_address, backend, write_config(tmp_path, lab), state)
@@ -50,7 +50,7 @@ def test_registered_is_0_and_json_is_stable(tmp_path: Path, bus_address: str, ba
         daemon.stop()
 
 
-def test_blocked_is_1_with_the_action(tmp_path: Path, bus_address: str, backend: str, lab: LabVault) -> None:
+def test_blocked_is_1_with_the_action(tmp_path: Path, bus_address: str, backend: str, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     lab.faults.error_code["request-id"] = ["invalid-api-key"]
@@ -66,7 +66,7 @@ def test_blocked_is_1_with_the_action(tmp_path: Path, bus_address: str, backend:
         daemon.stop()
 
 
-def test_in_progress_is_2_and_a_wait_that_times_out_is_3(tmp_path: Path, bus_address: str, backend: str, lab: LabVault) -> None:
+def test_in_progress_is_2_and_a_wait_that_times_out_is_3(tmp_path: Path, bus_address: str, backend: str, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     lab.faults.status["request-id"] = [Forced(503, retry_after="120")]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from agent.labvault import LabVault
 from tests.dbus.conftest import BUS_NAME, PATH, Daemon, busctl, get_property, owned, seed_key, wait_for, write_config
+from tests.fakes.faultyvault import FaultyVault
 
 
 def get_serial(address: str) -> subprocess.CompletedProcess[str]:
@@ -25,7 +25,7 @@ def swapped(text: str) -> str:
 
 
 def test_a_serial_swapped_on_disk_is_reported_and_never_served(tmp_path: Path, bus_address: str, backend: str,
-                                                               lab: LabVault) -> None:
+                                                               lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     daemon = Daemon(bus_address, backend, write_config(tmp_path, lab), state)
@@ -47,7 +47,7 @@ def test_a_serial_swapped_on_disk_is_reported_and_never_served(tmp_path: Path, b
 
 
 def test_after_a_restart_a_bad_serial_on_disk_is_refused_not_served(tmp_path: Path, bus_address: str, backend: str,
-                                                                    lab: LabVault) -> None:
+                                                                    lab: FaultyVault) -> None:
     state, config = tmp_path / "state", write_config(tmp_path, lab)
     seed_key(state)
     first = Daemon(bus_address, backend, config, state)
@@ -69,7 +69,7 @@ def test_after_a_restart_a_bad_serial_on_disk_is_refused_not_served(tmp_path: Pa
 
 
 def test_a_serial_other_than_the_proposed_one_is_reported_with_both(tmp_path: Path, bus_address: str, backend: str,
-                                                                   lab: LabVault) -> None:
+                                                                   lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     lab.faults.assigned_serial = "VAULT-ASSIGNED-7"

@@ -24,9 +24,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.labvault import LabVault
 from tests.conftest import REPO
 from tests.fakes.agentconf import seed_key, write_agent_config
+from tests.fakes.faultyvault import FaultyVault
 
 # --- the daemon ----------------------------------------------------------------
 
@@ -157,7 +157,7 @@ class Call:
     status: int
 
 
-def spy(vault: LabVault) -> list[Call]:
+def spy(vault: FaultyVault) -> list[Call]:
     """Every request ``vault`` answers from now on, with its wall-clock time and status."""
     seen: list[Call] = []
     original = vault.respond
@@ -182,7 +182,7 @@ class Env:
         self.tmp, self.lab_dir, self.soc_serial, self.extra = tmp, lab_dir, soc_serial, extra
         self.state = tmp / "state"
         seed_key(self.state)
-        self.vault = LabVault(lab_dir)
+        self.vault = FaultyVault(lab_dir)
         self.calls = spy(self.vault)
         self.url = self.vault.start()
         self.api_key_file: Path | None = None

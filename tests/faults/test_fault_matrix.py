@@ -1,8 +1,8 @@
 """The vault fault matrix: the REAL daemon (``python -m agent run --bus none``) against a vault
 that misbehaves in one way per test, on 127.0.0.1 only.
 
-The lab vault (agent/labvault.py, its ``Faults`` knobs and injected clock) expresses what a
-real Serial Vault can say; ``FaultProxy`` (tests/faults/harness.py), a raw socket server in
+The lab vault with fault knobs (tests/fakes/faultyvault.py: agent/labvault.py, its ``Faults``
+knobs and injected clock) expresses what a real Serial Vault can say; ``FaultProxy`` (tests/faults/harness.py), a raw socket server in
 front of it, expresses what no well-behaved server does (stalls, drips, resets, garbage) and
 then forwards, so every retried fault ends in a real registration. TLS certificates are made
 here with ``cryptography``. Each device starts with a pre-seeded key (no RSA-4096 keygen).
@@ -84,7 +84,9 @@ from pathlib import Path
 import pytest
 
 from agent import assertions, keys, serials
-from agent.labvault import ASSERTION_TYPE, JSON_TYPE, MESSAGES, Forced, LabVault, go_json, rfc3339
+from agent.labvault import ASSERTION_TYPE, JSON_TYPE, MESSAGES, go_json, rfc3339
+from tests.fakes.agentconf import seed_key, write_agent_config
+from tests.fakes.faultyvault import FaultyVault, Forced
 from tests.faults.harness import (
     BlackholePort,
     Call,
@@ -99,7 +101,6 @@ from tests.faults.harness import (
     split_response,
     spy,
 )
-from tests.fakes.agentconf import seed_key, write_agent_config
 
 SOC_SERIAL = "00000000fa017001"
 SERIAL = f"ACME-{SOC_SERIAL}"
@@ -180,7 +181,7 @@ def refusal(code: str, message: str, status: int = 400) -> bytes:
 
 
 @pytest.fixture
-def calls(lab: LabVault) -> list[Call]:
+def calls(lab: FaultyVault) -> list[Call]:
     return spy(lab)
 
 
@@ -206,7 +207,7 @@ def spawn() -> Iterator[Callable[..., Daemon]]:
 
 
 @pytest.fixture
-def proxy(lab: LabVault) -> Iterator[FaultProxy]:
+def proxy(lab: FaultyVault) -> Iterator[FaultProxy]:
     host, port = lab.url.split("//")[1].split("/")[0].rsplit(":", 1)
     server = FaultProxy((host, int(port)))
     yield server
@@ -283,7 +284,7 @@ def test_refused_connection_retries_uncounted_then_registers(tmp_path, lab_dir, 
     assert (recorded["attempts"], recorded["failures"], recorded["blocked-by"]) == (0, 0, "")
     assert_nothing_stored(state)
     placeholder.close()
-    vault = LabVault(lab_dir)
+    vault = FaultyVault(lab_dir)
     vault.start(port=port)
     try:
         rc = daemon.wait_exit(12)  # the next try comes ~5 s later
@@ -328,7 +329,7 @@ def test_connect_timeout_is_transient_then_registers(tmp_path, lab_dir, state, s
         assert line.at - daemon.started < 1 + 4  # the connect timeout, plus the daemon's start-up
     finally:
         hole.close()
-    vault = LabVault(lab_dir)
+    vault = FaultyVault(lab_dir)
     vault.start(port=hole.port)
     try:
         rc = daemon.wait_exit(12)
@@ -598,7 +599,7 @@ def test_invalid_nonce_gets_a_fresh_request_id_at_once_then_backs_off(batch, dev
 def test_an_expired_request_id_is_replaced(tmp_path, lab_dir, state, spawn, device_key) -> None:
     """The vault's clock moves 601 s between the request-id and the serial: the nonce has expired."""
     offset = [0.0]
-    vault = LabVault(lab_dir, now=lambda: time.time() + offset[0])
+    vault = FaultyVault(lab_dir, now=lambda: time.time() + offset[0])
     seen: list[tuple[str, int]] = []
     original = vault.respond
 
@@ -800,7 +801,7 @@ WRONG_SERIALS = {
 }
 
 
-def _serial_for_another_model(vault: LabVault, device_key: keys.DeviceKey) -> bytes:
+def _serial_for_another_model(vault: FaultyVault, device_key: keys.DeviceKey) -> bytes:
     signer, now = vault.brand_key, time.time()
     serial = assertions.sign({"type": "serial", "authority-id": "acme", "revision": "1", "brand-id": "acme",
                               "model": "acme-other", "serial": SERIAL, "device-key": device_key.public.encoded,
@@ -851,7 +852,7 @@ def test_a_certificate_outside_the_device_clock_waits_for_the_clock(tmp_path, la
     day = datetime.timedelta(days=1)
     window = (day, 30 * day) if validity == "not-yet-valid" else (-30 * day, -day)
     pki = make_pki(tmp_path / "pki", not_before=window[0], not_after=window[1])
-    vault = LabVault(lab_dir)
+    vault = FaultyVault(lab_dir)
     url = vault.start(ssl_context=pki.server_context())
     try:
         daemon = spawn(config_for(tmp_path, url, lab_dir, extra=f'{FAST}\nca-file = "{pki.ca_file}"'), state,
@@ -870,7 +871,7 @@ def test_a_certificate_outside_the_device_clock_waits_for_the_clock(tmp_path, la
     finally:
         vault.stop()
     good = make_pki(tmp_path / "good")  # the clock is right again (here: the certificate is)
-    vault = LabVault(lab_dir)
+    vault = FaultyVault(lab_dir)
     url = vault.start(ssl_context=good.server_context())
     try:
         again = spawn(config_for(tmp_path, url, lab_dir, extra=f'{FAST}\nca-file = "{good.ca_file}"'), state)
@@ -887,7 +888,7 @@ def test_an_untrusted_certificate_blocks(tmp_path, lab_dir, state, spawn, case) 
         ca_file = pki.ca_file
     else:
         pki, ca_file = make_pki(tmp_path / "pki"), make_pki(tmp_path / "other-ca").ca_file
-    vault = LabVault(lab_dir)
+    vault = FaultyVault(lab_dir)
     url = vault.start(ssl_context=pki.server_context())
     try:
         daemon = spawn(config_for(tmp_path, url, lab_dir, extra=f'{FAST}\nca-file = "{ca_file}"'), state)

@@ -1,4 +1,5 @@
-"""The lab vault over real HTTP(S) on 127.0.0.1: its files, the device API as the real vault answers it, its fault knobs."""
+"""The lab vault over real HTTP(S) on 127.0.0.1: its files, the device API as the real vault answers it, its hooks,
+and the fault knobs tests/fakes/faultyvault.py adds through them."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ import trustme
 from agent import __version__, assertions, keys, openpgp
 from agent.assertions import Assertion
 from agent.errors import AssertionFormatError, BadSignatureError, ConfigError
-from agent.labvault import Forced, LabVault, parse_listen
+from agent.labvault import LabVault, parse_listen
 from tests.conftest import REPO
+from tests.fakes.faultyvault import FaultyVault, Forced
 
 API_KEY = "lab-test-api-key"
 START = 1_800_000_000.0  # 2027-01-15T08:00:00Z
@@ -58,8 +60,15 @@ def clock() -> Clock:
 
 @pytest.fixture
 def vault(vault_dir: Path, clock: Clock) -> Iterator[LabVault]:
-    """A fresh vault (fresh nonces, records, counters and faults) on the session's keys, serving."""
+    """A fresh product vault (fresh nonces and records) on the session's keys, serving."""
     with LabVault(vault_dir, api_key=API_KEY, now=clock) as lab:
+        yield lab
+
+
+@pytest.fixture
+def faulty(vault_dir: Path, clock: Clock) -> Iterator[FaultyVault]:
+    """The same, with the tests' fault knobs and records (tests/fakes/faultyvault.py), no knob set."""
+    with FaultyVault(vault_dir, api_key=API_KEY, now=clock) as lab:
         yield lab
 
 
@@ -192,9 +201,9 @@ def test_request_id_invalid_api_key(vault: LabVault, headers: dict[str, str]) ->
     assert_error(response, "invalid-api-key", "Invalid API key used")
 
 
-def test_serial_with_header_serial(vault: LabVault, device_key: keys.DeviceKey) -> None:
-    data = stream(make_request(device_key, get_request_id(vault)), model_assertion(vault))
-    response = post_serial(vault, data)
+def test_serial_with_header_serial(faulty: FaultyVault, device_key: keys.DeviceKey) -> None:
+    data = stream(make_request(device_key, get_request_id(faulty)), model_assertion(faulty))
+    response = post_serial(faulty, data)
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "application/x.ubuntu.assertion"
     assert response.content.endswith(b"\n") and not response.content.endswith(b"\n\n")
@@ -202,11 +211,11 @@ def test_serial_with_header_serial(vault: LabVault, device_key: keys.DeviceKey) 
     assert serial.headers == {
         "type": "serial", "authority-id": "acme", "revision": "1", "brand-id": "acme", "model": "acme-gw",
         "serial": "ACME-0001", "device-key": device_key.public.encoded, "device-key-sha3-384": device_key.key_id,
-        "timestamp": "2027-01-15T08:00:00Z", "sign-key-sha3-384": vault.brand_key.key_id}
+        "timestamp": "2027-01-15T08:00:00Z", "sign-key-sha3-384": faulty.brand_key.key_id}
     assert serial.body == b""
-    assertions.verify(serial, brand_public(vault))
-    assert vault.signed == [serial]
-    assert vault.requests[("POST", "/v1/serial")] == 1 and vault.requests[("POST", "/v1/request-id")] == 1
+    assertions.verify(serial, brand_public(faulty))
+    assert faulty.signed == [serial]
+    assert faulty.requests[("POST", "/v1/serial")] == 1 and faulty.requests[("POST", "/v1/request-id")] == 1
 
 
 @pytest.mark.parametrize("line, expected", [("serial: BODY-0001", "BODY-0001"), ('serial: "BODY 2"', "BODY 2"),
@@ -337,16 +346,16 @@ def test_remodel_has_no_substore(vault: LabVault, device_key: keys.DeviceKey) ->
     assert_error(response, "invalid-substore", "Cannot find sub-store mapping for the model")
 
 
-def test_wrong_method_and_unknown_path(vault: LabVault) -> None:
+def test_wrong_method_and_unknown_path(faulty: FaultyVault) -> None:
     for method, path in [("GET", "serial"), ("GET", "request-id"), ("PUT", "serial"), ("POST", "version"),
                          ("POST", "health"), ("DELETE", "request-id")]:
-        response = requests.request(method, vault.url + path, timeout=10)
+        response = requests.request(method, faulty.url + path, timeout=10)
         assert (response.status_code, response.content) == (405, b""), (method, path)
-    for method, url in [("GET", vault.url + "nope"), ("POST", vault.url + "serial/x"), ("GET", vault.url[: -len("v1/")])]:
+    for method, url in [("GET", faulty.url + "nope"), ("POST", faulty.url + "serial/x"), ("GET", faulty.url[: -len("v1/")])]:
         response = requests.request(method, url, timeout=10)
         assert (response.status_code, response.content) == (404, b"404 page not found\n"), url
         assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
-    assert vault.requests[("GET", "/v1/nope")] == 1
+    assert faulty.requests[("GET", "/v1/nope")] == 1
 
 
 def test_malformed_content_length_and_internal_errors(vault: LabVault, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -363,93 +372,108 @@ def test_malformed_content_length_and_internal_errors(vault: LabVault, monkeypat
     assert response.status_code == 500 and response.json()["error_code"] == "server-error"
 
 
-# --- fault knobs -----------------------------------------------------------
+def test_the_product_vault_has_no_fault_knobs_or_records(vault: LabVault) -> None:
+    """Test-only misbehaviour lives in tests/fakes/: the shipped vault carries none of it."""
+    for name in ("faults", "requests", "signed", "seen_headers"):
+        assert not hasattr(vault, name), name
 
 
-def test_forced_statuses_then_normal(vault: LabVault) -> None:
+def test_headers_are_logged_at_debug_level_without_the_api_key(vault: LabVault, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="agent.labvault")
+    response = requests.post(vault.url + "request-id", headers={"api-key": API_KEY, "User-Agent": "probe/1"}, timeout=10)
+    assert response.status_code == 200
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("lab vault: POST /v1/request-id")]
+    assert "User-Agent: probe/1" in line and "api-key: (hidden)" in line
+    assert API_KEY not in caplog.text
+
+
+# --- fault knobs (tests/fakes/faultyvault.py) ------------------------------
+
+
+def test_forced_statuses_then_normal(faulty: FaultyVault) -> None:
     json_body = b'{"message":"slow down"}'
-    vault.faults.status["request-id"] = [503, Forced(429, retry_after="7", body=json_body, content_type="application/json"),
-                                         Forced(503, retry_after="Wed, 21 Oct 2026 07:28:00 GMT")]
-    answers = [requests.post(vault.url + "request-id", headers={"api-key": API_KEY}, timeout=10) for _ in range(4)]
+    faulty.faults.status["request-id"] = [503, Forced(429, retry_after="7", body=json_body, content_type="application/json"),
+                                          Forced(503, retry_after="Wed, 21 Oct 2026 07:28:00 GMT")]
+    answers = [requests.post(faulty.url + "request-id", headers={"api-key": API_KEY}, timeout=10) for _ in range(4)]
     assert [r.status_code for r in answers] == [503, 429, 503, 200]
     assert answers[0].content == b"503 Service Unavailable\n" and "Retry-After" not in answers[0].headers
     assert answers[1].content == json_body and answers[1].headers["Content-Type"] == "application/json"
     assert [r.headers.get("Retry-After") for r in answers[1:3]] == ["7", "Wed, 21 Oct 2026 07:28:00 GMT"]
 
 
-def test_forced_error_codes(vault: LabVault, device_key: keys.DeviceKey) -> None:
-    vault.faults.error_code = {"request-id": ["invalid-api-key"], "serial": ["invalid-nonce"]}
-    response = requests.post(vault.url + "request-id", headers={"api-key": API_KEY}, timeout=10)
+def test_forced_error_codes(faulty: FaultyVault, device_key: keys.DeviceKey) -> None:
+    faulty.faults.error_code = {"request-id": ["invalid-api-key"], "serial": ["invalid-nonce"]}
+    response = requests.post(faulty.url + "request-id", headers={"api-key": API_KEY}, timeout=10)
     assert_error(response, "invalid-api-key", "Invalid API key used")
-    data = make_request(device_key, get_request_id(vault))
-    assert_error(post_serial(vault, data), "invalid-nonce", "Nonce is invalid or expired")
-    assert post_serial(vault, data).status_code == 200  # the forced error left the request-id alone
+    data = make_request(device_key, get_request_id(faulty))
+    assert_error(post_serial(faulty, data), "invalid-nonce", "Nonce is invalid or expired")
+    assert post_serial(faulty, data).status_code == 200  # the forced error left the request-id alone
 
 
-def test_accepted_then_signed(vault: LabVault, device_key: keys.DeviceKey) -> None:
-    vault.faults.accepted_times = 2
-    data = make_request(device_key, get_request_id(vault))
-    answers = [post_serial(vault, data) for _ in range(3)]
+def test_accepted_then_signed(faulty: FaultyVault, device_key: keys.DeviceKey) -> None:
+    faulty.faults.accepted_times = 2
+    data = make_request(device_key, get_request_id(faulty))
+    answers = [post_serial(faulty, data) for _ in range(3)]
     assert [(r.status_code, r.content) for r in answers[:2]] == [(202, b""), (202, b"")]
-    assert answers[2].status_code == 200 and vault.faults.accepted_times == 0
+    assert answers[2].status_code == 200 and faulty.faults.accepted_times == 0
 
 
-def test_delay(vault: LabVault) -> None:
-    vault.faults.delay = 0.3
+def test_delay(faulty: FaultyVault) -> None:
+    faulty.faults.delay = 0.3
     started = time.monotonic()
-    assert requests.get(vault.url + "health", timeout=10).status_code == 200
+    assert requests.get(faulty.url + "health", timeout=10).status_code == 200
     assert time.monotonic() - started >= 0.3
 
 
-def test_truncate_and_oversize(vault: LabVault, device_key: keys.DeviceKey) -> None:
-    vault.faults.truncate = True
-    response = post_serial(vault, make_request(device_key, get_request_id(vault)))
-    full = vault.signed[-1].encode()
+def test_truncate_and_oversize(faulty: FaultyVault, device_key: keys.DeviceKey) -> None:
+    faulty.faults.truncate = True
+    response = post_serial(faulty, make_request(device_key, get_request_id(faulty)))
+    full = faulty.signed[-1].encode()
     assert response.status_code == 200 and response.content == full[: len(full) // 2]
     assert response.headers["Content-Length"] == str(len(response.content))
     with pytest.raises(AssertionFormatError):
         assertions.decode_stream(response.content)
-    vault.faults.truncate, vault.faults.oversize = False, 5 * 1024 * 1024
-    response = post_serial(vault, make_request(device_key, get_request_id(vault)))
-    assert len(response.content) == len(vault.signed[-1].encode()) + 5 * 1024 * 1024
-    assert response.content.startswith(vault.signed[-1].encode())
+    faulty.faults.truncate, faulty.faults.oversize = False, 5 * 1024 * 1024
+    response = post_serial(faulty, make_request(device_key, get_request_id(faulty)))
+    assert len(response.content) == len(faulty.signed[-1].encode()) + 5 * 1024 * 1024
+    assert response.content.startswith(faulty.signed[-1].encode())
 
 
-def test_other_device_key(vault: LabVault, device_key: keys.DeviceKey) -> None:
-    vault.faults.other_device_key = True
-    serial = register(vault, device_key)
+def test_other_device_key(faulty: FaultyVault, device_key: keys.DeviceKey) -> None:
+    faulty.faults.other_device_key = True
+    serial = register(faulty, device_key)
     assert serial.header("device-key-sha3-384") != device_key.key_id
     assert serial.header("device-key") != device_key.public.encoded
-    assertions.verify(serial, brand_public(vault))
+    assertions.verify(serial, brand_public(faulty))
 
 
-def test_bad_signature(vault: LabVault, device_key: keys.DeviceKey) -> None:
-    vault.faults.bad_signature = True
-    serial = register(vault, device_key)  # still decodes
+def test_bad_signature(faulty: FaultyVault, device_key: keys.DeviceKey) -> None:
+    faulty.faults.bad_signature = True
+    serial = register(faulty, device_key)  # still decodes
     with pytest.raises(BadSignatureError):
-        assertions.verify(serial, brand_public(vault))
+        assertions.verify(serial, brand_public(faulty))
 
 
-def test_wrong_brand(vault: LabVault, device_key: keys.DeviceKey) -> None:
-    vault.faults.wrong_brand = "other"
-    serial = register(vault, device_key)
+def test_wrong_brand(faulty: FaultyVault, device_key: keys.DeviceKey) -> None:
+    faulty.faults.wrong_brand = "other"
+    serial = register(faulty, device_key)
     assert (serial.header("brand-id"), serial.header("authority-id")) == ("other", "other")
-    assertions.verify(serial, brand_public(vault))
+    assertions.verify(serial, brand_public(faulty))
 
 
-def test_untrusted_key(vault: LabVault, device_key: keys.DeviceKey) -> None:
-    vault.faults.untrusted_key = True
-    serial = register(vault, device_key)
-    chain = assertions.decode_stream((vault.directory / "brand-chain.assert").read_bytes())
-    trusted = assertions.decode_stream((vault.directory / "trusted.assert").read_bytes())
+def test_untrusted_key(faulty: FaultyVault, device_key: keys.DeviceKey) -> None:
+    faulty.faults.untrusted_key = True
+    serial = register(faulty, device_key)
+    chain = assertions.decode_stream((faulty.directory / "brand-chain.assert").read_bytes())
+    trusted = assertions.decode_stream((faulty.directory / "trusted.assert").read_bytes())
     assert serial.header("authority-id") == "acme"
     assert serial.sign_key_id not in {a.headers.get("public-key-sha3-384") for a in chain + trusted}
 
 
 @pytest.mark.parametrize("content_type", ["application/json", ""])
-def test_content_type(vault: LabVault, device_key: keys.DeviceKey, content_type: str) -> None:
-    vault.faults.content_type = content_type
-    response = post_serial(vault, make_request(device_key, get_request_id(vault)))
+def test_content_type(faulty: FaultyVault, device_key: keys.DeviceKey, content_type: str) -> None:
+    faulty.faults.content_type = content_type
+    response = post_serial(faulty, make_request(device_key, get_request_id(faulty)))
     assert response.status_code == 200 and response.headers.get("Content-Type") == (content_type or None)
 
 
