@@ -1,5 +1,8 @@
-# factory-agent: every set-up step lives here, so a fresh Debian 12 machine
-# (as root) needs only `make demo` and `make test`.
+# factory-agent: every set-up step lives here, so a fresh Debian 12 or 13 machine
+# (as root) needs only `make demo`, `make check` and `make test`.
+#   make check   lint, then the unit, HTTP and D-Bus tests on the distro python: a few minutes, for every edit
+#   make test    lint and both legs from a copy of the tree in a 0700 directory, then the QEMU boards: the CI gate
+#   make lint    ruff, mypy --strict on agent/, shellcheck on every shell script
 
 SHELL := /bin/bash
 DISTRO_PY := /usr/bin/python3
@@ -10,40 +13,84 @@ APT_PACKAGES := python3 python3-cryptography python3-requests python3-pyudev pyt
 	python3-systemd python3-pytest python3-pytest-timeout python3-hypothesis \
 	python3-venv python3-pip python3-dev gcc pkg-config libsystemd-dev gnupg \
 	python3-trustme umockdev gir1.2-umockdev-1.0 python3-gi python3-dbus-fast dbus-daemon \
-	dbus-system-bus-common systemd strace shellcheck python3-yaml python3-h11
-# The latest PyPI releases of the same (systemd-python builds against libsystemd-dev).
-PYPI_PACKAGES := cryptography requests pyudev dbus-next h11 systemd-python pytest pytest-timeout hypothesis mypy trustme dbus-fast PyYAML
+	dbus-system-bus-common systemd strace shellcheck python3-yaml python3-h11 python3-pytest-xdist
+# The latest PyPI releases of the same (systemd-python builds against libsystemd-dev), and the linters.
+PYPI_PACKAGES := cryptography requests pyudev dbus-next h11 systemd-python pytest pytest-timeout hypothesis mypy trustme \
+	dbus-fast PyYAML pytest-xdist ruff
 
-.PHONY: all deps test test-distro test-latest demo bench crash deb qemu-deps qemu-test clean
+# The one way packages get installed: those of the list that are missing, after an apt-get update.
+APT_INSTALL := sh tests/apt-install.sh
+# Every pytest run fails when a process it started outlives it (tests/leftover_check.py).
+PYTEST_ARGS := -p tests.leftover_check
+# make check runs the tests in pytest-xdist workers, more than the 2 cores so that they stay busy while
+# tests wait on a daemon, a bus or a timer; then, alone on the machine, the tests that measure latency
+# (a loaded CPU is what they must not see: each fails under the parallel run).
+CHECK_WORKERS ?= 4
+CHECK_ALONE := tests/dbus/test_service.py::test_a_property_read_answers_within_50_ms_during_a_real_keygen
+
+.PHONY: all deps check lint test test-clone test-distro test-latest demo bench crash deb qemu-deps qemu-test clean
 
 all: test
 
 deps:
-	@missing=$$(for p in $(APT_PACKAGES); do \
-		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages:" $$missing; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
-	fi
+	@$(APT_INSTALL) $(APT_PACKAGES)
 
-$(VENV)/.stamp: setup.cfg pyproject.toml Makefile | deps
+# The venv is rebuilt when setup.cfg or the package list changes, not on every edit of this Makefile
+# (a rebuild empties the venv under any test running in it).
+$(VENV).packages: FORCE
+	@mkdir -p $(@D) && echo '$(PYPI_PACKAGES)' | cmp -s - $@ || echo '$(PYPI_PACKAGES)' >$@
+$(VENV)/.stamp: setup.cfg $(VENV).packages | deps
 	$(DISTRO_PY) -m venv --clear $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q --upgrade $(PYPI_PACKAGES)
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
+.PHONY: FORCE
+FORCE:
 
-test: test-distro test-latest qemu-test
+# Every shell script of the tree, found by its #! line (outside what git ignores).
+SHELL_SCRIPTS = $(shell find . \( -name .git -o -name .venv -o -name build -o -name dist -o -name .hypothesis \
+	-o -name .pytest_cache -o -name __pycache__ \) -prune -o -type f -size -256k -print \
+	| xargs awk 'FNR == 1 && /^\#! *\/(usr\/)?bin\/(env +)?(ba|da)?sh( |$$)/ { print FILENAME } { nextfile }' | sort)
 
-# Leg 1: Debian 12's python3 with its distro packages, as on a device.
+lint: $(VENV)/.stamp deps
+	@failed=0; \
+	echo "=== ruff"; $(VENV)/bin/ruff check . || failed=1; \
+	echo "=== mypy --strict agent"; $(VENV)/bin/python -m mypy --strict agent || failed=1; \
+	echo "=== shellcheck" $(SHELL_SCRIPTS); shellcheck $(SHELL_SCRIPTS) || failed=1; \
+	exit $$failed
+
+# The target for every edit: lint, then the unit, HTTP and D-Bus tests on Debian's python3.
+check: lint
+	$(DISTRO_PY) -m pytest $(PYTEST_ARGS) -p no:cacheprovider -q -n $(CHECK_WORKERS) \
+		$(addprefix --deselect ,$(CHECK_ALONE)) tests/unit tests/http tests/dbus
+	$(DISTRO_PY) -m pytest $(PYTEST_ARGS) -p no:cacheprovider -q $(CHECK_ALONE)
+
+# The CI gate. Lint and both legs run from a copy of the tree (what git would clone, with the
+# uncommitted edits) in a 0700 directory, as a clone under a home directory or in a mktemp -d is: no
+# test may depend on the permissions of the directories above the checkout. The copy builds its own
+# venv there, and is removed at the end.
+test: test-clone qemu-test
+
+test-clone:
+	@dir=$$(mktemp -d) && trap 'rm -rf "$$dir"' EXIT && chmod 700 "$$dir" && mkdir "$$dir/factory-agent" \
+		&& $(call copy_tree,"$$dir/factory-agent") \
+		&& echo "=== lint and both legs from a copy of the tree in $$dir (mode 0700)" \
+		&& $(MAKE) -C "$$dir/factory-agent" lint test-distro test-latest
+
+# Copies the working tree as a developer has it (tracked and untracked files, not the ignored ones) into $(1).
+copy_tree = git ls-files -z -co --exclude-standard | while IFS= read -r -d '' f; do [ -e "$$f" ] && printf '%s\0' "$$f"; done \
+	| xargs -0 cp --parents -t $(1)
+
+# Leg 1: Debian's python3 with its distro packages, as on a device.
 test-distro: deps
-	@echo "=== leg 1/2: Debian 12 python3 + distro packages"
-	$(DISTRO_PY) -m pytest
+	@echo "=== leg 1/2: Debian python3 + distro packages, in $(CURDIR)"
+	$(DISTRO_PY) -m pytest $(PYTEST_ARGS)
 
 # Leg 2: a venv with the latest PyPI releases of every dependency.
 test-latest: $(VENV)/.stamp
-	@echo "=== leg 2/2: venv with the latest PyPI releases"
-	$(VENV)/bin/python -m pytest
+	@echo "=== leg 2/2: venv with the latest PyPI releases, in $(CURDIR)"
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # A lab vault on a free loopback port and the agent registering this machine with it.
 demo: deps
@@ -78,9 +125,7 @@ fuzz: deps
 QEMU_PACKAGES := qemu-system-arm qemu-user-static debootstrap kmod cpio device-tree-compiler \
 	qemu-utils zstd e2fsprogs
 qemu-deps: deps
-	@missing=$$(for p in $(QEMU_PACKAGES); do \
-		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
+	@$(APT_INSTALL) $(QEMU_PACKAGES)
 	@if ! dpkg --print-foreign-architectures | grep -qx armhf || ! apt-cache show linux-image-armmp:armhf >/dev/null 2>&1; then \
 		dpkg --add-architecture armhf; apt-get update -q || true; fi
 
@@ -89,18 +134,15 @@ qemu-deps: deps
 # $${FACTORY_AGENT_QEMU_CACHE:-/var/cache/factory-agent-qemu}; figures land in build/qemu-timings.json.
 qemu-test: qemu-deps deb
 	@echo "=== qemu: the .deb on emulated armhf boards"
-	FACTORY_AGENT_QEMU=1 $(DISTRO_PY) -m pytest -p no:cacheprovider -v tests/qemu
+	FACTORY_AGENT_QEMU=1 $(DISTRO_PY) -m pytest $(PYTEST_ARGS) -p no:cacheprovider -v tests/qemu
 
 # The Debian package (arch: all) into dist/, from a copy of the tree with packaging/debian as debian/.
 DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
 	python3-build python3-installer python3-wheel fakeroot dpkg-dev lintian
 deb:
-	@missing=$$(for p in $(DEB_BUILD_PACKAGES); do \
-		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
+	@$(APT_INSTALL) $(DEB_BUILD_PACKAGES)
 	rm -rf build/deb && mkdir -p build/deb/factory-agent dist
-	git ls-files -z -co --exclude-standard | while IFS= read -r -d '' f; do [ -e "$$f" ] && printf '%s\0' "$$f"; done \
-		| xargs -0 cp --parents -t build/deb/factory-agent  # the working tree, as a developer has it
+	$(call copy_tree,build/deb/factory-agent)  # the working tree, as a developer has it
 	cp -r packaging/debian build/deb/factory-agent/debian
 	cd build/deb/factory-agent && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b  # Debian's python3, not a pyenv one
 	cp build/deb/factory-agent_*_all.deb dist/
