@@ -12,8 +12,14 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from . import assertions, openpgp
-from .errors import (AssertionFormatError, RelayBadRequest, RelayOtherDeviceKey, RelayWrongModel, RemoteFormatError,
-                     SerialRejectedError)
+from .errors import (
+    AssertionFormatError,
+    RelayBadRequest,
+    RelayOtherDeviceKey,
+    RelayWrongModel,
+    RemoteFormatError,
+    SerialRejectedError,
+)
 
 
 def check_serial(
@@ -64,7 +70,8 @@ def _check_authority(serial: assertions.Assertion, model_assertion: assertions.A
         return
     allowed = model_assertion.headers.get("serial-authority", []) if model_assertion else []
     if not isinstance(allowed, list) or authority not in allowed:
-        raise SerialRejectedError(f"obtained serial assertion is signed by authority {authority!r} different from brand {brand!r}")
+        raise SerialRejectedError(
+            f"obtained serial assertion is signed by authority {authority!r} different from brand {brand!r}")
 
 
 def _check_signature(serial: assertions.Assertion, trusted: Sequence[assertions.Assertion]) -> None:

@@ -10,8 +10,15 @@ from random import Random
 import pytest
 
 from agent import assertions, config, keys, registration, relay, serials, settings
-from agent.errors import (ConfigError, RelayBadRequest, RelayOtherDeviceKey, RelayRefusedError, RelayWrongModel,
-                          VaultRejected, VaultTransient)
+from agent.errors import (
+    ConfigError,
+    RelayBadRequest,
+    RelayOtherDeviceKey,
+    RelayRefusedError,
+    RelayWrongModel,
+    VaultRejected,
+    VaultTransient,
+)
 from agent.registration import Phase, Progress
 from tests.conftest import DATA
 from tests.unit.test_config import base
@@ -137,7 +144,8 @@ def test_errors_reach_snapd_as_application_json_exactly() -> None:
 
 
 def test_the_vaults_json_refusal_keeps_its_bytes_and_gets_the_exact_type() -> None:
-    body = b'{"success":false,"error_code":"invalid-api-key","error_subcode":"","message":"Invalid API key used","StatusCode":400}\n'
+    body = (b'{"success":false,"error_code":"invalid-api-key","error_subcode":"","message":"Invalid API key used",'
+            b'"StatusCode":400}\n')
     response = relay.passed_on(400, "application/json; charset=UTF-8", body, VaultRejected("x", "invalid-api-key"))
     assert (response.status, response.content_type, response.body) == (400, "application/json", body)
     plain = relay.passed_on(503, "text/plain", b"503 Service Unavailable\n", VaultTransient("the vault answered HTTP 503"))
@@ -217,12 +225,12 @@ def test_settings_lines_are_snapctl_arguments_with_json_string_values() -> None:
 def test_settings_whose_headers_are_not_an_object_of_strings_are_refused(headers: str) -> None:
     values = {"device-service.url": "u", "registration.proposed-serial": "s", "registration.body": "b",
               "device-service.headers": headers}
-    with pytest.raises(settings._Refused, match="device-service.headers"):
+    with pytest.raises(settings._Refused, match=r"device-service\.headers"):
         settings.check_settings(values)
 
 
 def test_settings_missing_a_key_are_refused() -> None:
-    with pytest.raises(settings._Refused, match="registration.body"):
+    with pytest.raises(settings._Refused, match=r"registration\.body"):
         settings.check_settings({"device-service.url": "u", "registration.proposed-serial": "s"})
 
 
