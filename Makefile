@@ -50,8 +50,8 @@ FORCE:
 
 # Every shell script of the tree, found by its #! line (outside what git ignores).
 SHELL_SCRIPTS = $(shell find . \( -name .git -o -name .venv -o -name build -o -name dist -o -name .hypothesis \
-	-o -name .pytest_cache -o -name __pycache__ \) -prune -o -type f -size -256k -print \
-	| xargs awk 'FNR == 1 && /^\#! *\/(usr\/)?bin\/(env +)?(ba|da)?sh( |$$)/ { print FILENAME } { nextfile }' | sort)
+	-o -name .pytest_cache -o -name __pycache__ \) -prune -o -type f -size -256k -print0 \
+	| xargs -0 awk 'FNR == 1 && /^\#! *\/(usr\/)?bin\/(env +)?(ba|da)?sh( |$$)/ { print FILENAME } { nextfile }' | sort)
 
 lint: $(VENV)/.stamp deps
 	@failed=0; \
