@@ -308,6 +308,12 @@ class Store:
             raise
         self._lock = fd
 
+    def close(self) -> None:
+        """Release the lock now, not at the process's end: for a process that runs one agent after another."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
     def load_progress(self) -> tuple[registration.Progress, str | None]:
         """The recorded progress, and the name a corrupt state file was moved to (else None)."""
         path = self.dir / STATE_FILE

@@ -178,7 +178,8 @@ def _one_line(text: str) -> str:
 def journal_fields(state: str, last_error: str = "", serial: str = "") -> dict[str, str]:
     """``extra=`` for a state-change record: the fields, and the MESSAGE_ID of registered/blocked."""
     fields = {FIELD_STATE: state, FIELD_ERROR: last_error, FIELD_SERIAL: serial}
-    message_id = {State.REGISTERED: MESSAGE_ID_REGISTERED, State.BLOCKED: MESSAGE_ID_BLOCKED}.get(state)
+    ids: dict[str, str] = {State.REGISTERED: MESSAGE_ID_REGISTERED, State.BLOCKED: MESSAGE_ID_BLOCKED}
+    message_id = ids.get(state)
     return {k: v for k, v in fields.items() if v} | ({"MESSAGE_ID": message_id} if message_id else {})
 
 
