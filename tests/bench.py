@@ -28,10 +28,11 @@ import logging  # noqa: E402
 
 from agent.labvault import LabVault  # noqa: E402
 from tests.fakes.agentconf import write_agent_config  # noqa: E402
+from tests.fakes.launcher import agent_argv, agent_env, run_args  # noqa: E402
 
 logging.disable(logging.WARNING)  # the lab vault's duplicate-assertion notes: every run re-uses one serial
 
-ENV = dict(os.environ, PYTHONPATH=str(REPO))
+ENV = agent_env()
 
 
 def timed(cmd: list[str]) -> tuple[float, int]:
@@ -63,10 +64,11 @@ def cold_start(tmp: Path, cfg: Path, state: Path, runs: int, name: str) -> dict[
             path = tmp / f"notify-{name}-{i}"
             notify.bind(str(path))
             notify.settimeout(30)
-            env = dict(ENV, DBUS_SESSION_BUS_ADDRESS=address, NOTIFY_SOCKET=str(path))
+            env = agent_env(bus_address=address, NOTIFY_SOCKET=str(path))
             started = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--bus", "session", "--config", str(cfg),
-                                     "--state-dir", str(state)], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+            # Popen itself, not the launcher's Agent: os.wait4 below reaps it for its rusage.
+            proc = subprocess.Popen(agent_argv(*run_args(cfg, state, bus="session")), cwd=REPO, env=env,
+                                    stderr=subprocess.DEVNULL)
             while b"READY=1" not in notify.recv(4096):
                 pass
             elapsed = time.perf_counter() - started
@@ -95,15 +97,14 @@ def main() -> int:
         lab = LabVault(tmp / "lab")
         lab.start()
         cfg = config(tmp, lab)
-        run = [sys.executable, "-m", "agent", "run", "--once", "--bus", "none", "--config", str(cfg), "--state-dir"]
         fresh, with_key, keygen = [], [], []
         for i in range(args.runs):
             state = tmp / f"fresh-{i}"
-            fresh.append(timed(run + [str(state)]))
+            fresh.append(timed(agent_argv(*run_args(cfg, state, once=True))))
             seeded = tmp / f"seeded-{i}"
             seeded.mkdir(mode=0o700)
             shutil.copy2(state / "device-key.pem", seeded / "device-key.pem")
-            with_key.append(timed(run + [str(seeded)]))
+            with_key.append(timed(agent_argv(*run_args(cfg, seeded, once=True))))
             keygen.append(timed([sys.executable, "-m", "agent.keygen", "4096", str(os.getpid())]))
         registered = tmp / "fresh-0"
         cold_registered = cold_start(tmp, cfg, registered, args.runs, "registered")

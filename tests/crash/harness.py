@@ -46,6 +46,7 @@ from agent import assertions, keys, serials, store
 from agent.registration import Phase, Progress
 from tests.fakes.agentconf import seed_key, write_agent_config
 from tests.fakes.faultyvault import FaultyVault
+from tests.fakes.launcher import Agent, agent_argv, agent_env, run_args
 
 REPO = Path(__file__).resolve().parents[2]
 INJECT = Path(__file__).resolve().parent / "inject"
@@ -283,29 +284,26 @@ class Harness:
         return state
 
     def _command(self, state: Path) -> list[str]:
-        return [self.python, "-m", "agent", "run", "--once", "--bus", "none", "--config", str(self.config),
-                "--state-dir", str(state)]
+        return agent_argv(*run_args(self.config, state, once=True), python=self.python)
 
     def _env(self, point: str | None = None, marker: Path | None = None, nth: int = 1,
              canned_key: bool = False) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FACTORY_AGENT_")}
-        env["PYTHONPATH"] = str(REPO)
-        if point is not None:
-            env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(INJECT)])
-            env.update(FACTORY_AGENT_CRASH_AT=point, FACTORY_AGENT_CRASH_MARKER=str(marker), FACTORY_AGENT_CRASH_NTH=str(nth))
-            if canned_key:
-                env["FACTORY_AGENT_CRASH_CANNED_KEY"] = str(VECTOR_KEY)
+        if point is None:
+            return agent_env(drop_prefixes=("FACTORY_AGENT_",))
+        env = agent_env(drop_prefixes=("FACTORY_AGENT_",), pythonpath=os.pathsep.join([str(REPO), str(INJECT)]),
+                        FACTORY_AGENT_CRASH_AT=point, FACTORY_AGENT_CRASH_MARKER=str(marker),
+                        FACTORY_AGENT_CRASH_NTH=str(nth))
+        if canned_key:
+            env["FACTORY_AGENT_CRASH_CANNED_KEY"] = str(VECTOR_KEY)
         return env
 
     def start(self, state: Path, point: str | None = None, nth: int = 1,
-              canned_key: bool = False) -> tuple[subprocess.Popen[bytes], Path, Path]:
+              canned_key: bool = False) -> tuple[Agent, Path, Path]:
         """The daemon, stderr to a log file (a stopped reader never blocks it); returns (process, marker, log)."""
         self.runs += 1
         marker = self.work / f"marker-{self.runs:05d}.json"
         log = self.work / f"run-{self.runs:05d}.log"
-        with open(log, "wb") as err:
-            proc = subprocess.Popen(self._command(state), cwd=REPO, env=self._env(point, marker, nth, canned_key),
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        proc = Agent(argv=self._command(state), env=self._env(point, marker, nth, canned_key), stderr_file=log)
         return proc, marker, log
 
     def run_once(self, state: Path) -> tuple[int, str, float]:
@@ -320,7 +318,7 @@ class Harness:
             raise HarnessError(f"run --once did not finish in {RUN_TIMEOUT:g} s on {state}: {_tail(log)}") from None
         return status, log.read_text(errors="replace"), time.monotonic() - started
 
-    def wait_for_point(self, proc: subprocess.Popen[bytes], marker: Path, log: Path, point: str) -> dict[str, Any]:
+    def wait_for_point(self, proc: Agent, marker: Path, log: Path, point: str) -> dict[str, Any]:
         """The marker of ``point``, once the process that wrote it is stopped there (or blocked, for keygen)."""
         deadline = time.monotonic() + POINT_TIMEOUT
         while time.monotonic() < deadline:
@@ -339,7 +337,7 @@ class Harness:
             time.sleep(0.005)
         raise HarnessError(f"point {point!r} not reached within {POINT_TIMEOUT:g} s: {_tail(log)}")
 
-    def kill(self, proc: subprocess.Popen[bytes]) -> int:
+    def kill(self, proc: Agent) -> int:
         """SIGKILL the daemon; returns how many of its keygen children are still alive 5 s later (PDEATHSIG)."""
         proc.send_signal(signal.SIGKILL)
         proc.wait()

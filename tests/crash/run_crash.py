@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +31,10 @@ sys.path[0] = str(REPO)  # not tests/crash: run as a script, it must import agen
 
 from tests.crash import harness as H  # noqa: E402
 from tests.crash import syscalls  # noqa: E402
+from tests.fakes import launcher  # noqa: E402
 from tests.fakes.agentconf import write_agent_config  # noqa: E402
 from tests.fakes.faultyvault import FaultyVault  # noqa: E402
+from tests.fakes.launcher import agent_argv, agent_env, run_args  # noqa: E402
 
 
 def durability(lab: FaultyVault, work: Path) -> dict[str, object]:
@@ -45,11 +45,9 @@ def durability(lab: FaultyVault, work: Path) -> dict[str, object]:
     work.mkdir()
     state, log = work / "state", work / "strace.log"
     config = write_agent_config(work, lab.url, lab.directory, template="ACME-{soc_serial}", soc_serial="00000000dec0de02")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FACTORY_AGENT_")}
-    env.update(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
-    command = syscalls.strace_command(strace, str(log), [sys.executable, "-m", "agent", "run", "--once", "--bus", "none",
-                                                         "--config", str(config), "--state-dir", str(state)])
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    env = agent_env(drop_prefixes=("FACTORY_AGENT_",), PYTHONDONTWRITEBYTECODE="1")
+    command = syscalls.strace_command(strace, str(log), agent_argv(*run_args(config, state, once=True)))
+    done = launcher.run(command, env=env, timeout=300)
     calls, exits, _ = syscalls.parse(log.read_text(errors="replace"))
     replay = syscalls.replay(calls)
     reports, problems = syscalls.check_directory(replay, str(state), exits)

@@ -25,7 +25,9 @@ import pytest
 
 from tests.conftest import REPO
 from tests.crash import harness as H
+from tests.fakes import launcher
 from tests.fakes.faultyvault import FaultyVault
+from tests.fakes.launcher import agent_argv, run_args
 
 KILLS = int(os.environ.get("FACTORY_AGENT_CRASH_KILLS", "30"))
 
@@ -90,9 +92,7 @@ def test_the_injection_changes_nothing_without_its_variable(crash: H.Harness, tm
     assert seen["hooks"] == [] and seen["store_os"] and seen["wrapped"] == [] and seen["shadowed_ran"]
 
     state = crash.new_state(fresh=False)
-    run = subprocess.run(
-        [sys.executable, "-m", "agent", "run", "--once", "--bus", "none", "--config", str(crash.config), "--state-dir",
-         str(state)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    run = launcher.run(agent_argv(*run_args(crash.config, state, once=True)), env=env, timeout=120)
     assert run.returncode == 0 and "state registered" in run.stderr and "Traceback" not in run.stderr
 
 

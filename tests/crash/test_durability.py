@@ -15,16 +15,16 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
 from tests.crash import syscalls
+from tests.fakes import launcher
 from tests.fakes.agentconf import seed_key, write_agent_config
 from tests.fakes.faultyvault import FaultyVault
+from tests.fakes.launcher import agent_argv, agent_env, run_args
 
 FINAL = {"device-key.pem", "serial.assertion", "state.json"}
 
@@ -35,11 +35,9 @@ def traced_run(tmp: Path, lab: FaultyVault, state: Path) -> tuple[subprocess.Com
         pytest.fail("strace is not installed: it is the Debian package strace (make deps installs it)")
     config = write_agent_config(tmp, lab.url, lab.directory, template="ACME-{soc_serial}", soc_serial="00000000dec0de01")
     log = tmp / "strace.log"
-    command = syscalls.strace_command(strace, str(log), [sys.executable, "-m", "agent", "run", "--once", "--bus", "none",
-                                                         "--config", str(config), "--state-dir", str(state)])
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")  # no .pyc writes in the trace
-    env = {k: v for k, v in env.items() if not k.startswith("FACTORY_AGENT_")}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    command = syscalls.strace_command(strace, str(log), agent_argv(*run_args(config, state, once=True)))
+    env = agent_env(drop_prefixes=("FACTORY_AGENT_",), PYTHONDONTWRITEBYTECODE="1")  # no .pyc writes in the trace
+    done = launcher.run(command, env=env, timeout=300)
     return done, log
 
 

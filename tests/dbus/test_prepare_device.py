@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from agent import identity, relay
 from agent.labvault import LabVault
 from tests.conftest import REPO
 from tests.dbus.conftest import BUS_NAME, Daemon, Recorder, busctl, owned, wait_for, write_config
+from tests.fakes.launcher import sh_exec
 from tests.fakes.snapdmode import (HOOK, SOC_SERIAL, hook_env, run_hook, set_values, snapctl_calls,
                                    write_snapd_config)
 
@@ -116,10 +116,11 @@ def test_the_hook_activates_the_agent_and_no_child_keeps_its_output(tmp_path: Pa
     services, socket_path = tmp_path / "services", tmp_path / "bus"
     services.mkdir()
     starter = tmp_path / "start-agent"
+    config, state, log = write_snapd_config(tmp_path, lab.url, lab.directory), tmp_path / "state", tmp_path / "agent.log"
+    command = sh_exec("run", "--bus", "session", "--config", f'"{config}"', "--state-dir", f'"{state}"', f'>>"{log}" 2>&1')
     starter.write_text(f"""#!/bin/sh
-export DBUS_SESSION_BUS_ADDRESS="$DBUS_STARTER_ADDRESS" PYTHONPATH="{REPO}" FACTORY_AGENT_DBUS=dbus_next
-exec "{sys.executable}" -m agent run --bus session --config "{write_snapd_config(tmp_path, lab.url, lab.directory)}" \\
-    --state-dir "{tmp_path / 'state'}" >>"{tmp_path / 'agent.log'}" 2>&1
+export DBUS_SESSION_BUS_ADDRESS="$DBUS_STARTER_ADDRESS" FACTORY_AGENT_DBUS=dbus_next
+{command}
 """)
     starter.chmod(0o755)
     (services / f"{BUS_NAME}.service").write_text(f"[D-BUS Service]\nName={BUS_NAME}\nExec={starter}\n")

@@ -47,8 +47,10 @@ from agent import vault
 from agent.config import VaultConfig
 from tests.conftest import REPO
 from tests.dbus.conftest import Recorder, seed_key
+from tests.fakes import launcher
 from tests.fakes.agentconf import write_agent_config
 from tests.fakes.faultyvault import FaultyVault, Forced
+from tests.fakes.launcher import Agent, agent_argv, agent_env, run_args
 from tests.fakes.rawserver import RawServer, http_reply
 
 SECRET = "SECRET-API-KEY-d41d8cd98f00b204"  # the vault's key, and the agent's when it is right
@@ -136,21 +138,20 @@ class Run:
     def __init__(self, tmp: Path, address: str, config: Path, state: Path, *, strace: bool = False,
                  journal: bool = False) -> None:
         self.tmp, self.address = tmp, address
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), "DBUS_SESSION_BUS_ADDRESS": address}
-        self.env.pop("JOURNAL_STREAM", None)
-        argv = [sys.executable, "-m", "agent", "run", "--bus", "session", "--config", str(config),
-                "--state-dir", str(state)]
+        self.env = agent_env(bus_address=address, drop=("JOURNAL_STREAM",))
+        wrapper: list[str] = []
         self.strace_dir = tmp / "strace" if strace else None
         self.journal_out = tmp / "journal.json" if journal else None
         self.journal_err = tmp / "journal-stderr"
         if strace:  # -ff: one file per process, so that no execve line is split by another process's
             (tmp / "strace").mkdir()
-            argv = ["strace", "-ff", "-qq", "-v", "-s", "65536", "-e", "trace=execve", "-o", str(tmp / "strace" / "pid"),
-                    *argv]
+            wrapper = ["strace", "-ff", "-qq", "-v", "-s", "65536", "-e", "trace=execve", "-o",
+                       str(tmp / "strace" / "pid")]
         if journal:
-            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_RUN, sys.executable, "-c",
-                    JOURNAL_RUNNER, str(self.journal_out), str(self.journal_err), *argv]
-        self.proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stderr=subprocess.PIPE, text=True, umask=0)
+            wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", PRIVATE_RUN, sys.executable, "-c",
+                       JOURNAL_RUNNER, str(self.journal_out), str(self.journal_err), *wrapper]
+        self.proc = Agent(*run_args(config, state, bus="session"), wrapper=wrapper, env=self.env, stdin=None,
+                          stdout=None, umask=0)
 
     def stop(self) -> tuple[int, str]:
         """SIGTERM to the daemon (or to the journal runner, which passes it on). Not to strace: strace
@@ -159,12 +160,10 @@ class Run:
             targets = _children(self.proc.pid) if self.strace_dir else [self.proc.pid]
             for pid in targets:
                 os.kill(pid, signal.SIGTERM)
-        _, stderr = self.proc.communicate(timeout=60)
-        return self.proc.returncode, stderr
+        return self.proc.wait_exit(60), self.proc.stderr
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "agent", *args], cwd=REPO, env=self.env, capture_output=True,
-                              text=True, timeout=60, check=False)
+        return launcher.run(agent_argv(*args), env=self.env, timeout=60)
 
 
 def _children(pid: int) -> list[int]:
@@ -267,9 +266,7 @@ def test_modes_whatever_the_umask(tmp_path: Path, secret_lab: FaultyVault, umask
     and put their own in its place; a 0500 state directory would stop a non-root daemon."""
     state = tmp_path / "var" / "lib" / "state"
     config = agent_config(tmp_path, secret_lab.url, secret_lab.directory, SECRET)
-    done = subprocess.run([sys.executable, "-m", "agent", "run", "--once", "--bus", "none", "--config", str(config),
-                           "--state-dir", str(state)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=300, check=False, umask=umask)
+    done = launcher.run(agent_argv(*run_args(config, state, once=True)), timeout=300, umask=umask)
     assert done.returncode == 0 and "state registered" in done.stderr, done.stderr
     assert state.stat().st_mode & 0o7777 == 0o700
     modes = {p.name: p.stat().st_mode & 0o7777 for p in state.iterdir()}
@@ -384,9 +381,7 @@ def test_a_config_error_about_the_api_key_does_not_quote_it(tmp_path: Path, secr
     text = config.read_text()
     start = text.index("api-key-file = ")
     config.write_text(text[:start] + f"api-key = {value}\n" + text[text.index("\n", start) + 1:])
-    done = subprocess.run([sys.executable, "-m", "agent", "run", "--once", "--bus", "none", "--config", str(config),
-                           "--state-dir", str(tmp_path / "state")], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = launcher.run(agent_argv(*run_args(config, tmp_path / "state", once=True)), timeout=60)
     assert done.returncode == 78 and "'vault.api-key'" in done.stderr, done.stderr
     assert SECRET not in done.stderr and "7357735773577357" not in done.stderr, done.stderr
 
@@ -400,9 +395,7 @@ def test_an_api_key_no_http_header_can_carry_is_a_config_error(tmp_path: Path, s
     state = tmp_path / "state"
     seed_key(state)
     config = agent_config(tmp_path, secret_lab.url, secret_lab.directory, SECRET + bad)
-    done = subprocess.run([sys.executable, "-m", "agent", "run", "--once", "--bus", "none", "--config", str(config),
-                           "--state-dir", str(state)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = launcher.run(agent_argv(*run_args(config, state, once=True)), timeout=60)
     assert done.returncode == 78 and len(done.stderr.splitlines()) == 1 and "'vault.api-key" in done.stderr, done.stderr
     assert SECRET not in done.stderr
 

@@ -3,30 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tests.conftest import REPO
 from tests.dbus.conftest import Daemon, get_property, owned, seed_key, wait_for, write_config
+from tests.fakes import launcher
 from tests.fakes.faultyvault import FaultyVault, Forced
+from tests.fakes.launcher import agent_argv, agent_env
 
 
 def status(address: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", "status", "--bus", "session", *args], cwd=REPO, capture_output=True, text=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO), DBUS_SESSION_BUS_ADDRESS=address), timeout=timeout, check=False,
-    )
+    return launcher.run(agent_argv("status", "--bus", "session", *args), env=agent_env(bus_address=address),
+                        timeout=timeout)
 
 
 def test_no_daemon_is_69(bus_address: str) -> None:
     done = status(bus_address)
     assert done.returncode == 69 and "cannot reach the daemon" in done.stderr and "Traceback" not in done.stderr
-    done = subprocess.run([sys.executable, "-m", "agent", "status", "--bus", "session"], cwd=REPO, capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO), DBUS_SESSION_BUS_ADDRESS="unix:path=/nonexistent"),
-                          timeout=30, check=False)
+    done = launcher.run(agent_argv("status", "--bus", "session"),
+                        env=agent_env(bus_address="unix:path=/nonexistent"), timeout=30)
     assert done.returncode == 69 and "Traceback" not in done.stderr
 
 

@@ -2,7 +2,7 @@
 
 - :func:`agent_env` builds its environment: PYTHONPATH on this tree, the bus address, the D-Bus
   library (FACTORY_AGENT_DBUS), and without the variables a harness must not pass on;
-- :func:`run_args` builds ``run``'s arguments, :func:`agent_argv` the whole argv;
+- :func:`run_args` builds ``run``'s arguments, :func:`agent_argv` the whole argv, :func:`sh_exec` a sh line;
 - :func:`run` runs a command to completion (output captured; killed and reaped after a timeout);
 - :class:`Agent` starts one and reads its stderr as it comes (or sends it to a file), waits for
   readiness (:meth:`Agent.wait_for`, :meth:`Agent.wait_line`) or exit (:meth:`Agent.wait_exit`),
@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import os
+import shlex
 import shutil
 import signal
 import stat
@@ -65,6 +66,13 @@ def run_args(config: Path, state: Path, *extra: str, bus: str = "none", once: bo
 
 def agent_argv(*args: str, python: str | None = None) -> list[str]:
     return [python or sys.executable, "-m", "agent", *args]
+
+
+def sh_exec(*words: str) -> str:
+    """A POSIX sh line exec'ing ``python -m agent`` with PYTHONPATH on this tree, then ``words`` as they are
+    (sh words: quote them yourself), for a script a test hands to another program (a hook's PATH, a D-Bus
+    service file)."""
+    return " ".join([f"PYTHONPATH={shlex.quote(str(REPO))} exec {shlex.quote(sys.executable)} -m agent", *words])
 
 
 # --- another uid -------------------------------------------------------------

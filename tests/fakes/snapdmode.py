@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.fakes.agentconf import write_agent_config
+from tests.fakes.launcher import sh_exec
 
 REPO = Path(__file__).resolve().parents[2]
 HOOK = REPO / "hooks" / "prepare-device"
@@ -42,7 +42,7 @@ def tool_dir(directory: Path) -> Path:
     if not (bin_dir / "snapctl").is_symlink():  # a second hook run (a restarted daemon) reuses it
         (bin_dir / "snapctl").symlink_to(FAKE_SNAPCTL)
     cli = bin_dir / "factory-agent"
-    cli.write_text(f'#!/bin/sh\nPYTHONPATH="{REPO}" exec "{sys.executable}" -m agent "$@"\n')
+    cli.write_text("#!/bin/sh\n" + sh_exec('"$@"') + "\n")
     cli.chmod(0o755)
     return bin_dir
 

@@ -1,4 +1,4 @@
-"""Helpers for the vault fault matrix: the real daemon as a child process, a scripted
+"""Helpers for the vault fault matrix: the real daemon as a child process (tests/fakes/launcher.py), a scripted
 misbehaving proxy in front of the lab vault, and throw-away TLS certificates.
 
 Everything listens on 127.0.0.1 only.
@@ -16,7 +16,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,9 +23,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import REPO
 from tests.fakes.agentconf import seed_key, write_agent_config
 from tests.fakes.faultyvault import FaultyVault
+from tests.fakes.launcher import Agent, agent_env, run_args
 
 # --- the daemon ----------------------------------------------------------------
 
@@ -47,39 +46,14 @@ class StateLine:
     text: str
 
 
-class Daemon:
-    """``python -m agent run --bus none`` as a child process, its stderr read line by line as it comes."""
+class Daemon(Agent):
+    """``python -m agent run --bus none`` as a child process (the launcher's Agent), its stderr read line by line
+    as it comes."""
 
     def __init__(self, config: Path, state_dir: Path, *, once: bool, wrapper: tuple[str, ...] = ()) -> None:
         self.state_dir = state_dir
-        argv = [*wrapper, sys.executable, "-m", "agent", "run", "--bus", "none", "--config", str(config),
-                "--state-dir", str(state_dir)]
-        if once:
-            argv.append("--once")
-        env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC",
-                                                                   "FACTORY_AGENT_DEBUG")}
-        env["PYTHONPATH"] = str(REPO)
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines: list[tuple[float, str]] = []
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._changed:
-                self.lines.append((time.monotonic(), line.rstrip("\n")))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    @property
-    def stderr(self) -> str:
-        with self._changed:
-            return "\n".join(text for _, text in self.lines)
+        env = agent_env(drop=("JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC", "FACTORY_AGENT_DEBUG"))
+        super().__init__(*run_args(config, state_dir, once=once), env=env, wrapper=wrapper)
 
     def states(self) -> list[StateLine]:
         found = []
@@ -106,23 +80,11 @@ class Daemon:
                 self._changed.wait(min(remaining, 0.2))
 
     def wait_exit(self, timeout: float = 12.0) -> int:
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"the daemon did not exit within {timeout} s; stderr:\n{self.stderr}") from None
-        self._reader.join(5)
-        return code
+        return super().wait_exit(timeout)
 
-    def terminate(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+    def terminate(self, timeout: float = 10.0) -> int:  # type: ignore[override]
+        self.send_signal(signal.SIGTERM)
         return self.wait_exit(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
 
     def state_json(self) -> dict[str, object]:
         return json.loads((self.state_dir / "state.json").read_text())

@@ -16,7 +16,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,8 +23,10 @@ from pathlib import Path
 import pytest
 
 from agent.labvault import LabVault
-from tests.conftest import DATA, REPO
+from tests.conftest import DATA
+from tests.fakes import launcher
 from tests.fakes.agentconf import seed_key, write_agent_config
+from tests.fakes.launcher import User, agent_argv, agent_env, as_user, run_args
 
 NOBODY = 65534
 SOC_SERIAL = "00000000bad0e201"
@@ -33,12 +34,13 @@ KEY_ID = (DATA / "device" / "device-key.id").read_text().strip()
 EX_CONFIG = 78
 
 
-def run_agent(config: Path, state: Path, *, prefix: list[str] | None = None, timeout: float = 120,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "agent", "run", "--once", "--bus", "none", "--config", str(config),
-            "--state-dir", str(state)]
-    return subprocess.run([*(prefix or []), *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          check=False, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+def run_agent(config: Path, state: Path, *, prefix: list[str] | None = None, user: User | None = None,
+              timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``run --once`` after ``prefix``, as root or (through the launcher, from a copy it can read) as ``user``."""
+    args = run_args(config, state, once=True)
+    if user is None:
+        return launcher.run([*(prefix or []), *agent_argv(*args)], env=agent_env(**(env or {})), timeout=timeout)
+    return launcher.run([*(prefix or []), *user.argv(*args)], env=user.env(**(env or {})), cwd="/", timeout=timeout)
 
 
 Snapshot = dict[str, tuple[int, int, int, bytes]]
@@ -244,14 +246,11 @@ def open_dir(vault: LabVault) -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-
-
-def need_nobody() -> None:
+def need_nobody() -> User:
+    """How to run the daemon as nobody: the launcher copies what it imports where nobody can read it, so the
+    checkout and this leg's interpreter may sit in a directory nobody cannot enter."""
     need("setpriv")
-    for where in (REPO, Path(sys.prefix)):  # the checkout and this leg's interpreter must be readable by nobody
-        if not all(os.stat(p).st_mode & 0o005 == 0o005 for p in (where, *where.parents)):
-            pytest.skip(f"{where} is not readable by nobody, who runs the daemon here")
+    return as_user(NOBODY)
 
 
 def chown_tree(path: Path, uid: int) -> None:
@@ -261,10 +260,10 @@ def chown_tree(path: Path, uid: int) -> None:
 
 def test_an_unreadable_state_dir(open_dir: Path, templates: dict[str, Path]) -> None:
     """root's 0700 state directory, the daemon as nobody: one line naming the directory and the cause."""
-    need_nobody()
+    nobody = need_nobody()
     state = copy_state(templates["registered"], open_dir / "state")
     before = snapshot(state)
-    done = run_agent(open_dir / "agent.toml", state, prefix=AS_NOBODY, env={"HOME": str(open_dir)})
+    done = run_agent(open_dir / "agent.toml", state, user=nobody, env={"HOME": str(open_dir)})
     assert_one_line(done, 1, str(state), "Permission denied")
     assert snapshot(state) == before
 
@@ -272,13 +271,13 @@ def test_an_unreadable_state_dir(open_dir: Path, templates: dict[str, Path]) -> 
 @pytest.mark.parametrize("what", ["agent.toml", "api-key"])
 def test_an_unreadable_configuration_file(open_dir: Path, templates: dict[str, Path], what: str) -> None:
     """The configuration, or the api-key file it names, readable by root only: exit 78, one line."""
-    need_nobody()
+    nobody = need_nobody()
     state = copy_state(templates["registered"], open_dir / "state")
     chown_tree(state, NOBODY)
     (open_dir / what).chmod(0o600)
     os.chown(open_dir / what, 0, 0)  # readable by root only
     before = snapshot(state)
-    done = run_agent(open_dir / "agent.toml", state, prefix=AS_NOBODY, env={"HOME": str(open_dir)})
+    done = run_agent(open_dir / "agent.toml", state, user=nobody, env={"HOME": str(open_dir)})
     expected = ([f"cannot read configuration {open_dir / what}"] if what == "agent.toml"
                 else ["'vault.api-key-file' cannot be read", str(open_dir / what)])
     assert_one_line(done, EX_CONFIG, *expected, "Permission denied")
@@ -287,12 +286,12 @@ def test_an_unreadable_configuration_file(open_dir: Path, templates: dict[str, P
 
 def test_an_unreadable_state_file(open_dir: Path, templates: dict[str, Path]) -> None:
     """nobody's state directory holding a state.json only root may read."""
-    need_nobody()
+    nobody = need_nobody()
     state = copy_state(templates["partial"], open_dir / "state")
     chown_tree(state, NOBODY)
     os.chown(state / "state.json", 0, 0)
     before = snapshot(state)
-    done = run_agent(open_dir / "agent.toml", state, prefix=AS_NOBODY, env={"HOME": str(open_dir)})
+    done = run_agent(open_dir / "agent.toml", state, user=nobody, env={"HOME": str(open_dir)})
     assert_one_line(done, 1, str(state / "state.json"), "Permission denied")
     assert snapshot(state) == before
 
@@ -345,12 +344,9 @@ def run_on_full_disk(tmp_path: Path, config: Path, seed: Path | None) -> tuple[s
     disk, out = tmp_path / "disk", tmp_path / "after"
     disk.mkdir()
     out.mkdir()
-    argv = [sys.executable, "-m", "agent", "run", "--once", "--bus", "none", "--config", str(config),
-            "--state-dir", str(disk / "state")]
-    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", FULL_DISK, "sh",
-                           str(disk), str(seed or ""), str(out), *argv],
-                          cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    argv = agent_argv(*run_args(config, disk / "state", once=True))
+    done = launcher.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", FULL_DISK, "sh",
+                         str(disk), str(seed or ""), str(out), *argv], timeout=180)
     if done.returncode in (90, 91, 92, 93):
         pytest.fail(f"cannot set up the full disk (step {done.returncode}): {done.stderr}")
     return done, out

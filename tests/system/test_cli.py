@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +9,13 @@ from pathlib import Path
 import pytest
 
 from agent import __version__, assertions
-from tests.conftest import DATA, REPO
+from tests.conftest import DATA
+from tests.fakes import launcher
+from tests.fakes.launcher import agent_argv, agent_env
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", *args], cwd=REPO, capture_output=True, text=True, timeout=120,
-        env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})), check=False,
-    )
+    return launcher.run(agent_argv(*args), env=agent_env(**(env or {})), timeout=120)
 
 
 def test_version() -> None:

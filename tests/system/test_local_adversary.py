@@ -23,27 +23,26 @@ from pathlib import Path
 
 import pytest
 
-from agent.labvault import LabVault
 from tests.conftest import DATA, REPO
-from tests.fakes import peak
+from tests.fakes import launcher, peak
 from tests.fakes.agentconf import seed_key, write_agent_config
+from tests.fakes.faultyvault import FaultyVault
+from tests.fakes.launcher import Agent, agent_argv, agent_env, run_args
 
 NOBODY = 65534
 EX_CONFIG = 78
 SOC_SERIAL = "00000000a77ac401"
 KEY_ID = (DATA / "device" / "device-key.id").read_text().strip()
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+ENV = agent_env()
 
 
-def agent_argv(config: Path, state: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "agent", "run", "--bus", "none", "--config", str(config), "--state-dir", str(state),
-            *extra]
+def daemon_argv(config: Path, state: Path, *extra: str) -> list[str]:
+    return agent_argv(*run_args(config, state, *extra))
 
 
 def run_once(config: Path, state: Path, timeout: float = 60) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.monotonic()
-    done = subprocess.run(agent_argv(config, state, "--once"), cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    done = launcher.run(daemon_argv(config, state, "--once"), env=ENV, timeout=timeout)
     return done, time.monotonic() - started
 
 
@@ -75,7 +74,7 @@ def refused(done: subprocess.CompletedProcess[str], *parts: str) -> str:
 
 
 @pytest.fixture
-def config(tmp_path: Path, lab: LabVault) -> Path:
+def config(tmp_path: Path, lab: FaultyVault) -> Path:
     return write_agent_config(tmp_path, lab.url, lab.directory, template="ADV-{soc_serial}", soc_serial=SOC_SERIAL)
 
 
@@ -87,7 +86,7 @@ def partial_state(where: Path) -> Path:
     return where
 
 
-def vault_calls(lab: LabVault) -> int:
+def vault_calls(lab: FaultyVault) -> int:
     return sum(lab.requests.values())
 
 
@@ -158,7 +157,7 @@ PLANTED = {
 
 @pytest.mark.parametrize("case", sorted(PLANTED))
 def test_what_the_agent_does_not_own_is_refused_and_left_alone(case: str, tmp_path: Path, config: Path,
-                                                               lab: LabVault) -> None:
+                                                               lab: FaultyVault) -> None:
     need_root()
     state = partial_state(tmp_path / "state")
     parts = PLANTED[case](state, tmp_path)
@@ -196,7 +195,7 @@ ODD = {"fifo": (_fifo, "it is a FIFO, not a regular file"), "dev-zero": (_to_dev
 @pytest.mark.parametrize("name", ["state.json", "device-key.pem", "serial.assertion"])
 @pytest.mark.parametrize("odd", sorted(ODD))
 def test_odd_files_are_refused_at_once_in_bounded_memory(name: str, odd: str, tmp_path: Path, config: Path,
-                                                         lab: LabVault) -> None:
+                                                         lab: FaultyVault) -> None:
     """A FIFO used to hang the daemon forever with no log line; /dev/zero and 600 MiB ate gigabytes."""
     state = partial_state(tmp_path / "state")
     make, why = ODD[odd]
@@ -205,7 +204,7 @@ def test_odd_files_are_refused_at_once_in_bounded_memory(name: str, odd: str, tm
     err = tmp_path / "stderr"
     started = time.monotonic()
     with open(err, "w") as stderr:
-        proc = peak.run(agent_argv(config, state, "--once"), tmp_path / "peak", cwd=REPO, env=ENV, stderr=stderr,
+        proc = peak.run(daemon_argv(config, state, "--once"), tmp_path / "peak", cwd=REPO, env=ENV, stderr=stderr,
                         start_new_session=True)
         try:
             proc.wait(timeout=HUNG)  # a daemon stuck on the FIFO would otherwise stall the suite
@@ -226,9 +225,8 @@ def test_odd_files_are_refused_at_once_in_bounded_memory(name: str, odd: str, tm
 # ---- attack 5: one agent per state directory -------------------------------------------------------
 
 
-def start_daemon(config: Path, state: Path, stderr: Path) -> subprocess.Popen[bytes]:
-    with open(stderr, "w") as err:
-        return subprocess.Popen(agent_argv(config, state), cwd=REPO, env=ENV, stderr=err)
+def start_daemon(config: Path, state: Path, stderr: Path) -> Agent:
+    return Agent(*run_args(config, state), env=ENV, stdin=None, stdout=None, stderr_file=stderr)
 
 
 def wait_for_line(path: Path, text: str, seconds: float = 60) -> None:
@@ -239,17 +237,15 @@ def wait_for_line(path: Path, text: str, seconds: float = 60) -> None:
 
 
 @pytest.fixture
-def stop_all() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
+def stop_all() -> Iterator[list[Agent]]:
+    procs: list[Agent] = []
     yield procs
     for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
+        proc.kill()  # and reaped
 
 
-def test_a_second_instance_beside_a_running_daemon_changes_nothing(tmp_path: Path, config: Path, lab: LabVault,
-                                                                   stop_all: list[subprocess.Popen[bytes]]) -> None:
+def test_a_second_instance_beside_a_running_daemon_changes_nothing(tmp_path: Path, config: Path, lab: FaultyVault,
+                                                                   stop_all: list[Agent]) -> None:
     """It used to delete the running daemon's in-flight temp file, which then died on "cannot write state.json"."""
     state = partial_state(tmp_path / "state")
     lab.faults.delay = 8.0  # the first daemon waits on its request-id meanwhile, mid-registration, writing nothing
@@ -270,16 +266,14 @@ def test_a_second_instance_beside_a_running_daemon_changes_nothing(tmp_path: Pat
 
 
 def test_two_agents_started_together_make_one_key_and_one_registration(tmp_path: Path, config: Path,
-                                                                       lab: LabVault) -> None:
+                                                                       lab: FaultyVault) -> None:
     """The loser used to loop making RSA-4096 keys on "already exists" and write unregistered over the winner."""
     state = tmp_path / "state"
     lab.faults.delay = 0.5  # each exchange takes a while: the two overlap
-    procs = [subprocess.Popen(agent_argv(config, state, "--once"), cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [Agent(*run_args(config, state, once=True), env=ENV, stdin=None, stdout=None) for _ in range(2)]
     results = []
     for proc in procs:
-        _, stderr = proc.communicate(timeout=120)
-        results.append((proc.returncode, stderr))
+        results.append((proc.wait_exit(120), proc.stderr))
     locked = [r for r in results if r[0] == 1]
     won = [r for r in results if r[0] == 0]
     assert len(won) >= 1, results
@@ -310,8 +304,8 @@ def _plain_core_pattern() -> bool:
 
 @pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGABRT])
 def test_a_crashing_daemon_leaves_no_core_and_no_secret_on_disk(sig: signal.Signals, tmp_path: Path, config: Path,
-                                                                lab: LabVault,
-                                                                stop_all: list[subprocess.Popen[bytes]]) -> None:
+                                                                lab: FaultyVault,
+                                                                stop_all: list[Agent]) -> None:
     """The daemon holds the api-key and the device key (mid-registration) when it crashes, from a shell that
     allows cores; a plain process crashing the same way beside it does leave a core, so the check can fail."""
     if not _plain_core_pattern():
@@ -325,8 +319,8 @@ def test_a_crashing_daemon_leaves_no_core_and_no_secret_on_disk(sig: signal.Sign
         core.unlink()
     state = partial_state(tmp_path / "state")
     lab.faults.accepted_times = 1000  # polling: the key is loaded and the api-key in every request
-    with open(tmp_path / "daemon.err", "w") as err:
-        daemon = subprocess.Popen(agent_argv(config, state), cwd=cwd, env=ENV, stderr=err, preexec_fn=_unlimited_core)
+    daemon = Agent(*run_args(config, state), env=ENV, cwd=cwd, stdin=None, stdout=None,
+                   stderr_file=tmp_path / "daemon.err", preexec_fn=_unlimited_core)
     stop_all.append(daemon)
     wait_for_line(tmp_path / "daemon.err", "state polling")
     limits = Path(f"/proc/{daemon.pid}/limits").read_text()
@@ -342,11 +336,10 @@ def test_a_crashing_daemon_leaves_no_core_and_no_secret_on_disk(sig: signal.Sign
 
 
 def test_the_key_generation_child_dumps_no_core_either(tmp_path: Path, config: Path,
-                                                       stop_all: list[subprocess.Popen[bytes]]) -> None:
+                                                       stop_all: list[Agent]) -> None:
     state = tmp_path / "state"
-    with open(tmp_path / "daemon.err", "w") as err:
-        daemon = subprocess.Popen(agent_argv(config, state), cwd=tmp_path, env=ENV, stderr=err,
-                                  preexec_fn=_unlimited_core)
+    daemon = Agent(*run_args(config, state), env=ENV, cwd=tmp_path, stdin=None, stdout=None,
+                   stderr_file=tmp_path / "daemon.err", preexec_fn=_unlimited_core)
     stop_all.append(daemon)
     deadline, child = time.monotonic() + 60, None
     while child is None:  # the child runs for seconds (RSA-4096): find it among the daemon's children

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from agent import assertions, serials
-from agent.labvault import Forced, LabVault
-from tests.conftest import DATA, REPO
+from tests.conftest import DATA
+from tests.fakes import launcher
 from tests.fakes.agentconf import seed_key, write_agent_config
+from tests.fakes.faultyvault import FaultyVault, Forced
+from tests.fakes.launcher import Agent, agent_argv, agent_env, run_args
 
 SOC_SERIAL = "00000000c0ffee01"
 
@@ -28,13 +28,10 @@ def write_config(tmp: Path, url: str, lab_dir: Path, extra: str = "") -> Path:
 
 
 def run_once(config: Path, state: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", "run", "--once", "--bus", "none", "--config", str(config), "--state-dir", str(state)],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=timeout, check=False,
-    )
+    return launcher.run(agent_argv(*run_args(config, state, once=True)), timeout=timeout)
 
 
-def assert_registered(done: subprocess.CompletedProcess[str], state: Path, lab: LabVault) -> assertions.Assertion:
+def assert_registered(done: subprocess.CompletedProcess[str], state: Path, lab: FaultyVault) -> assertions.Assertion:
     assert done.returncode == 0, done.stderr
     serial_text = (state / "serial.assertion").read_bytes()
     trusted = assertions.decode_stream((lab.directory / "brand.account-key").read_bytes())
@@ -47,7 +44,7 @@ def assert_registered(done: subprocess.CompletedProcess[str], state: Path, lab: 
     return serial
 
 
-def test_first_boot_generates_the_key_and_registers(tmp_path: Path, lab: LabVault) -> None:
+def test_first_boot_generates_the_key_and_registers(tmp_path: Path, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     done = run_once(write_config(tmp_path, lab.url, lab.directory), state)
     serial = assert_registered(done, state, lab)
@@ -56,7 +53,7 @@ def test_first_boot_generates_the_key_and_registers(tmp_path: Path, lab: LabVaul
     assert lab.requests[("POST", "/v1/request-id")] == 1 and lab.requests[("POST", "/v1/serial")] == 1
 
 
-def test_the_second_run_makes_no_request(tmp_path: Path, lab: LabVault) -> None:
+def test_the_second_run_makes_no_request(tmp_path: Path, lab: FaultyVault) -> None:
     state, config = tmp_path / "state", write_config(tmp_path, lab.url, lab.directory)
     seed_key(state)
     assert_registered(run_once(config, state), state, lab)
@@ -68,7 +65,7 @@ def test_the_second_run_makes_no_request(tmp_path: Path, lab: LabVault) -> None:
     assert sum(lab.requests.values()) == before and time.monotonic() - started < 10
 
 
-def test_model_assertion_is_appended_after_one_empty_line(tmp_path: Path, lab: LabVault) -> None:
+def test_model_assertion_is_appended_after_one_empty_line(tmp_path: Path, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     seen: list[bytes] = []
@@ -86,7 +83,7 @@ def test_model_assertion_is_appended_after_one_empty_line(tmp_path: Path, lab: L
     assert seen[0].count(b"\n\ntype: model\n") == 1
 
 
-def test_202_then_200(tmp_path: Path, lab: LabVault) -> None:
+def test_202_then_200(tmp_path: Path, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     lab.faults.status["serial"] = [Forced(202, retry_after="1"), Forced(202, retry_after="1")]
@@ -96,7 +93,7 @@ def test_202_then_200(tmp_path: Path, lab: LabVault) -> None:
 
 
 @pytest.mark.parametrize("status", [500, 502, 503])
-def test_5xx_then_200(tmp_path: Path, lab: LabVault, status: int) -> None:
+def test_5xx_then_200(tmp_path: Path, lab: FaultyVault, status: int) -> None:
     state = tmp_path / "state"
     seed_key(state)
     lab.faults.status["request-id"] = [Forced(status, retry_after="1")]
@@ -106,7 +103,7 @@ def test_5xx_then_200(tmp_path: Path, lab: LabVault, status: int) -> None:
     assert f"HTTP {status}" in done.stderr and "state waiting-retry" in done.stderr
 
 
-def test_429_with_retry_after_is_honoured(tmp_path: Path, lab: LabVault) -> None:
+def test_429_with_retry_after_is_honoured(tmp_path: Path, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     lab.faults.status["request-id"] = [Forced(429, retry_after="2")]
@@ -115,7 +112,7 @@ def test_429_with_retry_after_is_honoured(tmp_path: Path, lab: LabVault) -> None
     assert time.monotonic() - started >= 2
 
 
-def test_invalid_nonce_then_success(tmp_path: Path, lab: LabVault) -> None:
+def test_invalid_nonce_then_success(tmp_path: Path, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     lab.faults.error_code["serial"] = ["invalid-nonce"]
@@ -124,7 +121,7 @@ def test_invalid_nonce_then_success(tmp_path: Path, lab: LabVault) -> None:
     assert lab.requests[("POST", "/v1/request-id")] == 2  # a fresh request-id, at once
 
 
-def test_invalid_api_key_blocks_with_the_vaults_message(tmp_path: Path, lab: LabVault) -> None:
+def test_invalid_api_key_blocks_with_the_vaults_message(tmp_path: Path, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     config = write_config(tmp_path, lab.url, lab.directory)
@@ -143,7 +140,7 @@ def test_invalid_api_key_blocks_with_the_vaults_message(tmp_path: Path, lab: Lab
     [("other_device_key", "does not match"), ("bad_signature", "does not verify"), ("untrusted_key", "not trusted"),
      ("wrong_brand", "does not match")],
 )
-def test_a_serial_that_is_not_ours_is_rejected_never_stored(tmp_path: Path, lab: LabVault, fault: str, message: str) -> None:
+def test_a_serial_that_is_not_ours_is_rejected_never_stored(tmp_path: Path, lab: FaultyVault, fault: str, message: str) -> None:
     state = tmp_path / "state"
     seed_key(state)
     setattr(lab.faults, fault, "other-brand" if fault == "wrong_brand" else True)
@@ -152,7 +149,7 @@ def test_a_serial_that_is_not_ours_is_rejected_never_stored(tmp_path: Path, lab:
     assert not (state / "serial.assertion").exists()
 
 
-def test_an_oversized_answer_is_transient(tmp_path: Path, lab: LabVault) -> None:
+def test_an_oversized_answer_is_transient(tmp_path: Path, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     huge = b"type: serial\n" + b"x" * (2 * 1024 * 1024)
@@ -170,7 +167,7 @@ def test_vault_down_then_up(tmp_path: Path, lab_dir: Path) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     config = write_config(tmp_path, f"http://127.0.0.1:{port}/v1/", lab_dir)
-    vault = LabVault(lab_dir)
+    vault = FaultyVault(lab_dir)
     starter = threading.Timer(2.0, vault.start, kwargs={"port": port})
     starter.start()
     try:
@@ -195,7 +192,7 @@ def _tls_setup(tmp: Path):
 
 def test_https_with_the_test_ca_and_without_it(tmp_path: Path, lab_dir: Path) -> None:
     context, ca_file = _tls_setup(tmp_path)
-    vault = LabVault(lab_dir)
+    vault = FaultyVault(lab_dir)
     url = vault.start(ssl_context=context)
     try:
         assert url.startswith("https://")
@@ -213,11 +210,8 @@ def test_https_with_the_test_ca_and_without_it(tmp_path: Path, lab_dir: Path) ->
         vault.stop()
 
 
-def _daemon(config: Path, state: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--bus", "none", "--config", str(config), "--state-dir", str(state)],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=subprocess.PIPE, text=True,
-    )
+def _daemon(config: Path, state: Path) -> Agent:
+    return Agent(*run_args(config, state), stdin=None, stdout=None)
 
 
 def _wait_for(predicate, seconds: float = 30.0) -> None:
@@ -228,7 +222,7 @@ def _wait_for(predicate, seconds: float = 30.0) -> None:
 
 
 @pytest.mark.parametrize("signum", [15, 2])
-def test_the_daemon_keeps_serving_once_registered_and_stops_cleanly(tmp_path: Path, lab: LabVault, signum: int) -> None:
+def test_the_daemon_keeps_serving_once_registered_and_stops_cleanly(tmp_path: Path, lab: FaultyVault, signum: int) -> None:
     state = tmp_path / "state"
     seed_key(state)
     proc = _daemon(write_config(tmp_path, lab.url, lab.directory), state)
@@ -236,14 +230,13 @@ def test_the_daemon_keeps_serving_once_registered_and_stops_cleanly(tmp_path: Pa
         _wait_for(lambda: (state / "serial.assertion").exists() and b'"registered"' in (state / "state.json").read_bytes())
         time.sleep(0.3)
         assert proc.poll() is None  # without --once it stays up (to serve its status)
-        proc.send_signal(signum)
-        _, stderr = proc.communicate(timeout=10)
+        stderr = proc.stop(10, signum)
     finally:
         proc.kill()
     assert proc.returncode == 0 and "Traceback" not in stderr
 
 
-def test_sigterm_during_key_generation_stops_at_once_and_leaves_no_key(tmp_path: Path, lab: LabVault) -> None:
+def test_sigterm_during_key_generation_stops_at_once_and_leaves_no_key(tmp_path: Path, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     lab.faults.status["request-id"] = [Forced(503, retry_after="60")]  # keep it busy with nothing else
     proc = _daemon(write_config(tmp_path, lab.url, lab.directory), state)
@@ -251,8 +244,7 @@ def test_sigterm_during_key_generation_stops_at_once_and_leaves_no_key(tmp_path:
         _wait_for(lambda: (state / "state.json").exists() or lab.requests[("POST", "/v1/request-id")] > 0)
         time.sleep(0.2)  # the keygen child is running now
         started = time.monotonic()
-        proc.terminate()
-        _, stderr = proc.communicate(timeout=10)
+        stderr = proc.stop(10)
         assert time.monotonic() - started < 5
     finally:
         proc.kill()
@@ -284,18 +276,14 @@ def test_a_config_error_names_file_and_key_and_exits_78(tmp_path: Path) -> None:
                                    "for a lab vault")
 
 
-def test_sd_notify_ready_status_watchdog_and_stopping_from_the_real_daemon(tmp_path: Path, lab: LabVault) -> None:
+def test_sd_notify_ready_status_watchdog_and_stopping_from_the_real_daemon(tmp_path: Path, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
     notify.settimeout(30)
-    env = dict(os.environ, PYTHONPATH=str(REPO), NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="400000")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--bus", "none", "--config",
-         str(write_config(tmp_path, lab.url, lab.directory)), "--state-dir", str(state)],
-        cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
-    )
+    env = agent_env(NOTIFY_SOCKET=str(tmp_path / "notify"), WATCHDOG_USEC="400000")
+    proc = Agent(*run_args(write_config(tmp_path, lab.url, lab.directory), state), env=env, stdin=None, stdout=None)
     messages: list[str] = []
     try:
         while not any(m.startswith("STATUS=registered") for m in messages):
@@ -320,14 +308,14 @@ def _record(state: Path, key_id: str) -> None:
     (state / "state.json").write_text(json.dumps({"schema": 1, "phase": "key-ready", "key-id": key_id}))
 
 
-def test_a_recorded_key_is_loaded_in_the_background_and_used(tmp_path: Path, lab: LabVault) -> None:
+def test_a_recorded_key_is_loaded_in_the_background_and_used(tmp_path: Path, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     _record(state, (DATA / "device" / "device-key.id").read_text().strip())
     assert_registered(run_once(write_config(tmp_path, lab.url, lab.directory), state), state, lab)
 
 
-def test_a_key_file_that_is_not_the_recorded_key_blocks(tmp_path: Path, lab: LabVault) -> None:
+def test_a_key_file_that_is_not_the_recorded_key_blocks(tmp_path: Path, lab: FaultyVault) -> None:
     state = tmp_path / "state"
     seed_key(state)
     _record(state, "x" * 64)
