@@ -112,7 +112,7 @@ class Agent1(_service.ServiceInterface):  # type: ignore[name-defined]
     def GetSerialAssertion(self) -> str:
         try:
             return self._get_serial()
-        except Exception as exc:  # never a traceback to the caller
+        except Exception as exc:  # noqa: BLE001 - never a traceback to the caller
             raise _dbus_error(exc) from None
 
     # Retry and GetRegistrationSettings are answered by _RootOnly, which checks the caller's uid first; these
@@ -379,7 +379,7 @@ class Service:
             try:
                 await self.bus.wait_for_disconnect()
                 cause = "closed by the bus"
-            except Exception as exc:  # the library's error, whatever it is: the connection is gone
+            except Exception as exc:  # noqa: BLE001 - the library's error, whatever it is: the connection is gone
                 cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if self.closed:
                 return
@@ -399,7 +399,7 @@ class Service:
             delay = min(delay * 2, RECONNECT_CAP)
             try:
                 bus = await _connect(self.bus_kind, self.interface)
-            except Exception:  # BusError, or anything else the library raises: try again later
+            except Exception:  # noqa: BLE001 - BusError, or anything else the library raises: try again later
                 continue
             if self.closed:
                 bus.disconnect()
@@ -485,7 +485,7 @@ class _RootOnly:
                 self.interface.retry()
                 return _lib.Message.new_method_return(msg)
             return _lib.Message.new_method_return(msg, "a{ss}", [self.interface.settings()])
-        except Exception as exc:  # never a traceback to the caller
+        except Exception as exc:  # noqa: BLE001 - never a traceback to the caller
             error: Any = _dbus_error(exc)  # a DBusError of the chosen library
             return _lib.Message.new_error(msg, error.type, error.text)
 

@@ -34,7 +34,6 @@ import math
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from random import Random
-from typing import Union
 
 from .errors import (
     AgentError,
@@ -206,7 +205,7 @@ class Registered:
     serial: str
 
 
-Outcome = Union[KeyReady, GotRequestId, Accepted, Registered, AgentError]
+Outcome = KeyReady | GotRequestId | Accepted | Registered | AgentError
 
 
 @dataclass(frozen=True, slots=True)

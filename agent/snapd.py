@@ -36,7 +36,6 @@ from .registration import Phase, Progress, State
 from .session import Session, import_adapters
 
 if TYPE_CHECKING:
-    from . import vault
     from .vault import Exchange
 
 log = logging.getLogger(__name__)

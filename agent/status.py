@@ -227,7 +227,7 @@ def _plain(client: Client, out: TextIO) -> Callable[[bool], None]:
 
     def show(changed: bool) -> None:
         line = live_line(client.props, time.time(), time.time()).split(" | ", 2)
-        text = " | ".join([line[0]] + line[2:])  # no elapsed counter: a line per change, not per tick
+        text = " | ".join([line[0], *line[2:]])  # no elapsed counter: a line per change, not per tick
         if changed and last != [text]:
             last[:] = [text]
             print(text, file=out, flush=True)

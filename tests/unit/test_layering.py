@@ -66,7 +66,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str]:
 
     def visit(name: str, path: list[str]) -> list[str]:
         if name in path:
-            return path[path.index(name):] + [name]
+            return [*path[path.index(name):], name]
         if name in done:
             return []
         for imported in sorted(graph.get(name, ())):
