@@ -16,15 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.labvault import LabVault, Reply
+from agent.labvault import Reply
+from tests.fakes.faultyvault import FaultyVault
 from tests.qemu.board import Board, Image, build_image
 
 REPO = Path(__file__).resolve().parents[2]
 TIMINGS = Path(os.environ.get("FACTORY_AGENT_QEMU_TIMINGS", REPO / "build" / "qemu-timings.json"))
 
 
-class HoldingVault(LabVault):
-    """The lab vault, able to hold POST /serial (the vault is "working on it") until released.
+class HoldingVault(FaultyVault):
+    """The lab vault (with its records: ``signed``), able to hold POST /serial (the vault is "working on it") until released.
 
     While ``hold`` is set, a serial request is recorded in ``held`` and its handler thread
     waits; the test cuts the board's power meanwhile. Releasing answers 503 to whatever is still
