@@ -113,12 +113,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     secrecy.no_core_dumps()  # before the api-key is read
     systemd.setup_logging()
-    cfg = _load_config(args)
-    systemd.redact([cfg.vault.api_key])  # defence in depth: it is never logged, and never shown if it were
-    errors.conceal([cfg.vault.api_key])  # nor quoted in an error message, whoever wrote the text
+
+    def load() -> config.Config:  # at start, and again at each Retry()
+        cfg = _load_config(args)
+        systemd.redact([cfg.vault.api_key])  # defence in depth: it is never logged, and never shown if it were
+        errors.conceal([cfg.vault.api_key])  # nor quoted in an error message, whoever wrote the text
+        return cfg
+
+    cfg = load()
     state_dir = resolve_state_dir(args.state_dir, os.environ)
     try:
-        return asyncio.run(daemon.main(cfg, state_dir, once=args.once, bus=args.bus))
+        return asyncio.run(daemon.main(cfg, state_dir, once=args.once, bus=args.bus, reload=load))
     except asyncio.CancelledError:  # SIGTERM/SIGINT: a clean stop
         return 0
 
@@ -145,6 +150,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     from . import status
 
     return asyncio.run(status.run(args.bus, wait=args.wait, timeout=args.timeout, as_json=args.json))
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from . import status
+
+    return asyncio.run(status.retry(args.bus))
 
 
 def cmd_registration_settings(args: argparse.Namespace) -> int:
@@ -182,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS", help="give up waiting after this long (exit 3)")
     p.add_argument("--bus", choices=["system", "session"], default="system")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("retry", help="Retry() on the daemon (root only): read the configuration and secrets again "
+                                     "and start a fresh attempt (exit 0 asked, 1 refused, 69 no daemon)")
+    p.add_argument("--bus", choices=["system", "session"], default="system")
+    p.set_defaults(func=cmd_retry)
 
     p = sub.add_parser("registration-settings",
                        help="snapd mode: the settings the prepare-device hook hands to snapd, one `snapctl set` "

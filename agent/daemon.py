@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -47,18 +48,20 @@ def make_driver(session: Session) -> Driver:
     return StandaloneDriver(session)
 
 
-async def main(cfg: Config, state_dir: Path, *, once: bool, bus: str = "none", publisher: Publisher | None = None) -> int:
+async def main(cfg: Config, state_dir: Path, *, once: bool, bus: str = "none", publisher: Publisher | None = None,
+               reload: Callable[[], Config] | None = None) -> int:
     """Run until registered (``once``) or until SIGTERM/SIGINT; the exit status for the CLI.
 
     The status is published (D-Bus name owned) as soon as the state is
     loaded, before the modules the registration itself needs are imported.
+    ``reload`` reads the configuration and its secrets again, at each Retry().
     """
     loop, me = asyncio.get_running_loop(), asyncio.current_task()
     assert me is not None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, me.cancel)
     publishers = Publishers(publisher or LogPublisher(), systemd.StatusPublisher())
-    driver = make_driver(Session(cfg, store.Store(state_dir), publishers))
+    driver = make_driver(Session(cfg, store.Store(state_dir), publishers, reload=reload))
     await driver.load()
     service = await _publish_on_bus(bus, driver)
     if service is not None:

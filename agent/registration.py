@@ -39,6 +39,7 @@ from .errors import (
     AgentError,
     AssertionFormatError,
     Code,
+    ConfigError,
     DeviceKeyLostError,
     IdentityError,
     RelayBadRequest,
@@ -79,30 +80,38 @@ MAX_NONCE_RETRIES = 3
 TRANSIENT_VAULT_CODES = frozenset({VaultCode.GENERATE_NONCE, VaultCode.LOGGING_ASSERTION, VaultCode.SERVER_ERROR})
 
 ACTIONS: dict[str, str] = {
-    VaultCode.INVALID_API_KEY: "the vault does not accept this api-key: check vault.api-key-file, then Retry",
+    VaultCode.INVALID_API_KEY: "the vault does not accept this api-key: check vault.api-key-file, "
+    "then run: factory-agent retry",
     VaultCode.INVALID_MODEL: "the vault has no active model for this brand, model and api-key: check brand and model, "
-    "and the model's signing key in the vault, then Retry",
-    VaultCode.MISMATCHED_MODEL: "the model assertion does not match brand/model: check model-assertion, then Retry",
-    VaultCode.CREATE_ASSERTION: "the vault found no serial number in the request: check serial.template, then Retry",
-    VaultCode.SIGNING_ASSERTION: "the vault cannot sign with its brand key: ask the vault's operator, then Retry",
+    "and the model's signing key in the vault, then run: factory-agent retry",
+    VaultCode.MISMATCHED_MODEL: "the model assertion does not match brand/model: check model-assertion, "
+    "then run: factory-agent retry",
+    VaultCode.CREATE_ASSERTION: "the vault found no serial number in the request: check serial.template, "
+    "then run: factory-agent retry",
+    VaultCode.SIGNING_ASSERTION: "the vault cannot sign with its brand key: ask the vault's operator, "
+    "then run: factory-agent retry",
     Code.SERIAL_REJECTED: "the vault's serial is not this device's or not signed by a trusted key: "
-    "check vault.trusted-account-keys and the vault's brand and model, then Retry",
-    Code.IDENTITY: "required identity fields are missing: check the board, identity.sources and identity.static, then Retry",
-    VaultCode.TLS_CERTIFICATE: "the vault's TLS certificate is not trusted here: check vault.url and vault.ca-file, then Retry",
+    "check vault.trusted-account-keys and the vault's brand and model, then run: factory-agent retry",
+    Code.IDENTITY: "required identity fields are missing: check the board, identity.sources and identity.static, "
+    "then run: factory-agent retry",
+    VaultCode.TLS_CERTIFICATE: "the vault's TLS certificate is not trusted here: check vault.url and vault.ca-file, "
+    "then run: factory-agent retry",
     Code.CLOCK_SKEW: "the device clock is wrong for the vault's TLS certificate: set the time (NTP or RTC); retrying",
     Code.DEVICE_KEY_LOST: "the state records a device key that is no longer on disk: the device identity is lost; "
     "reflash or clear the state directory",
     Code.DEVICE_KEY: "the device key cannot be generated or stored: check free space in the state directory; retrying",
     Code.UNTRUSTED_FILE: "a file in the state directory is not the agent's own (see LastErrorMessage): move it "
-    "aside or fix its owner and mode, then Retry",
+    "aside or fix its owner and mode, then run: factory-agent retry",
     Code.VAULT_UNAVAILABLE: "cannot reach the vault: check the network and vault.url; retrying",
     # snapd mode: the relay's own refusals (snapd retries on its own schedule, up to 24 h apart)
     Code.RELAY_WRONG_MODEL: "snapd asked for a serial for another brand or model: check brand, model and "
-    "model-assertion against the device's model (snap model), then Retry",
+    "model-assertion against the device's model (snap model), then run: factory-agent retry",
     Code.RELAY_OTHER_DEVICE_KEY: "snapd presented a device key other than the one this agent already serves: "
     "the device's identity changed (snapd state reset?); if intended, clear the agent's state directory and restart it",
+    Code.CONFIG: "the configuration no longer loads (see LastErrorMessage): fix the file and key it names, "
+    "then run: factory-agent retry",
 }
-DEFAULT_REFUSAL_ACTION = "the vault refused the request (see LastErrorMessage): fix the cause, then Retry"
+DEFAULT_REFUSAL_ACTION = "the vault refused the request (see LastErrorMessage): fix the cause, then run: factory-agent retry"
 
 
 class Phase(StrEnum):
@@ -286,7 +295,7 @@ def needs_person(error: AgentError) -> bool:
         return error.error_code not in TRANSIENT_VAULT_CODES and error.error_code != VaultCode.INVALID_NONCE
     if isinstance(error, RelayRefusedError):
         return not isinstance(error, RelayBadRequest)  # garbage is the sender's problem, not the device's
-    return isinstance(error, (SerialRejectedError, IdentityError, DeviceKeyLostError, UntrustedFileError))
+    return isinstance(error, (SerialRejectedError, IdentityError, DeviceKeyLostError, UntrustedFileError, ConfigError))
 
 
 def error_code(error: AgentError) -> str:
@@ -313,8 +322,11 @@ def _jitter(failures: int, rng: Random) -> float:
 
 
 def unblock(p: Progress) -> Progress:
-    """Retry(): a person says the cause is fixed; start the counters afresh."""
-    return replace(p, blocked_by="", failures=0, clock_tries=0, nonce_retries=0)
+    """Retry(), or a restart: a person says the cause is fixed; start the counters afresh.
+
+    The last error goes with the block (its story stays in the history): a fresh attempt shows its own.
+    """
+    return replace(p, blocked_by="", failures=0, clock_tries=0, nonce_retries=0, last_error="", last_error_message="")
 
 
 def reconcile(p: Progress, key_id_on_disk: str | None, serial_on_disk: str | None) -> Progress:

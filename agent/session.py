@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from random import Random
@@ -94,9 +95,11 @@ class LogPublisher:
 class Session:
     """The progress of one device's registration, and everything said about it."""
 
-    def __init__(self, cfg: Config, st: store.Store, publisher: Publisher, rng: Random | None = None) -> None:
+    def __init__(self, cfg: Config, st: store.Store, publisher: Publisher, rng: Random | None = None,
+                 reload: Callable[[], Config] | None = None) -> None:
         self.cfg, self.store, self.publisher = cfg, st, publisher
         self.rng = rng or Random()
+        self._reload = reload  # reads the configuration and its secrets again (Retry()); None: never
         self.progress = Progress()
         self.identity: identity.DeviceIdentity | None = None
         self.activity, self.next_retry = State.STARTING, 0.0  # next_retry: unix time, 0 if none
@@ -116,7 +119,11 @@ class Session:
         if corrupt:
             log.warning("state.json was corrupt; moved aside to %s and rebuilt from the files present", corrupt,
                         extra={"MESSAGE_ID": systemd.MESSAGE_ID_STATE_CORRUPT})
-        return adopt_mode(recorded, self.store, self.cfg.mode)
+        recorded = adopt_mode(recorded, self.store, self.cfg.mode)
+        if recorded.blocked_by:  # a restart is a person's way to say "try again", as Retry() is
+            log.info("blocked by %s before this start: trying again", recorded.blocked_by)
+            recorded = registration.unblock(recorded)
+        return recorded
 
     def serial_on_disk(self, key_id: str | None) -> str | None:
         """The serial of serial.assertion if it is this device's for ``key_id``; None (and a warning) if not."""
@@ -218,13 +225,36 @@ class Session:
         return decision
 
     async def unblock(self) -> None:
-        """Retry() or a new attempt: a person says the cause is fixed; an identity block gathers afresh."""
+        """A new attempt (snapd's): a block ends; an identity block gathers afresh."""
         async with self.lock:
             if not self.progress.blocked_by:
                 return
             if self.progress.blocked_by == Code.IDENTITY:
                 self.identity = None
             await self._commit(registration.unblock(self.progress))
+
+    async def start_over(self) -> bool:
+        """Retry(): the configuration and its secrets read again, the block and the last error dropped, for a
+        fresh attempt. False (and blocked on it) when the configuration no longer loads."""
+        async with self.lock:
+            if self.progress.blocked_by == Code.IDENTITY:
+                self.identity = None
+            await self._commit(registration.unblock(self.progress))
+        if self._reload is None:
+            return True
+        try:
+            cfg = await asyncio.to_thread(self._reload)
+            if cfg.mode != self.cfg.mode:
+                raise ConfigError(f"cannot change mode from {self.cfg.mode} to {cfg.mode} without a restart: "
+                                  f"set mode = \"{self.cfg.mode}\" again, or restart factory-agent")
+        except ConfigError as exc:
+            log.error("cannot read the configuration again: %s", exc)
+            await self.record(exc)
+            return False
+        if cfg != self.cfg:
+            log.info("configuration read again: %s", ", ".join(str(path) for path in cfg.files))
+        self.cfg = cfg
+        return True
 
     async def adopt_identity(self, found: identity.DeviceIdentity, activity: State | None = None) -> None:
         """Hold the gathered identity; its fields are recorded with the progress."""

@@ -71,6 +71,7 @@ class SnapdDriver:
     def __init__(self, session: Session, *, vault: ForwardPort | None = None) -> None:
         self.session = session
         self._vault = vault
+        self._vault_config: VaultConfig | None = None  # what self._vault was made from; None: handed in
         self.kick = asyncio.Event()
         self.relay: relay.Relay | None = None
         self.retry_requested = False
@@ -78,10 +79,15 @@ class SnapdDriver:
 
     @property
     def vault(self) -> ForwardPort:
+        """The vault client, made afresh when Retry() read another vault configuration."""
+        wanted = self.vault_config()
+        if self._vault is not None and self._vault_config not in (None, wanted):
+            self._vault.close()
+            self._vault = None
         if self._vault is None:
             from . import vault
 
-            self._vault = vault.Vault(self.vault_config())
+            self._vault, self._vault_config = vault.Vault(wanted), wanted
         return self._vault
 
     def vault_config(self) -> VaultConfig:
@@ -97,8 +103,7 @@ class SnapdDriver:
         return []
 
     async def load(self) -> None:
-        await asyncio.to_thread(load_state, self.session)
-        self.retry_requested = self.session.progress.blocked_by == Code.IDENTITY  # a restart tries the identity again
+        await asyncio.to_thread(load_state, self.session)  # a block recorded before this start is tried again
 
     def retry(self) -> None:
         self.retry_requested = True
@@ -136,7 +141,7 @@ class SnapdDriver:
             while True:
                 if self.retry_requested:
                     self.retry_requested = False
-                    await session.unblock()
+                    await session.start_over()
                 if session.identity is None and session.progress.blocked_by != Code.IDENTITY:
                     await self._gather_identity()
                 if once and (session.progress.phase is Phase.REGISTERED or session.progress.blocked_by):
@@ -251,8 +256,9 @@ class SnapdDriver:
         return relay.passed_on(answer.status, content_type, answer.body, error)
 
     async def _begin(self, activity: State) -> None:
-        """A new exchange is snapd's retry: it ends a block (but not one on the identity, which is ours)."""
-        if self.session.progress.blocked_by not in ("", Code.IDENTITY):
+        """A new exchange is snapd's retry: it ends a block (but not one on the identity or the configuration:
+        those are ours, and end at Retry())."""
+        if self.session.progress.blocked_by not in ("", Code.IDENTITY, Code.CONFIG):
             await self.session.unblock()
         self.session.set_activity(activity)
 

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import assertions, keys, registration, store
+from .config import VaultConfig
 from .errors import AgentError, DeviceKeyLostError, WrongModeError
 from .registration import Phase, Progress, State, Step
 from .session import Session, import_adapters
@@ -64,7 +65,9 @@ class StandaloneDriver:
                  key_bits: int = keys.DEVICE_KEY_BITS) -> None:
         self.session, self.key_bits = session, key_bits
         self._vault, self._identify = vault, identify
+        self._vault_config: VaultConfig | None = None  # what self._vault was made from; None: handed in
         self.kick = asyncio.Event()
+        self.retry_requested = False
         self.key: keys.DeviceKey | None = None
         self.request_id: tuple[str, float] | None = None  # (id, monotonic time fetched)
         # Background work returns its AgentError instead of raising it, so a
@@ -75,7 +78,8 @@ class StandaloneDriver:
     # --- what D-Bus asks ----------------------------------------------------------
 
     def retry(self) -> None:
-        """Retry(): unblock a refusal, or cut a wait short."""
+        """Retry(): the configuration read again and a fresh attempt, from a block or a wait cut short."""
+        self.retry_requested = True
         self.kick.set()
 
     def registration_settings(self) -> dict[str, str]:
@@ -86,10 +90,15 @@ class StandaloneDriver:
 
     @property
     def vault(self) -> VaultPort:
+        """The vault client, made afresh when Retry() read another vault configuration."""
+        wanted = self.session.cfg.vault
+        if self._vault is not None and self._vault_config not in (None, wanted):
+            self._vault.close()
+            self._vault = None
         if self._vault is None:
             from . import vault
 
-            self._vault = vault.Vault(self.session.cfg.vault)
+            self._vault, self._vault_config = vault.Vault(wanted), wanted
         return self._vault
 
     def close(self) -> None:
@@ -108,6 +117,9 @@ class StandaloneDriver:
         if session.progress.phase is not Phase.REGISTERED:
             await asyncio.to_thread(import_adapters)
         while True:
+            if self.retry_requested:
+                self.retry_requested = False
+                await session.start_over()
             step = registration.next_step(session.progress, self._context())
             if step in (Step.DONE, Step.BLOCKED):
                 session.publish()
@@ -231,8 +243,8 @@ class StandaloneDriver:
             self.kick.clear()
             await self.kick.wait()
             if step is Step.BLOCKED:
-                await self.session.unblock()
                 return True
+            self.retry_requested = False
 
 
 async def _captured(work: Awaitable[T]) -> T | AgentError:

@@ -240,3 +240,39 @@ def _report(props: dict[str, Any], as_json: bool, out: TextIO, waited: bool) -> 
         print(json.dumps(to_json(props), indent=2, sort_keys=True), file=out)
     elif not waited:
         print("\n".join(describe(props, time.time())), file=out)
+
+
+# --- factory-agent retry ----------------------------------------------------------
+
+EXIT_RETRY_REFUSED = 1
+_ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+
+
+async def retry(bus_kind: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """`factory-agent retry`: Retry() on the daemon, which reads its configuration and secrets again and starts
+    a fresh attempt. Exit 0 asked, 1 refused (not root), 69 no daemon or no bus."""
+    try:
+        client = await Client.connect(bus_kind)
+    except BusError as exc:
+        print(f"factory-agent: cannot reach the daemon: {exc}", file=err)
+        return EXIT_UNREACHABLE
+    try:
+        error, body = await call_method(client.bus, dbus_service.BUS_NAME, dbus_service.OBJECT_PATH,
+                                        dbus_service.INTERFACE, "Retry")
+    finally:
+        client.close()
+    if error is None:
+        print("factory-agent: retrying: the daemon reads its configuration and secrets again and starts a fresh "
+              "attempt; follow it with: factory-agent status --wait", file=out)
+        return EXIT_REGISTERED
+    if error.startswith(NO_OWNER):
+        print(f"factory-agent: no factory-agent daemon on the {bus_kind} bus: start it (systemctl start "
+              "factory-agent); a start makes a fresh attempt too", file=err)
+        return EXIT_UNREACHABLE
+    text = str(body[0]) if body else ""
+    if error == _ACCESS_DENIED:
+        print(f"factory-agent: Retry() is for root only ({text or 'access denied'}): run: sudo factory-agent retry",
+              file=err)
+        return EXIT_RETRY_REFUSED
+    print(f"factory-agent: the daemon refused Retry(): {error}: {text}", file=err)
+    return EXIT_RETRY_REFUSED

@@ -105,15 +105,15 @@ from tests.faults.harness import (
 SOC_SERIAL = "00000000fa017001"
 SERIAL = f"ACME-{SOC_SERIAL}"
 FAST = "connect-timeout = 2\ntimeout = 5"  # [vault] lines of every config: loopback answers in milliseconds
-DEFAULT_ACTION = "the vault refused the request (see LastErrorMessage): fix the cause, then Retry"
+DEFAULT_ACTION = "the vault refused the request (see LastErrorMessage): fix the cause, then run: factory-agent retry"
 RETRYING = "retrying"
-SERIAL_REJECTED_ACTION = "check vault.trusted-account-keys and the vault's brand and model, then Retry"
+SERIAL_REJECTED_ACTION = "check vault.trusted-account-keys and the vault's brand and model, then run: factory-agent retry"
 ACTION = {
-    "invalid-api-key": "check vault.api-key-file, then Retry",
-    "mismatched-model": "check model-assertion, then Retry",
-    "invalid-model": "check brand and model, and the model's signing key in the vault, then Retry",
-    "create-assertion": "check serial.template, then Retry",
-    "signing-assertion": "ask the vault's operator, then Retry",
+    "invalid-api-key": "check vault.api-key-file, then run: factory-agent retry",
+    "mismatched-model": "check model-assertion, then run: factory-agent retry",
+    "invalid-model": "check brand and model, and the model's signing key in the vault, then run: factory-agent retry",
+    "create-assertion": "check serial.template, then run: factory-agent retry",
+    "signing-assertion": "ask the vault's operator, then run: factory-agent retry",
 }
 
 
@@ -895,7 +895,7 @@ def test_an_untrusted_certificate_blocks(tmp_path, lab_dir, state, spawn, case) 
         rc = daemon.wait_exit()
     finally:
         vault.stop()
-    assert_blocked(daemon, rc, state, lab_dir, "tls-certificate", "check vault.url and vault.ca-file, then Retry",
+    assert_blocked(daemon, rc, state, lab_dir, "tls-certificate", "check vault.url and vault.ca-file, then run: factory-agent retry",
                    f"{url}request-id: ")
     message = daemon.states()[-1].message
     if case == "another-host":  # urllib3 1.26 checks the name itself; urllib3 2 lets OpenSSL do it
