@@ -22,15 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from random import Random
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from . import __version__, assertions, registration, serials, store, systemd
-from .config import Config
+from .config import Config, VaultConfig
 from .errors import AgentError, Code, ConfigError, NotRegisteredError, SerialRejectedError
 from .registration import Decision, Mode, Outcome, Phase, Progress, State
 
 if TYPE_CHECKING:  # imported when first needed: the status is published before they load
-    from . import identity
+    from . import identity, vault
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +296,41 @@ class Session:
 
     def publish(self) -> None:
         self.publisher.publish(self.status())
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+P = TypeVar("P", bound=Closable)
+
+
+class VaultClient(Generic[P]):
+    """A driver's vault client: made on first use, and made afresh when Retry() read another vault
+    configuration; one handed in (a test's fake) is kept whatever the configuration."""
+
+    def __init__(self, given: P | None, make: Callable[[VaultConfig], P]) -> None:
+        self._client, self._fixed, self._make = given, given is not None, make
+        self._made_from: VaultConfig | None = None
+
+    def get(self, wanted: VaultConfig) -> P:
+        if self._client is not None and not self._fixed and self._made_from != wanted:
+            self._client.close()
+            self._client = None
+        if self._client is None:
+            self._client, self._made_from = self._make(wanted), wanted
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def new_vault(cfg: VaultConfig) -> vault.Vault:
+    """The real vault client (requests), imported when first needed."""
+    from . import vault
+
+    return vault.Vault(cfg)
 
 
 def adopt_mode(p: Progress, st: store.Store, mode: Mode) -> Progress:

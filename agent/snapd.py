@@ -33,7 +33,7 @@ from . import registration, relay, serials
 from .config import VaultConfig
 from .errors import AgentError, Code, IdentityError, NotReadyError, RelayRefusedError, VaultError
 from .registration import Phase, Progress, State
-from .session import Session, import_adapters
+from .session import Session, VaultClient, import_adapters, new_vault
 
 if TYPE_CHECKING:
     from .vault import Exchange
@@ -70,8 +70,7 @@ class SnapdDriver:
 
     def __init__(self, session: Session, *, vault: ForwardPort | None = None) -> None:
         self.session = session
-        self._vault = vault
-        self._vault_config: VaultConfig | None = None  # what self._vault was made from; None: handed in
+        self._vault: VaultClient[ForwardPort] = VaultClient(vault, new_vault)
         self.kick = asyncio.Event()
         self.relay: relay.Relay | None = None
         self.retry_requested = False
@@ -79,16 +78,7 @@ class SnapdDriver:
 
     @property
     def vault(self) -> ForwardPort:
-        """The vault client, made afresh when Retry() read another vault configuration."""
-        wanted = self.vault_config()
-        if self._vault is not None and self._vault_config not in (None, wanted):
-            self._vault.close()
-            self._vault = None
-        if self._vault is None:
-            from . import vault
-
-            self._vault, self._vault_config = vault.Vault(wanted), wanted
-        return self._vault
+        return self._vault.get(self.vault_config())
 
     def vault_config(self) -> VaultConfig:
         """The vault client's settings, its timeout within snapd's 30 s for one exchange."""
@@ -96,8 +86,7 @@ class SnapdDriver:
         return replace(cfg, timeout=min(cfg.timeout, RELAY_VAULT_TIMEOUT))
 
     def close(self) -> None:
-        if self._vault is not None:
-            self._vault.close()
+        self._vault.close()
 
     def background(self) -> list[asyncio.Task[Any]]:
         return []

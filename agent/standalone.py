@@ -20,10 +20,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import assertions, keys, registration, store
-from .config import VaultConfig
 from .errors import AgentError, DeviceKeyLostError, WrongModeError
 from .registration import Phase, Progress, State, Step
-from .session import Session, import_adapters
+from .session import Session, VaultClient, import_adapters, new_vault
 
 if TYPE_CHECKING:
     from . import identity, vault
@@ -64,8 +63,8 @@ class StandaloneDriver:
     def __init__(self, session: Session, *, vault: VaultPort | None = None, identify: Identify | None = None,
                  key_bits: int = keys.DEVICE_KEY_BITS) -> None:
         self.session, self.key_bits = session, key_bits
-        self._vault, self._identify = vault, identify
-        self._vault_config: VaultConfig | None = None  # what self._vault was made from; None: handed in
+        self._vault: VaultClient[VaultPort] = VaultClient(vault, new_vault)
+        self._identify = identify
         self.kick = asyncio.Event()
         self.retry_requested = False
         self.key: keys.DeviceKey | None = None
@@ -90,20 +89,10 @@ class StandaloneDriver:
 
     @property
     def vault(self) -> VaultPort:
-        """The vault client, made afresh when Retry() read another vault configuration."""
-        wanted = self.session.cfg.vault
-        if self._vault is not None and self._vault_config not in (None, wanted):
-            self._vault.close()
-            self._vault = None
-        if self._vault is None:
-            from . import vault
-
-            self._vault, self._vault_config = vault.Vault(wanted), wanted
-        return self._vault
+        return self._vault.get(self.session.cfg.vault)
 
     def close(self) -> None:
-        if self._vault is not None:
-            self._vault.close()
+        self._vault.close()
 
     def background(self) -> list[asyncio.Task[Any]]:
         return [task for task in (self.key_task, self.identity_task) if task is not None]

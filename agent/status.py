@@ -158,12 +158,19 @@ class Client:
         self.bus.disconnect()
 
 
-async def run(bus_kind: str, *, wait: bool, timeout: float, as_json: bool, out: TextIO = sys.stdout,
-              err: TextIO = sys.stderr) -> int:
+async def _connect(bus_kind: str, err: TextIO) -> Client | None:
+    """A client on ``bus_kind``; None (and why, on ``err``) when the bus cannot be reached."""
     try:
-        client = await Client.connect(bus_kind)
+        return await Client.connect(bus_kind)
     except BusError as exc:
         print(f"factory-agent: cannot reach the daemon: {exc}", file=err)
+        return None
+
+
+async def run(bus_kind: str, *, wait: bool, timeout: float, as_json: bool, out: TextIO = sys.stdout,
+              err: TextIO = sys.stderr) -> int:
+    client = await _connect(bus_kind, err)
+    if client is None:
         return EXIT_UNREACHABLE
     try:
         deadline = time.time() + timeout if timeout > 0 else float("inf")
@@ -251,10 +258,8 @@ _ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 async def retry(bus_kind: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """`factory-agent retry`: Retry() on the daemon, which reads its configuration and secrets again and starts
     a fresh attempt. Exit 0 asked, 1 refused (not root), 69 no daemon or no bus."""
-    try:
-        client = await Client.connect(bus_kind)
-    except BusError as exc:
-        print(f"factory-agent: cannot reach the daemon: {exc}", file=err)
+    client = await _connect(bus_kind, err)
+    if client is None:
         return EXIT_UNREACHABLE
     try:
         error, body = await call_method(client.bus, dbus_service.BUS_NAME, dbus_service.OBJECT_PATH,

@@ -107,8 +107,9 @@ def test_snapd_mode_reuses_the_standalone_vault_client_and_reconcile() -> None:
     """One vault client (snapd mode only shortens the timeout), one serial-adoption rule."""
     import inspect
 
-    from agent import registration, snapd, standalone
+    from agent import registration, session, snapd, standalone
 
     for driver in (standalone.StandaloneDriver, snapd.SnapdDriver):
-        assert "vault.Vault(" in inspect.getsource(driver)
+        assert "VaultClient(vault, new_vault)" in inspect.getsource(driver)
+    assert "vault.Vault(cfg)" in inspect.getsource(session.new_vault)
     assert "reconcile_snapd(" in inspect.getsource(registration.reconcile)
