@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from . import __version__, assertions, errors, keys, openpgp, secrecy, store
@@ -22,6 +23,7 @@ from .errors import AgentError, AssertionFormatError, ConfigError, UntrustedFile
 if TYPE_CHECKING:
     from . import config
 
+EX_UNAVAILABLE = 69  # no D-Bus library, no bus, no daemon (as status says it)
 EX_SOFTWARE = 70
 EX_CONFIG = 78
 DEFAULT_STATE_DIR = "/var/lib/factory-agent"
@@ -144,23 +146,38 @@ def cmd_identity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bus_client() -> ModuleType | None:
+    """agent.status, or None (and why, on stderr) when no D-Bus library can be used: exit 69 then."""
+    try:
+        from . import status
+    except errors.BusError as exc:
+        print(f"factory-agent: cannot reach the daemon: {exc}", file=sys.stderr)
+        return None
+    return status
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import asyncio
 
-    from . import status
-
-    return asyncio.run(status.run(args.bus, wait=args.wait, timeout=args.timeout, as_json=args.json))
+    status = _bus_client()
+    if status is None:
+        return EX_UNAVAILABLE
+    return int(asyncio.run(status.run(args.bus, wait=args.wait, timeout=args.timeout, as_json=args.json,
+                                      follow=args.follow)))
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
     import asyncio
 
-    from . import status
-
-    return asyncio.run(status.retry(args.bus))
+    status = _bus_client()
+    if status is None:
+        return EX_UNAVAILABLE
+    return int(asyncio.run(status.retry(args.bus)))
 
 
 def cmd_registration_settings(args: argparse.Namespace) -> int:
+    if _bus_client() is None:
+        return EX_UNAVAILABLE
     from . import settings
 
     return settings.run(args.bus, args.timeout, args.json)
@@ -192,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "3 --wait timed out, 69 no daemon)")
     p.add_argument("--json", action="store_true", help="a stable JSON document (schema 1)")
     p.add_argument("--wait", action="store_true", help="follow the daemon until registered or blocked")
+    p.add_argument("--follow", action="store_true",
+                   help="one line per change (with --json: one JSON object per line) until --timeout or the daemon "
+                        "leaves")
     p.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS", help="give up waiting after this long (exit 3)")
     p.add_argument("--bus", choices=["system", "session"], default="system")
     p.set_defaults(func=cmd_status)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -167,29 +168,78 @@ async def _connect(bus_kind: str, err: TextIO) -> Client | None:
         return None
 
 
-async def run(bus_kind: str, *, wait: bool, timeout: float, as_json: bool, out: TextIO = sys.stdout,
-              err: TextIO = sys.stderr) -> int:
+async def run(bus_kind: str, *, wait: bool, timeout: float, as_json: bool, follow: bool = False,
+              out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """One report; with ``wait`` until registered or blocked, with ``follow`` one line (or, with ``as_json``,
+    one JSON object) per change until ``timeout`` or the daemon leaves. stdout carries only the report: what
+    --wait shows meanwhile goes to stderr under --json. A reader that goes away (| head) ends it quietly,
+    with the exit status of the state last read."""
     client = await _connect(bus_kind, err)
     if client is None:
         return EXIT_UNREACHABLE
     try:
         deadline = time.time() + timeout if timeout > 0 else float("inf")
-        if wait:
+        if wait or follow:
             await client.follow()
         try:
-            props = await _first_read(client, wait, deadline)
+            props = await _first_read(client, wait or follow, deadline, bus_kind, err)
         except BusError as exc:
             print(f"factory-agent: cannot reach the daemon on the {bus_kind} bus: {exc}", file=err)
             return EXIT_UNREACHABLE
-        code = await _wait(client, deadline, out) if wait else exit_code(props)
-        _report(client.props, as_json, out, wait)
+        code = exit_code(props)
+        try:
+            if follow:
+                return await _follow(client, deadline, as_json, out)
+            if wait:
+                code = await _wait(client, deadline, err if as_json else out)
+            _report(client.props, as_json, out, wait)
+        except BrokenPipeError:
+            _quiet(out)
+            return exit_code(client.props) if wait or follow else code
         return code
     finally:
         client.close()
 
 
-async def _first_read(client: Client, wait: bool, deadline: float) -> dict[str, Any]:
-    """GetAll; with --wait, a daemon that is not there yet is waited for (it may still be starting)."""
+def _quiet(stream: TextIO) -> None:
+    """The reader of ``stream`` went away: nothing more is written, not even at the interpreter's exit."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
+async def _follow(client: Client, deadline: float, as_json: bool, out: TextIO) -> int:
+    """One line, or one JSON object (NDJSON), per change; ends at ``deadline`` or when the daemon leaves."""
+    def show() -> None:
+        text = json.dumps(to_json(client.props), sort_keys=True) if as_json else _plain_text(client.props)
+        print(text, file=out, flush=True)
+
+    show()
+    while True:
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            return exit_code(client.props)
+        client.changed.clear()
+        client.owner_changed.clear()
+        changed, gone = asyncio.ensure_future(client.changed.wait()), asyncio.ensure_future(client.owner_changed.wait())
+        done, pending = await asyncio.wait({changed, gone}, timeout=min(remaining, 3600.0),
+                                           return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if changed in done:
+            show()
+        if gone in done:
+            try:
+                await client.read_all()
+            except BusError:
+                return exit_code(client.props)  # the daemon left the bus: the state it last had
+
+
+async def _first_read(client: Client, wait: bool, deadline: float, bus_kind: str, err: TextIO) -> dict[str, Any]:
+    """GetAll; with --wait, a daemon that is not there yet is waited for (it may still be starting), and
+    stderr says so once."""
+    told = False
     while True:
         try:
             return await client.read_all()
@@ -197,6 +247,10 @@ async def _first_read(client: Client, wait: bool, deadline: float) -> dict[str, 
             remaining = deadline - time.time()
             if not wait or not str(exc).startswith(NO_OWNER) or remaining <= 0:
                 raise
+        if not told:
+            told = True
+            print(f"factory-agent: waiting for the daemon to appear on the {bus_kind} bus "
+                  "(is it started? systemctl status factory-agent)", file=err, flush=True)
         client.owner_changed.clear()
         with contextlib.suppress(TimeoutError):  # the signal, or a look every second in case it was missed
             await asyncio.wait_for(client.owner_changed.wait(), min(remaining, 1.0))
@@ -229,12 +283,16 @@ def _live(client: Client, started: float, out: TextIO) -> Callable[[bool], None]
     return show
 
 
+def _plain_text(props: dict[str, Any]) -> str:
+    line = live_line(props, time.time(), time.time()).split(" | ", 2)
+    return " | ".join([line[0], *line[2:]])  # no elapsed counter: a line per change, not per tick
+
+
 def _plain(client: Client, out: TextIO) -> Callable[[bool], None]:
     last: list[str] = []
 
     def show(changed: bool) -> None:
-        line = live_line(client.props, time.time(), time.time()).split(" | ", 2)
-        text = " | ".join([line[0], *line[2:]])  # no elapsed counter: a line per change, not per tick
+        text = _plain_text(client.props)
         if changed and last != [text]:
             last[:] = [text]
             print(text, file=out, flush=True)
