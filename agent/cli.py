@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 EX_UNAVAILABLE = 69  # no D-Bus library, no bus, no daemon (as status says it)
 EX_SOFTWARE = 70
 EX_CONFIG = 78
-DEFAULT_STATE_DIR = "/var/lib/factory-agent"
+DEFAULT_STATE_DIR = "/var/lib/factory-agent"  # the unit's StateDirectory= (absent.DEFAULT_STATE_DIR)
 
 
 def resolve_state_dir(arg: str | None, environ: os._Environ[str] | dict[str, str]) -> Path:
@@ -163,7 +163,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status is None:
         return EX_UNAVAILABLE
     return int(asyncio.run(status.run(args.bus, wait=args.wait, timeout=args.timeout, as_json=args.json,
-                                      follow=args.follow)))
+                                      follow=args.follow, state_dir=resolve_state_dir(args.state_dir, os.environ),
+                                      config_files=[Path(f) for f in args.config] or None)))
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -213,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one line per change (with --json: one JSON object per line) until --timeout or the daemon "
                         "leaves")
     p.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS", help="give up waiting after this long (exit 3)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="with no daemon, the state directory whose state.json is reported (default "
+                        "/var/lib/factory-agent)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="with no daemon, the configuration checked for the error that stops it (repeatable; default "
+                        "the daemon's)")
     p.add_argument("--bus", choices=["system", "session"], default="system")
     p.set_defaults(func=cmd_status)
 

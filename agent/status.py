@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 from . import dbus_service
@@ -169,14 +170,15 @@ async def _connect(bus_kind: str, err: TextIO) -> Client | None:
 
 
 async def run(bus_kind: str, *, wait: bool, timeout: float, as_json: bool, follow: bool = False,
-              out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+              state_dir: Path | None = None, config_files: list[Path] | None = None, out: TextIO = sys.stdout,
+              err: TextIO = sys.stderr) -> int:
     """One report; with ``wait`` until registered or blocked, with ``follow`` one line (or, with ``as_json``,
     one JSON object) per change until ``timeout`` or the daemon leaves. stdout carries only the report: what
     --wait shows meanwhile goes to stderr under --json. A reader that goes away (| head) ends it quietly,
-    with the exit status of the state last read."""
+    with the exit status of the state last read. No daemon: what can be told without it (absent.py)."""
     client = await _connect(bus_kind, err)
     if client is None:
-        return EXIT_UNREACHABLE
+        return _absent(bus_kind, state_dir, config_files, as_json, out, err)
     try:
         deadline = time.time() + timeout if timeout > 0 else float("inf")
         if wait or follow:
@@ -184,6 +186,8 @@ async def run(bus_kind: str, *, wait: bool, timeout: float, as_json: bool, follo
         try:
             props = await _first_read(client, wait or follow, deadline, bus_kind, err)
         except BusError as exc:
+            if str(exc).startswith(NO_OWNER):
+                return _absent(bus_kind, state_dir, config_files, as_json, out, err)
             print(f"factory-agent: cannot reach the daemon on the {bus_kind} bus: {exc}", file=err)
             return EXIT_UNREACHABLE
         code = exit_code(props)
@@ -199,6 +203,23 @@ async def run(bus_kind: str, *, wait: bool, timeout: float, as_json: bool, follo
         return code
     finally:
         client.close()
+
+
+def _absent(bus_kind: str, state_dir: Path | None, config_files: list[Path] | None, as_json: bool, out: TextIO,
+            err: TextIO) -> int:
+    """No daemon: why, what state.json records, what to run next; one JSON document with --json. Exit 69."""
+    from . import absent
+
+    told = absent.explain(state_dir or absent.DEFAULT_STATE_DIR, bus_kind, config_files)
+    print(f"factory-agent: cannot reach the daemon: no factory-agent on the {bus_kind} bus", file=err)
+    try:
+        if as_json:
+            print(json.dumps({"schema": JSON_SCHEMA, **told.to_json()}, indent=2, sort_keys=True), file=out)
+        else:
+            print("\n".join(told.lines()), file=out)
+    except BrokenPipeError:
+        _quiet(out)
+    return EXIT_UNREACHABLE
 
 
 def _quiet(stream: TextIO) -> None:
