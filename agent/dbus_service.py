@@ -44,6 +44,10 @@ PROPERTIES: dict[str, tuple[str, str]] = {
     "NextRetry": ("t", "next_retry"),
     "Identity": ("a{ss}", "identity"),
     "Version": ("s", "version"),
+    "StateSince": ("t", "state_since"),
+    "StartedAt": ("t", "started_at"),
+    "LastAttemptAt": ("t", "last_attempt_at"),
+    "RegisteredAt": ("t", "registered_at"),
 }
 # Back-pressure (issue 11): reply bytes that may wait in our queue to dbus-daemon. A real client
 # waits for one reply at a time (Introspect and the serial, the largest, are a few KiB).
@@ -192,6 +196,26 @@ class Agent1(_service.ServiceInterface):  # type: ignore[name-defined]
     @_signature("s")
     def Version(self) -> str:
         return self._value("Version")  # type: ignore[no-any-return]
+
+    @_service.dbus_property(access=_service.PropertyAccess.READ)
+    @_signature("t")
+    def StateSince(self) -> int:
+        return self._value("StateSince")  # type: ignore[no-any-return]
+
+    @_service.dbus_property(access=_service.PropertyAccess.READ)
+    @_signature("t")
+    def StartedAt(self) -> int:
+        return self._value("StartedAt")  # type: ignore[no-any-return]
+
+    @_service.dbus_property(access=_service.PropertyAccess.READ)
+    @_signature("t")
+    def LastAttemptAt(self) -> int:
+        return self._value("LastAttemptAt")  # type: ignore[no-any-return]
+
+    @_service.dbus_property(access=_service.PropertyAccess.READ)
+    @_signature("t")
+    def RegisteredAt(self) -> int:
+        return self._value("RegisteredAt")  # type: ignore[no-any-return]
 
 
 class _AnsweredErrors(logging.Filter):

@@ -173,6 +173,8 @@ class Progress:
     last_error: str = ""
     last_error_message: str = ""
     mode: Mode = Mode.STANDALONE  # whose key this state is about
+    last_attempt_at: int = 0  # unix microseconds of the last exchange with the vault (the caller's clock)
+    registered_at: int = 0  # unix microseconds of the registration
 
     @property
     def action(self) -> str:

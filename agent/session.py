@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from . import __version__, assertions, registration, serials, store, systemd
 from .config import Config, VaultConfig
-from .errors import AgentError, Code, ConfigError, NotRegisteredError, SerialRejectedError
+from .errors import (
+    AgentError,
+    AssertionFormatError,
+    Code,
+    ConfigError,
+    NotRegisteredError,
+    SerialRejectedError,
+    VaultError,
+)
 from .registration import Decision, Mode, Outcome, Phase, Progress, State
 
 if TYPE_CHECKING:  # imported when first needed: the status is published before they load
@@ -51,6 +59,10 @@ class Status:
     next_retry: int  # unix microseconds, 0 if none
     identity: dict[str, str] = field(default_factory=dict)
     version: str = __version__
+    state_since: int = 0  # unix microseconds: since when ``state`` has this value
+    started_at: int = 0  # unix microseconds: this daemon's start
+    last_attempt_at: int = 0  # unix microseconds: the last exchange with the vault, 0 if none
+    registered_at: int = 0  # unix microseconds: the registration, 0 if not registered
 
 
 class Publisher(Protocol):
@@ -107,6 +119,8 @@ class Session:
         self.verified_serial: bytes | None = None  # what GetSerialAssertion serves: checked by this process
         self._serial_stat: tuple[int, int, int, int] | None = None  # serial.assertion when it was last seen
         self._serial_note = ""  # set when the vault signed another serial than the one proposed
+        self.started_at = now_us()
+        self._shown: tuple[State, int] = (State.STARTING, self.started_at)  # the State published, and since when
 
     # --- loading (blocking: called in a thread) ---------------------------------
 
@@ -212,7 +226,7 @@ class Session:
             log.error("rejected the vault's serial: %s", outcome)
         async with self.lock:
             decision = registration.apply(self.progress, outcome, self.rng)
-            progress = self.with_identity(decision.progress)
+            progress = self.with_identity(_stamped(decision.progress, outcome))
             if isinstance(outcome, registration.Registered) and self._serial_note:
                 log.warning("%s", self._serial_note)
                 progress = replace(progress, last_error=Code.SERIAL_NOT_PROPOSED, last_error_message=self._serial_note)
@@ -284,14 +298,20 @@ class Session:
 
     def status(self) -> Status:
         p = self.progress
+        state = registration.display_state(p, self.activity)
+        if state != self._shown[0]:  # registered: since the registration, whenever this daemon started
+            since = p.registered_at if state is State.REGISTERED and p.registered_at else now_us()
+            self._shown = (state, since)
         return Status(
-            state=registration.display_state(p, self.activity),
+            state=state,
             serial=p.serial if p.phase is Phase.REGISTERED else "",
             brand=self.cfg.brand, model=self.cfg.model,
             device_key_id=p.key_id, attempts=p.attempts,
             last_error=p.last_error, last_error_message=p.last_error_message, action=p.action,
             next_retry=int(self.next_retry * 1_000_000),
             identity=self.identity.fields(self.cfg.identity.allow_weak) if self.identity else dict(p.identity),
+            state_since=self._shown[1], started_at=self.started_at, last_attempt_at=p.last_attempt_at,
+            registered_at=p.registered_at,
         )
 
     def publish(self) -> None:
@@ -331,6 +351,21 @@ def new_vault(cfg: VaultConfig) -> vault.Vault:
     from . import vault
 
     return vault.Vault(cfg)
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _stamped(p: Progress, outcome: Outcome) -> Progress:
+    """``p`` with the time of an exchange with the vault (LastAttemptAt) and of the registration (RegisteredAt)."""
+    exchanged = isinstance(outcome, registration.GotRequestId | registration.Accepted | registration.Registered
+                           | VaultError | AssertionFormatError | SerialRejectedError)
+    if not exchanged:
+        return p
+    now = now_us()
+    registered = now if isinstance(outcome, registration.Registered) else p.registered_at
+    return replace(p, last_attempt_at=now, registered_at=registered)
 
 
 def adopt_mode(p: Progress, st: store.Store, mode: Mode) -> Progress:

@@ -32,6 +32,8 @@ JSON_KEYS = {
     "State": "state", "Serial": "serial", "Brand": "brand", "Model": "model", "DeviceKeyId": "device-key-id",
     "Attempts": "attempts", "LastError": "last-error", "LastErrorMessage": "last-error-message",
     "Action": "action", "NextRetry": "next-retry", "Identity": "identity", "Version": "version",
+    "StateSince": "state-since", "StartedAt": "started-at", "LastAttemptAt": "last-attempt-at",
+    "RegisteredAt": "registered-at",
 }
 _PROPS = "org.freedesktop.DBus.Properties"
 _MATCH = (f"type='signal',sender='{dbus_service.BUS_NAME}',path='{dbus_service.OBJECT_PATH}',"

@@ -473,5 +473,7 @@ def test_agent_never_involves_a_shell() -> None:
                 command = call.args[0] if call.args else None
                 assert isinstance(command, (ast.List, ast.Tuple, ast.Starred, ast.Name)), f"{where}: command is not a list"
                 spawners.setdefault(path.stem, []).append(f"{name}:{call.lineno}")
-    # the one place that starts a program (the keygen interpreter); a new one needs a look, then a line here
-    assert set(spawners) == {"keys"}, spawners
+    # the places that start a program, each looked at: keys (the keygen interpreter, the daemon's one child) and
+    # absent (`status` with no daemon asks systemctl and journalctl: the CLI only, never the daemon, argv
+    # lists with a fixed environment); a new one needs a look, then a line here
+    assert set(spawners) == {"keys", "absent"}, spawners

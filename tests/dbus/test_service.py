@@ -13,7 +13,7 @@ from tests.fakes.faultyvault import FaultyVault, Forced
 
 GOLDEN = DATA / "dbus" / "io.factoryagent.Agent1.xml"
 PROPERTIES = ["State", "Serial", "Brand", "Model", "DeviceKeyId", "Attempts", "LastError", "LastErrorMessage",
-              "Action", "NextRetry", "Identity", "Version"]
+              "Action", "NextRetry", "Identity", "Version", "StateSince", "StartedAt", "LastAttemptAt", "RegisteredAt"]
 
 
 def test_busctl_reads_a_registered_daemon(tmp_path: Path, bus_address: str, backend: str, lab: FaultyVault) -> None:

@@ -38,7 +38,9 @@ def test_registered_is_0_and_json_is_stable(tmp_path: Path, bus_address: str, ba
         data = json.loads(done.stdout)
         assert done.returncode == 0 and data["schema"] == 1 and data["state"] == "registered"
         assert set(data) == {"schema", "state", "serial", "brand", "model", "device-key-id", "attempts", "last-error",
-                             "last-error-message", "action", "next-retry", "identity", "version"}
+                             "last-error-message", "action", "next-retry", "identity", "version", "state-since",
+                             "started-at", "last-attempt-at", "registered-at"}
+        assert 0 < data["started-at"] <= data["last-attempt-at"] <= data["registered-at"] <= data["state-since"]
         assert data["serial"] == "DBUS-0000000000dbus01" and data["identity"] == {"soc_serial": "0000000000dbus01"}
         human = status(bus_address)
         assert human.returncode == 0 and "State: registered" in human.stdout and "Serial: DBUS-0000000000dbus01" in human.stdout

@@ -134,6 +134,25 @@ def test_standalone_first_boot_generates_a_key_and_stores_the_verified_serial(tm
     served = driver.session.serial_assertion()
     assert served.encode() == on_disk.read_serial() == vault.signed[-1].encode()
     assert recorder.statuses[-1].identity == {"soc_serial": SOC_SERIAL}
+    last = recorder.statuses[-1]
+    assert 0 < last.started_at <= last.last_attempt_at <= last.registered_at == last.state_since == progress.registered_at
+    assert last.registered_at == last.last_attempt_at  # the serial exchange was the last one
+    assert recorder.statuses[0].state_since == last.started_at  # starting, since the start
+    for before, after in zip(recorder.statuses, recorder.statuses[1:], strict=False):  # moves when State moves
+        assert (after.state_since > before.state_since) if after.state != before.state else (
+            after.state_since == before.state_since), (before, after)
+
+
+def test_standalone_times_survive_a_restart(tmp_path: Path, vault: FaultyVault) -> None:
+    cfg = standalone_config(tmp_path, vault)
+    seed_key(tmp_path / "state")
+    first, _ = new_standalone(tmp_path, cfg)
+    registered = asyncio.run(run_once(first))
+    again, recorder = new_standalone(tmp_path, cfg)
+    asyncio.run(run_once(again))
+    shown = recorder.statuses[-1]
+    assert (shown.registered_at, shown.last_attempt_at) == (registered.registered_at, registered.last_attempt_at)
+    assert shown.started_at > registered.registered_at and shown.state_since == registered.registered_at
 
 
 def test_standalone_identity_block_ends_at_retry_and_gathers_afresh(tmp_path: Path, vault: FaultyVault) -> None:
