@@ -22,7 +22,6 @@ from . import store
 from .errors import StoreError
 
 UNIT = "factory-agent.service"
-DEFAULT_STATE_DIR = Path("/var/lib/factory-agent")  # StateDirectory=factory-agent
 DISABLED_FILE = Path("/etc/factory-agent/disabled")
 DISABLED_ARGUMENT = "factory-agent=disabled"
 _QUERY_TIMEOUT = 5.0

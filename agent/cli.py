@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 EX_UNAVAILABLE = 69  # no D-Bus library, no bus, no daemon (as status says it)
 EX_SOFTWARE = 70
 EX_CONFIG = 78
-DEFAULT_STATE_DIR = "/var/lib/factory-agent"  # the unit's StateDirectory= (absent.DEFAULT_STATE_DIR)
 
 
 def resolve_state_dir(arg: str | None, environ: os._Environ[str] | dict[str, str]) -> Path:
@@ -34,7 +33,7 @@ def resolve_state_dir(arg: str | None, environ: os._Environ[str] | dict[str, str
     if arg:
         return Path(arg)
     from_systemd = environ.get("STATE_DIRECTORY", "").split(":")[0]
-    return Path(from_systemd or DEFAULT_STATE_DIR)
+    return Path(from_systemd) if from_systemd else store.DEFAULT_DIR
 
 
 def _read(path: str, what: str) -> bytes:

@@ -210,9 +210,9 @@ async def run(bus_kind: str, *, wait: bool, timeout: float, as_json: bool, follo
 def _absent(bus_kind: str, state_dir: Path | None, config_files: list[Path] | None, as_json: bool, out: TextIO,
             err: TextIO) -> int:
     """No daemon: why, what state.json records, what to run next; one JSON document with --json. Exit 69."""
-    from . import absent
+    from . import absent, store
 
-    told = absent.explain(state_dir or absent.DEFAULT_STATE_DIR, bus_kind, config_files)
+    told = absent.explain(state_dir or store.DEFAULT_DIR, bus_kind, config_files)
     print(f"factory-agent: cannot reach the daemon: no factory-agent on the {bus_kind} bus", file=err)
     try:
         if as_json:

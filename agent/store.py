@@ -243,6 +243,7 @@ def _why_not_writable(directory: Path) -> int:
     return errno.EACCES
 
 
+DEFAULT_DIR = Path("/var/lib/factory-agent")  # the unit's StateDirectory=factory-agent
 STATE_FILE = "state.json"
 SERIAL_FILE = "serial.assertion"
 SCHEMA = 1
