@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ class Absence:
         return {"daemon": "absent", "reason": self.reason, "next": self.next, "kill-switch": self.kill_switch,
                 "unit": self.unit, "recorded": self.recorded}
 
-    def lines(self) -> list[str]:
+    def lines(self, long: bool = False) -> list[str]:
+        """The report; ``long`` adds the history state.json records."""
         out = ["Daemon: not running", f"Why: {self.reason}"]
         if self.kill_switch:
             out.append(f"Kill switch: {self.kill_switch}")
@@ -56,6 +58,8 @@ class Absence:
         if self.recorded:
             out.append(f"Recorded: {describe_recorded(self.recorded)}")
         out.append(f"Next: {self.next}")
+        if long:
+            out += history_lines(self.recorded.get("history", []))
         return out
 
 
@@ -96,6 +100,24 @@ def _query(argv: list[str]) -> str:
     return done.stdout if done.returncode == 0 else ""
 
 
+def history_lines(events: list[dict[str, Any]]) -> list[str]:
+    """The step history as ``status --long`` shows it, one line per step (as ``snap tasks`` does), local time."""
+    if not events:
+        return ["History: none recorded"]
+    out = ["History:", f"  {'Time':<19}  {'Step':<17}  Detail"]
+    for e in events:
+        step, detail = e["step"], e["detail"]
+        if e.get("count", 1) > 1:
+            step += f" x{e['count']}"
+            detail += f" (last at {_local(e['last-at'], date=False)})"
+        out.append(f"  {_local(e['at'])}  {step:<17}  {detail}")
+    return out
+
+
+def _local(at_us: int, date: bool = True) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S", time.localtime(at_us / 1_000_000))
+
+
 def recorded_state(state_dir: Path) -> dict[str, Any]:
     """What state.json records, the fields a technician needs; {"unreadable": why} if it cannot be trusted."""
     path = state_dir / store.STATE_FILE
@@ -112,7 +134,7 @@ def recorded_state(state_dir: Path) -> dict[str, Any]:
     return {"phase": progress.phase.value, "serial": progress.serial, "device-key-id": progress.key_id,
             "blocked-by": progress.blocked_by, "last-error": progress.last_error,
             "last-error-message": progress.last_error_message, "mode": progress.mode.value,
-            "state-file": str(path)}
+            "state-file": str(path), "history": [store.event_to_json(e) for e in progress.history]}
 
 
 def describe_recorded(recorded: dict[str, Any]) -> str:

@@ -162,7 +162,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status is None:
         return EX_UNAVAILABLE
     return int(asyncio.run(status.run(args.bus, wait=args.wait, timeout=args.timeout, as_json=args.json,
-                                      follow=args.follow, state_dir=resolve_state_dir(args.state_dir, os.environ),
+                                      follow=args.follow, long=args.long,
+                                      state_dir=resolve_state_dir(args.state_dir, os.environ),
                                       config_files=[Path(f) for f in args.config] or None)))
 
 
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one line per change (with --json: one JSON object per line) until --timeout or the daemon "
                         "leaves")
     p.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS", help="give up waiting after this long (exit 3)")
+    p.add_argument("--long", action="store_true",
+                   help="add the step history with times (as snap tasks shows a change); \"history\" in --json")
     p.add_argument("--state-dir", metavar="DIR",
                    help="with no daemon, the state directory whose state.json is reported (default "
                         "/var/lib/factory-agent)")

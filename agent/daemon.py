@@ -91,4 +91,4 @@ async def _publish_on_bus(bus: str, driver: Driver) -> dbus_service.Service | No
 
     session = driver.session
     return await dbus_service.publish(bus, session.status(), session.serial_assertion, driver.retry,
-                                      driver.registration_settings)
+                                      driver.registration_settings, session.history)

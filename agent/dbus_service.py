@@ -20,14 +20,16 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, Protocol
 
 from .errors import DBUS_ERROR_PREFIX, AgentError, BusError
+from .registration import Event
 
 log = logging.getLogger(__name__)
 
+History = Sequence[Event]
 BUS_NAME = INTERFACE = "io.factoryagent.Agent1"
 OBJECT_PATH = "/io/factoryagent/Agent1"
 # D-Bus property -> (signature, attribute of the status snapshot). Fixed: ARCHITECTURE.md §4.
@@ -103,10 +105,10 @@ class Agent1(_service.ServiceInterface):  # type: ignore[name-defined]
     """The exported interface; each member is a line or two delegating to the daemon."""
 
     def __init__(self, snapshot: Snapshot, get_serial: Callable[[], str], on_retry: Callable[[], None],
-                 get_settings: Callable[[], dict[str, str]]) -> None:
+                 get_settings: Callable[[], dict[str, str]], get_history: Callable[[], History]) -> None:
         super().__init__(INTERFACE)
         self.snapshot, self._get_serial, self._on_retry = snapshot, get_serial, on_retry
-        self._get_settings = get_settings
+        self._get_settings, self._get_history = get_settings, get_history
 
     def _value(self, name: str) -> Any:
         return getattr(self.snapshot, PROPERTIES[name][1])
@@ -116,6 +118,14 @@ class Agent1(_service.ServiceInterface):  # type: ignore[name-defined]
     def GetSerialAssertion(self) -> str:
         try:
             return self._get_serial()
+        except Exception as exc:  # noqa: BLE001 - never a traceback to the caller
+            raise _dbus_error(exc) from None
+
+    @_service.method()
+    @_signature("a(tssut)")
+    def GetHistory(self) -> list[list[Any]]:
+        try:
+            return [[e.at, e.kind.value, e.detail, e.count, e.last_at] for e in self._get_history()]
         except Exception as exc:  # noqa: BLE001 - never a traceback to the caller
             raise _dbus_error(exc) from None
 
@@ -528,10 +538,10 @@ class _RootOnly:
 
 
 async def publish(bus_kind: str, snapshot: Snapshot, get_serial: Callable[[], str], on_retry: Callable[[], None],
-                  get_settings: Callable[[], dict[str, str]]) -> Service:
+                  get_settings: Callable[[], dict[str, str]], get_history: Callable[[], History]) -> Service:
     """Connect to the ``system`` or ``session`` bus, export the object, then own the name (no queueing)."""
     logging.getLogger().addFilter(_ANSWERED_ERRORS)  # dbus-next logs through the root logger
-    interface = Agent1(snapshot, get_serial, on_retry, get_settings)
+    interface = Agent1(snapshot, get_serial, on_retry, get_settings, get_history)
     return Service(bus_kind, await _connect(bus_kind, interface), interface)
 
 

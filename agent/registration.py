@@ -44,7 +44,6 @@ from .errors import (
     IdentityError,
     RelayBadRequest,
     RelayRefusedError,
-    RemoteFormatError,
     SerialRejectedError,
     UntrustedFileError,
     VaultClockSkew,
@@ -76,6 +75,8 @@ CLOCK_SCHEDULE = (30.0,) * 5 + (60.0,) * 5 + (120.0,) * 5 + (240.0,)
 # invalid-nonce means "get a fresh request-id", at once; a vault that keeps
 # saying it is broken, and gets the ordinary backoff after this many.
 MAX_NONCE_RETRIES = 3
+# The step history kept in state.json: the newest this many events (identical consecutive ones are one).
+HISTORY_MAX = 100
 # Refusals the real vault sends for its own internal trouble.
 TRANSIENT_VAULT_CODES = frozenset({VaultCode.GENERATE_NONCE, VaultCode.LOGGING_ASSERTION, VaultCode.SERVER_ERROR})
 
@@ -146,6 +147,41 @@ class Mode(StrEnum):
     SNAPD = "snapd"  # snapd's key: the agent relays for it (Ubuntu Core)
 
 
+class EventKind(StrEnum):
+    """The steps of the history (``status --long``, History()); append-only vocabulary (it is in state.json)."""
+
+    STARTED = "started"  # a daemon started on this state
+    IDENTITY = "identity"  # the hardware identity gathered
+    KEY = "key"  # the device key generated (or loaded, or bound in snapd mode)
+    REQUEST_ID = "request-id"  # a request-id obtained from the vault
+    SERIAL_REQUEST = "serial-request"  # a serial-request posted to the vault (one attempt)
+    ACCEPTED = "accepted"  # the vault said 202: ask again later
+    ERROR = "error"  # a failure that is retried
+    BLOCKED = "blocked"  # a refusal that needs a person
+    RETRY = "retry"  # Retry(), a restart or run --once ended a block: a fresh attempt
+    CONFIG = "config"  # the configuration was read again
+    REGISTERED = "registered"  # the serial assertion durable
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One step of the history. The adapters make them (with their clock); apply() never does."""
+
+    at: int  # unix microseconds of the (first) occurrence
+    kind: EventKind
+    detail: str
+    count: int = 1  # identical consecutive occurrences, collapsed into this one
+    last_at: int = 0  # unix microseconds of the latest of them, when count > 1
+
+
+def noted(history: tuple[Event, ...], event: Event) -> tuple[Event, ...]:
+    """``history`` with ``event``: one more occurrence of the last one if identical, the oldest dropped past the bound."""
+    if history and (history[-1].kind, history[-1].detail) == (event.kind, event.detail):
+        last = history[-1]
+        return (*history[:-1], replace(last, count=last.count + 1, last_at=event.at))
+    return (*history, event)[-HISTORY_MAX:]
+
+
 class Step(StrEnum):
     DONE = "done"
     BLOCKED = "blocked"
@@ -165,7 +201,7 @@ class Progress:
     serial: str = ""
     serial_request: str = ""  # only while POLLING
     identity: dict[str, str] = field(default_factory=dict)  # the fields the serial-request was built from
-    attempts: int = 0  # counted exchanges with the vault (no-network ones are not)
+    attempts: int = 0  # serial-requests posted to the vault
     failures: int = 0  # consecutive counted failures: the backoff exponent
     clock_tries: int = 0  # consecutive TLS clock failures: the clock schedule position
     nonce_retries: int = 0  # consecutive invalid-nonce answers
@@ -175,6 +211,7 @@ class Progress:
     mode: Mode = Mode.STANDALONE  # whose key this state is about
     last_attempt_at: int = 0  # unix microseconds of the last exchange with the vault (the caller's clock)
     registered_at: int = 0  # unix microseconds of the registration
+    history: tuple[Event, ...] = ()  # the steps so far, oldest first (bounded: HISTORY_MAX)
 
     @property
     def action(self) -> str:
@@ -206,6 +243,11 @@ class GotRequestId:
 
 
 @dataclass(frozen=True, slots=True)
+class Posted:
+    """A serial-request is about to go to the vault: one attempt."""
+
+
+@dataclass(frozen=True, slots=True)
 class Accepted:
     serial_request: str
     retry_after: float | None = None
@@ -216,7 +258,7 @@ class Registered:
     serial: str
 
 
-Outcome = KeyReady | GotRequestId | Accepted | Registered | AgentError
+Outcome = KeyReady | GotRequestId | Posted | Accepted | Registered | AgentError
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +291,8 @@ def apply(p: Progress, outcome: Outcome, rng: Random) -> Decision:
         phase = Phase.KEY_READY if p.phase is Phase.UNREGISTERED else p.phase
         return Decision(replace(p, phase=phase, key_id=outcome.key_id), 0.0, False)
     if isinstance(outcome, GotRequestId):
+        return Decision(p, 0.0, False)
+    if isinstance(outcome, Posted):
         return Decision(replace(p, attempts=p.attempts + 1), 0.0, False)
     if isinstance(outcome, Accepted):
         polled = _succeeded(p, phase=Phase.POLLING, serial_request=outcome.serial_request)
@@ -259,27 +303,25 @@ def apply(p: Progress, outcome: Outcome, rng: Random) -> Decision:
 
 
 def _succeeded(p: Progress, **changes: object) -> Progress:
-    return replace(p, attempts=p.attempts + 1, failures=0, clock_tries=0, nonce_retries=0,
+    return replace(p, failures=0, clock_tries=0, nonce_retries=0,
                    last_error="", last_error_message="", **changes)  # type: ignore[arg-type]
 
 
 def _failed(p: Progress, error: AgentError, rng: Random) -> Decision:
-    noted = replace(p, last_error=error_code(error), last_error_message=str(error))
+    failed = replace(p, last_error=error_code(error), last_error_message=str(error))
     spent = isinstance(error, (VaultError, AssertionFormatError, SerialRejectedError))
     if isinstance(error, VaultUnavailable):
-        return Decision(noted, NO_NETWORK_DELAY * rng.uniform(0.8, 1.2), spent)
-    answered = isinstance(error, (VaultError, RemoteFormatError, SerialRejectedError))  # an exchange took place
-    counted = replace(noted, attempts=p.attempts + 1) if answered else noted
+        return Decision(failed, NO_NETWORK_DELAY * rng.uniform(0.8, 1.2), spent)
     if isinstance(error, VaultClockSkew):
         step = CLOCK_SCHEDULE[min(p.clock_tries, len(CLOCK_SCHEDULE) - 1)]
-        return Decision(replace(counted, clock_tries=p.clock_tries + 1), step, spent)
+        return Decision(replace(failed, clock_tries=p.clock_tries + 1), step, spent)
     if isinstance(error, VaultRejected) and error.error_code == VaultCode.INVALID_NONCE and p.nonce_retries < MAX_NONCE_RETRIES:
-        fresh = replace(counted, nonce_retries=p.nonce_retries + 1)
+        fresh = replace(failed, nonce_retries=p.nonce_retries + 1)
         return Decision(_drop_serial_request(fresh), 0.0, True)
     if needs_person(error):
-        return Decision(replace(counted, blocked_by=error_code(error)), math.inf, spent)
+        return Decision(replace(failed, blocked_by=error_code(error)), math.inf, spent)
     backoff = _capped(error.retry_after if isinstance(error, VaultError) else None) or _jitter(p.failures, rng)
-    retry = replace(counted, failures=p.failures + 1)
+    retry = replace(failed, failures=p.failures + 1)
     if isinstance(error, VaultRejected):  # invalid-nonce past its retries: start over, slowly
         retry = _drop_serial_request(retry)
     return Decision(retry, backoff, spent)

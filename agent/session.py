@@ -35,7 +35,7 @@ from .errors import (
     SerialRejectedError,
     VaultError,
 )
-from .registration import Decision, Mode, Outcome, Phase, Progress, State
+from .registration import Decision, Event, EventKind, Mode, Outcome, Phase, Progress, State
 
 if TYPE_CHECKING:  # imported when first needed: the status is published before they load
     from . import identity, vault
@@ -134,9 +134,12 @@ class Session:
             log.warning("state.json was corrupt; moved aside to %s and rebuilt from the files present", corrupt,
                         extra={"MESSAGE_ID": systemd.MESSAGE_ID_STATE_CORRUPT})
         recorded = adopt_mode(recorded, self.store, self.cfg.mode)
+        recorded = with_event(recorded, EventKind.STARTED, f"factory-agent {__version__}, pid {os.getpid()}, "
+                              f"{self.cfg.mode} mode")  # kept with the next write: a start alone writes nothing
         if recorded.blocked_by:  # a restart is a person's way to say "try again", as Retry() is
             log.info("blocked by %s before this start: trying again", recorded.blocked_by)
-            recorded = registration.unblock(recorded)
+            recorded = with_event(registration.unblock(recorded), EventKind.RETRY,
+                                  f"the restart ends the block by {recorded.blocked_by}: a fresh attempt")
         return recorded
 
     def serial_on_disk(self, key_id: str | None) -> str | None:
@@ -216,11 +219,13 @@ class Session:
 
     # --- progress ---------------------------------------------------------------
 
-    async def record(self, outcome: Outcome, *, activity: State | None = None, wait: bool = False) -> Decision:
+    async def record(self, outcome: Outcome, *, activity: State | None = None, wait: bool = False,
+                     note: str = "") -> Decision:
         """Apply ``outcome``, persist, then publish (one PropertiesChanged); the decision, for its delay.
 
         ``activity`` is what the driver does next (None: as before). With ``wait`` a delay shows as
         waiting-retry or waiting-clock with NextRetry; snapd mode does not wait (snapd decides when).
+        The outcome is one step of the history; ``note`` adds to what it says.
         """
         if isinstance(outcome, SerialRejectedError):
             log.error("rejected the vault's serial: %s", outcome)
@@ -230,6 +235,9 @@ class Session:
             if isinstance(outcome, registration.Registered) and self._serial_note:
                 log.warning("%s", self._serial_note)
                 progress = replace(progress, last_error=Code.SERIAL_NOT_PROPOSED, last_error_message=self._serial_note)
+            event = self._event_for(outcome, progress, decision.delay, note)
+            if event is not None:
+                progress = with_event(progress, *event)
             self.activity, self.next_retry = activity or self.activity, 0.0
             if wait and 0 < decision.delay < math.inf:  # announced with the transition itself
                 self.next_retry = time.time() + decision.delay
@@ -238,6 +246,25 @@ class Session:
             await self._commit(progress)
         return decision
 
+    def _event_for(self, outcome: Outcome, p: Progress, delay: float, note: str) -> tuple[EventKind, str] | None:
+        """The history's step for ``outcome`` (None: nothing new happened)."""
+        noted = f", {note}" if note else ""
+        if isinstance(outcome, registration.KeyReady):
+            return (EventKind.KEY, f"device key {outcome.key_id}{noted}") if outcome.key_id != self.progress.key_id else None
+        if isinstance(outcome, registration.GotRequestId):
+            return EventKind.REQUEST_ID, f"request-id from {self.cfg.vault.url}{noted}"
+        if isinstance(outcome, registration.Posted):
+            return EventKind.SERIAL_REQUEST, f"attempt {p.attempts}{noted}"
+        if isinstance(outcome, registration.Accepted):
+            return EventKind.ACCEPTED, f"the vault accepted the serial-request (202): asking again in {delay:.0f} s"
+        if isinstance(outcome, registration.Registered):
+            return EventKind.REGISTERED, f"serial {outcome.serial}{noted}"
+        kind = EventKind.BLOCKED if p.blocked_by else EventKind.ERROR
+        return kind, f"{p.last_error}: {p.last_error_message}{noted}"
+
+    def history(self) -> tuple[Event, ...]:
+        return self.progress.history
+
     async def unblock(self) -> None:
         """A new attempt (snapd's): a block ends; an identity block gathers afresh."""
         async with self.lock:
@@ -245,7 +272,9 @@ class Session:
                 return
             if self.progress.blocked_by == Code.IDENTITY:
                 self.identity = None
-            await self._commit(registration.unblock(self.progress))
+            fresh = with_event(registration.unblock(self.progress), EventKind.RETRY,
+                               f"snapd's new attempt ends the block by {self.progress.blocked_by}")
+            await self._commit(fresh)
 
     async def start_over(self) -> bool:
         """Retry(): the configuration and its secrets read again, the block and the last error dropped, for a
@@ -253,7 +282,9 @@ class Session:
         async with self.lock:
             if self.progress.blocked_by == Code.IDENTITY:
                 self.identity = None
-            await self._commit(registration.unblock(self.progress))
+            was = f" (it ends the block by {self.progress.blocked_by})" if self.progress.blocked_by else ""
+            await self._commit(with_event(registration.unblock(self.progress), EventKind.RETRY,
+                                          f"Retry(): a fresh attempt{was}"))
         if self._reload is None:
             return True
         try:
@@ -266,16 +297,25 @@ class Session:
             await self.record(exc)
             return False
         if cfg != self.cfg:
-            log.info("configuration read again: %s", ", ".join(str(path) for path in cfg.files))
+            files = ", ".join(str(path) for path in cfg.files)
+            log.info("configuration read again: %s", files)
+            async with self.lock:
+                self.progress = with_event(self.progress, EventKind.CONFIG, f"read again, changed: {files}")
         self.cfg = cfg
         return True
 
-    async def adopt_identity(self, found: identity.DeviceIdentity, activity: State | None = None) -> None:
-        """Hold the gathered identity; its fields are recorded with the progress."""
+    async def adopt_identity(self, found: identity.DeviceIdentity, activity: State | None = None,
+                             took: float | None = None) -> None:
+        """Hold the gathered identity; its fields are recorded (and published) with the progress at once."""
         async with self.lock:
             self.identity = found
             self.activity = activity or self.activity
-            await self._commit(self.with_identity(self.progress))
+            progress = self.with_identity(self.progress)
+            if progress.identity != self.progress.identity or not progress.identity:
+                fields = ", ".join(sorted(progress.identity)) or "no fields"
+                spent = f" in {took:.1f} s" if took is not None else ""
+                progress = with_event(progress, EventKind.IDENTITY, f"{fields}{spent}")
+            await self._commit(progress)
 
     def with_identity(self, p: Progress) -> Progress:
         if self.identity is None:
@@ -286,7 +326,8 @@ class Session:
     async def _commit(self, progress: Progress) -> None:
         """Persist, then publish: nobody hears of a state that a power cut could undo."""
         if progress != self.progress:
-            await asyncio.to_thread(self.store.save_progress, progress)
+            if not _only_recounted(self.progress, progress):  # a repeat's count waits for the next real change
+                await asyncio.to_thread(self.store.save_progress, progress)
             self.progress = progress
         self.publish()
 
@@ -357,10 +398,30 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+MAX_EVENT_DETAIL = 1000  # characters of one history line: state.json stays small (store.MAX_STATE_BYTES)
+
+
+def with_event(p: Progress, kind: EventKind, detail: str) -> Progress:
+    """``p`` with one more step in its history, stamped now."""
+    if len(detail) > MAX_EVENT_DETAIL:
+        detail = detail[: MAX_EVENT_DETAIL - 3] + "..."
+    return replace(p, history=registration.noted(p.history, Event(now_us(), kind, detail)))
+
+
+def _only_recounted(before: Progress, after: Progress) -> bool:
+    """``after`` differs from ``before`` only in the count (and time) of a repeated step and of the last attempt:
+    not worth a write each (a vault down for an hour would cost hundreds); the next change carries it."""
+    if len(before.history) != len(after.history) or not after.history:
+        return False
+    same = replace(after, history=before.history, last_attempt_at=before.last_attempt_at) == before
+    b, a = before.history[-1], after.history[-1]
+    return same and before.history[:-1] == after.history[:-1] and (b.kind, b.detail) == (a.kind, a.detail)
+
+
 def _stamped(p: Progress, outcome: Outcome) -> Progress:
     """``p`` with the time of an exchange with the vault (LastAttemptAt) and of the registration (RegisteredAt)."""
-    exchanged = isinstance(outcome, registration.GotRequestId | registration.Accepted | registration.Registered
-                           | VaultError | AssertionFormatError | SerialRejectedError)
+    exchanged = isinstance(outcome, registration.GotRequestId | registration.Posted | registration.Accepted
+                           | registration.Registered | VaultError | AssertionFormatError | SerialRejectedError)
     if not exchanged:
         return p
     now = now_us()

@@ -132,20 +132,24 @@ class StandaloneDriver:
                 session.set_activity(State.REQUESTING)
                 self.request_id = (await asyncio.to_thread(self.vault.fetch_request_id), time.monotonic())
                 return registration.GotRequestId()
+            # The identity and the key are recorded and published by their tasks as soon as they are done;
+            # the daemon shows it waits for one only while it does.
             if step is Step.WAIT_IDENTITY:
-                session.set_activity(State.IDENTIFYING)
                 self._start_background(tg)
                 gathering, self.identity_task = self.identity_task, None  # a failed one starts afresh next time
                 assert gathering is not None
-                session.identity = _result(await gathering)
+                if not gathering.done():
+                    session.set_activity(State.IDENTIFYING)
+                _result(await gathering)
                 return None
             if step is Step.WAIT_KEY:
-                session.set_activity(State.GENERATING_KEY if not session.progress.key_id else session.activity)
                 self._start_background(tg)
                 generating, self.key_task = self.key_task, None
                 assert generating is not None
+                if not generating.done():
+                    session.set_activity(State.GENERATING_KEY)
                 self.key = _result(await generating)
-                return registration.KeyReady(self.key.key_id)
+                return None
             return await self._exchange(step)
         except AgentError as exc:
             return exc
@@ -158,11 +162,15 @@ class StandaloneDriver:
             self.key_task = tg.create_task(_captured(self._generate_key()))
 
     async def _gather_identity(self) -> identity.DeviceIdentity:
+        started = time.monotonic()
         if self._identify is not None:
-            return await self._identify()
-        from . import identity
+            found = await self._identify()
+        else:
+            from . import identity
 
-        return await identity.gather_identity(self.session.cfg.identity)
+            found = await identity.gather_identity(self.session.cfg.identity)
+        await self.session.adopt_identity(found, took=time.monotonic() - started)
+        return found
 
     async def _generate_key(self) -> keys.DeviceKey:
         """The recorded key, loaded off the loop (slow on cryptography 38), or a new one."""
@@ -173,8 +181,12 @@ class StandaloneDriver:
                 found = key.key_id if key else "none"
                 raise DeviceKeyLostError(f"state records device key {recorded} but device-key.pem holds {found}")
             return key
+        started = time.monotonic()
         pem = await keys.generate_key_pem_async(self.key_bits)
-        return await asyncio.to_thread(store.save_device_key, directory, pem)
+        key = await asyncio.to_thread(store.save_device_key, directory, pem)
+        took = time.monotonic() - started
+        await self.session.record(registration.KeyReady(key.key_id), note=f"RSA-{self.key_bits} generated in {took:.1f} s")
+        return key
 
     async def _exchange(self, step: Step) -> registration.Outcome:
         session = self.session
@@ -186,6 +198,7 @@ class StandaloneDriver:
             request = self._serial_request()
         from . import vault
 
+        await session.record(registration.Posted(), note=f"to {self.session.cfg.vault.url}")
         answer = await asyncio.to_thread(self.vault.post_serial, self._stream(request))
         if isinstance(answer, vault.Pending):
             return registration.Accepted(request.decode(), answer.retry_after)

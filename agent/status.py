@@ -79,8 +79,10 @@ def describe(props: dict[str, Any], now: float) -> list[str]:
 
 
 def live_line(props: dict[str, Any], started: float, now: float) -> str:
-    """One line: state, elapsed, attempts, countdown to the next retry, and the action when blocked."""
-    parts = [props.get("State", "?"), f"{int(now - started)}s", f"attempts {props.get('Attempts', 0)}"]
+    """One line: state, time in it (since StateSince; since ``started`` from an older daemon), attempts,
+    countdown to the next retry, and the action when blocked."""
+    since = props.get("StateSince", 0) / 1_000_000 or started
+    parts = [props.get("State", "?"), f"{max(0, int(now - since))}s", f"attempts {props.get('Attempts', 0)}"]
     if props.get("State") == State.REGISTERED:
         parts.append(f"serial {props.get('Serial', '')}")
     elif props.get("NextRetry"):
@@ -150,6 +152,22 @@ class Client:
         self.props = {name: variant.value for name, variant in body[0].items()}
         return self.props
 
+    async def history(self, err: TextIO) -> list[dict[str, Any]]:
+        """GetHistory(), as state.json's "history" entries; [] (and why, on ``err``) from a daemon without it."""
+        try:
+            body = await self._call(dbus_service.BUS_NAME, dbus_service.OBJECT_PATH, dbus_service.INTERFACE,
+                                    "GetHistory", "", [])
+        except BusError as exc:
+            print(f"factory-agent: the daemon gave no history: {exc}", file=err)
+            return []
+        events = []
+        for at, step, detail, count, last_at in body[0]:
+            event: dict[str, Any] = {"at": at, "step": step, "detail": detail}
+            if count > 1:
+                event.update({"count": count, "last-at": last_at})
+            events.append(event)
+        return events
+
     def _on_message(self, message: Any) -> None:
         if message.member == "NameOwnerChanged" and message.body and message.body[0] == dbus_service.BUS_NAME:
             self.owner_changed.set()
@@ -173,14 +191,15 @@ async def _connect(bus_kind: str, err: TextIO) -> Client | None:
 
 async def run(bus_kind: str, *, wait: bool, timeout: float, as_json: bool, follow: bool = False,
               state_dir: Path | None = None, config_files: list[Path] | None = None, out: TextIO = sys.stdout,
-              err: TextIO = sys.stderr) -> int:
+              err: TextIO = sys.stderr, long: bool = False) -> int:
     """One report; with ``wait`` until registered or blocked, with ``follow`` one line (or, with ``as_json``,
     one JSON object) per change until ``timeout`` or the daemon leaves. stdout carries only the report: what
     --wait shows meanwhile goes to stderr under --json. A reader that goes away (| head) ends it quietly,
-    with the exit status of the state last read. No daemon: what can be told without it (absent.py)."""
+    with the exit status of the state last read. No daemon: what can be told without it (absent.py).
+    ``long`` adds the step history (GetHistory(); state.json's without a daemon) to the final report."""
     client = await _connect(bus_kind, err)
     if client is None:
-        return _absent(bus_kind, state_dir, config_files, as_json, out, err)
+        return _absent(bus_kind, state_dir, config_files, as_json, out, err, long)
     try:
         deadline = time.time() + timeout if timeout > 0 else float("inf")
         if wait or follow:
@@ -189,7 +208,7 @@ async def run(bus_kind: str, *, wait: bool, timeout: float, as_json: bool, follo
             props = await _first_read(client, wait or follow, deadline, bus_kind, err)
         except BusError as exc:
             if str(exc).startswith(NO_OWNER):
-                return _absent(bus_kind, state_dir, config_files, as_json, out, err)
+                return _absent(bus_kind, state_dir, config_files, as_json, out, err, long)
             print(f"factory-agent: cannot reach the daemon on the {bus_kind} bus: {exc}", file=err)
             return EXIT_UNREACHABLE
         code = exit_code(props)
@@ -198,7 +217,8 @@ async def run(bus_kind: str, *, wait: bool, timeout: float, as_json: bool, follo
                 return await _follow(client, deadline, as_json, out)
             if wait:
                 code = await _wait(client, deadline, err if as_json else out)
-            _report(client.props, as_json, out, wait)
+            history = await client.history(err) if long else None
+            _report(client.props, as_json, out, wait, history)
         except BrokenPipeError:
             _quiet(out)
             return exit_code(client.props) if wait or follow else code
@@ -208,7 +228,7 @@ async def run(bus_kind: str, *, wait: bool, timeout: float, as_json: bool, follo
 
 
 def _absent(bus_kind: str, state_dir: Path | None, config_files: list[Path] | None, as_json: bool, out: TextIO,
-            err: TextIO) -> int:
+            err: TextIO, long: bool = False) -> int:
     """No daemon: why, what state.json records, what to run next; one JSON document with --json. Exit 69."""
     from . import absent, store
 
@@ -218,7 +238,7 @@ def _absent(bus_kind: str, state_dir: Path | None, config_files: list[Path] | No
         if as_json:
             print(json.dumps({"schema": JSON_SCHEMA, **told.to_json()}, indent=2, sort_keys=True), file=out)
         else:
-            print("\n".join(told.lines()), file=out)
+            print("\n".join(told.lines(long)), file=out)
     except BrokenPipeError:
         _quiet(out)
     return EXIT_UNREACHABLE
@@ -323,11 +343,20 @@ def _plain(client: Client, out: TextIO) -> Callable[[bool], None]:
     return show
 
 
-def _report(props: dict[str, Any], as_json: bool, out: TextIO, waited: bool) -> None:
+def _report(props: dict[str, Any], as_json: bool, out: TextIO, waited: bool,
+            history: list[dict[str, Any]] | None = None) -> None:
+    """The final report; ``history`` (--long): the step history with it ("history" in JSON)."""
+    from .absent import history_lines
+
     if as_json:
-        print(json.dumps(to_json(props), indent=2, sort_keys=True), file=out)
-    elif not waited:
-        print("\n".join(describe(props, time.time())), file=out)
+        data = to_json(props) if history is None else {**to_json(props), "history": history}
+        print(json.dumps(data, indent=2, sort_keys=True), file=out)
+        return
+    lines = [] if waited else describe(props, time.time())
+    if history is not None:
+        lines += history_lines(history)
+    if lines:
+        print("\n".join(lines), file=out)
 
 
 # --- factory-agent retry ----------------------------------------------------------

@@ -368,7 +368,24 @@ def progress_to_json(p: registration.Progress) -> dict[str, object]:
     data: dict[str, object] = {"schema": SCHEMA}
     data.update({key: getattr(p, attr) for key, attr in _FIELDS.items()})
     data["phase"] = p.phase.value
+    data["history"] = [event_to_json(e) for e in p.history]
     return data
+
+
+def event_to_json(e: registration.Event) -> dict[str, object]:
+    data: dict[str, object] = {"at": e.at, "step": e.kind.value, "detail": e.detail}
+    if e.count > 1:
+        data.update(count=e.count, **{"last-at": e.last_at})
+    return data
+
+
+def _event_from_json(data: object) -> registration.Event:
+    if not isinstance(data, dict) or data.get("step") not in set(registration.EventKind):
+        raise ValueError("state.json 'history' holds an entry that is not a known step")
+    at, detail, count, last_at = data.get("at"), data.get("detail"), data.get("count", 1), data.get("last-at", 0)
+    if type(at) is not int or type(detail) is not str or type(count) is not int or type(last_at) is not int:
+        raise TypeError("state.json 'history' holds an entry with a field of the wrong type")
+    return registration.Event(at, registration.EventKind(data["step"]), detail, max(count, 1), last_at)
 
 
 def progress_from_json(data: object) -> registration.Progress:
@@ -391,4 +408,8 @@ def progress_from_json(data: object) -> registration.Progress:
         values[attr] = value
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in values["identity"].items()):  # type: ignore[attr-defined]
         raise TypeError("state.json 'identity' must map strings to strings")
+    history = data.get("history", [])  # absent in older files
+    if not isinstance(history, list):
+        raise TypeError("state.json 'history' must be a list")
+    values["history"] = tuple(_event_from_json(e) for e in history[-registration.HISTORY_MAX:])
     return registration.Progress(**values)  # type: ignore[arg-type]

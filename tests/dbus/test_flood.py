@@ -372,9 +372,10 @@ def test_a_flood_from_nobody_neither_stops_nor_starves_the_daemon(tmp_path: Path
                 figures["sent_until_registered"] = sent = flood.sent
                 assert len(rec.signals) > signals_before + 1, "no PropertiesChanged during the flood"
                 seen = states(rec)  # in the order published, flood or not
-                retries = (len(seen) - 4) // 2
-                assert seen == ["requesting", "identifying", "requesting", *["waiting-retry", "requesting"] * retries,
-                                "registered"], seen
+                if seen[1:3] == ["identifying", "requesting"]:  # shown only while the daemon waits for it (a race)
+                    del seen[1:3]
+                retries = (len(seen) - 2) // 2
+                assert seen == ["requesting", *["waiting-retry", "requesting"] * retries, "registered"], seen
                 during = await asyncio.wait_for(rec.get_all(), 30)  # a quiet caller is answered mid-flood
                 assert during["State"] == "registered" and during["Serial"] == "DBUS-0000000000dbus01"
                 await until(lambda: flooding(sent + 5000), "the flood going on after the registration")

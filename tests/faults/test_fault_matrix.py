@@ -151,6 +151,20 @@ def stored(state_dir: Path) -> tuple[list[str], str, str]:
     return sorted(p.name for p in state_dir.iterdir()), recorded["serial"], recorded["phase"]
 
 
+def key_recorded(daemon: Daemon, seconds: float = 60.0) -> dict[str, object]:
+    """state.json once it records the device key and the failure after it: generated beside the failing exchanges,
+    the key is recorded (one write) when it is ready, whatever the vault does, then the next failure (one more);
+    identical repeats after that are not written while the vault stays down."""
+    deadline = time.monotonic() + seconds
+    def settled(recorded: dict) -> bool:  # the key, then the error again after it: repeats are not written
+        return bool(recorded.get("key-id")) and recorded["history"][-1]["step"] == "error"  # type: ignore[index]
+
+    while not settled(recorded := daemon.state_json()):
+        assert time.monotonic() < deadline, "the device key was never recorded"
+        time.sleep(0.05)
+    return recorded
+
+
 def assert_nothing_stored(state_dir: Path, snapshot: tuple[list[str], str, str] | None = None) -> None:
     """No serial anywhere in the state directory: not the file, not a temp file, not in state.json."""
     names, serial, phase = snapshot or stored(state_dir)
@@ -280,7 +294,7 @@ def test_refused_connection_retries_uncounted_then_registers(tmp_path, lab_dir, 
     line = daemon.wait_state("waiting-retry", "vault-unavailable")
     assert "cannot reach the vault" in line.message and "Connection refused" in line.message
     assert line.action == "cannot reach the vault: check the network and vault.url; retrying"
-    recorded = daemon.state_json()
+    recorded = key_recorded(daemon)
     assert (recorded["attempts"], recorded["failures"], recorded["blocked-by"]) == (0, 0, "")
     assert_nothing_stored(state)
     placeholder.close()
@@ -291,7 +305,7 @@ def test_refused_connection_retries_uncounted_then_registers(tmp_path, lab_dir, 
     finally:
         vault.stop()
     assert_registered(daemon, rc, state, lab_dir, device_key)
-    assert daemon.state_json()["attempts"] == 2  # request-id + serial; the refused tries are not counted
+    assert daemon.state_json()["attempts"] == 1  # Attempts counts serial-requests posted: the refused tries posted none
 
 
 def test_dns_failure_is_unavailable_and_retried_uncounted_then_registers(tmp_path, lab, state, spawn,
@@ -306,14 +320,14 @@ def test_dns_failure_is_unavailable_and_retried_uncounted_then_registers(tmp_pat
     line = daemon.wait_state("waiting-retry", "vault-unavailable")
     assert line.message == f"cannot reach the vault at {url}request-id: Name or service not known"
     assert line.action == "cannot reach the vault: check the network and vault.url; retrying"
-    recorded = daemon.state_json()
+    recorded = key_recorded(daemon)
     assert (recorded["attempts"], recorded["failures"], recorded["blocked-by"]) == (0, 0, "")
     assert_nothing_stored(state)
     with (names / "hosts").open("a") as hosts:  # the name resolves now (to the lab vault)
         hosts.write("127.0.0.1 vault.invalid\n")
     rc = daemon.wait_exit(12)  # the next try comes ~5 s later
     assert_registered(daemon, rc, state, lab.directory, device_key)
-    assert daemon.state_json()["attempts"] == 2
+    assert daemon.state_json()["attempts"] == 1  # one serial-request posted
 
 
 def test_connect_timeout_is_transient_then_registers(tmp_path, lab_dir, state, spawn, device_key) -> None:
@@ -325,7 +339,7 @@ def test_connect_timeout_is_transient_then_registers(tmp_path, lab_dir, state, s
         assert f"cannot talk to the vault at http://127.0.0.1:{hole.port}/v1/request-id" in line.message
         assert line.action == RETRYING
         recorded = daemon.state_json()
-        assert (recorded["attempts"], recorded["failures"]) == (1, 1)
+        assert (recorded["attempts"], recorded["failures"]) == (0, 1)  # counted as a failure, no serial-request posted
         assert line.at - daemon.started < 1 + 4  # the connect timeout, plus the daemon's start-up
     finally:
         hole.close()
@@ -516,8 +530,8 @@ def test_vault_trouble_is_retried_then_registers(batch, device_key, case) -> Non
     assert_registered(env.daemon, env.rc, env.state, env.lab_dir, device_key)
     first = next(i for i, c in enumerate(env.calls) if c.endpoint == expected.endpoint and c.status != 200)
     assert env.calls[first + 1].at - env.calls[first].at >= expected.min_wait
-    # every exchange is counted, the failed one too; a failed serial costs a fresh request-id
-    assert env.daemon.state_json()["attempts"] == (3 if expected.endpoint == "request-id" else 4)
+    # Attempts counts serial-requests posted, the failed one too (a failed serial costs a fresh request-id)
+    assert env.daemon.state_json()["attempts"] == (1 if expected.endpoint == "request-id" else 2)
 
 
 @pytest.mark.parametrize("case", ["503-retry-after-http-date"])
@@ -720,7 +734,7 @@ def test_a_vault_refusal_blocks_with_its_code_and_action(batch, case) -> None:
     assert env.daemon is not None
     assert_blocked(env.daemon, env.rc, env.state, env.lab_dir, case, ACTION.get(case, DEFAULT_ACTION),
                    f"the vault refused: {case}: {MESSAGES[case]}")
-    assert env.daemon.state_json()["attempts"] == 2
+    assert env.daemon.state_json()["attempts"] == 1  # the one serial-request posted
     assert [c.endpoint for c in env.calls] == ["request-id", "serial"]  # blocked: not asked again
 
 
@@ -863,7 +877,7 @@ def test_a_certificate_outside_the_device_clock_waits_for_the_clock(tmp_path, la
         assert line.action == ("the device clock is wrong for the vault's TLS certificate: set the time (NTP or RTC); "
                                "retrying")
         recorded = daemon.state_json()
-        assert (recorded["clock-tries"], recorded["attempts"], recorded["blocked-by"]) == (1, 1, "")
+        assert (recorded["clock-tries"], recorded["attempts"], recorded["blocked-by"]) == (1, 0, "")
         assert_nothing_stored(state)
         assert vault.requests[("POST", "/v1/request-id")] == 0  # nothing got past the handshake
         assert daemon.terminate() == 0  # waiting 30 s for the clock; stopped cleanly meanwhile
@@ -930,10 +944,10 @@ for _name in COUNTED:
 
 @pytest.mark.parametrize("case", COUNTED)
 def test_an_exchange_with_a_wrong_answer_is_counted_in_attempts(batch, case) -> None:
-    """Progress.attempts is "counted exchanges with the vault (no-network ones are not)": a 200 whose
-    body is garbled or not trusted was an exchange, as much as a 503 is."""
+    """Progress.attempts is "serial-requests posted": a 200 whose body is garbled or not trusted answered
+    one, as much as a 503 does."""
     env = finished(batch, case)
     assert env.rc == 0
     assert [c.endpoint for c in env.calls] == ["request-id", "serial"]
     recorded = env.notes["state"]
-    assert recorded["attempts"] == 2, recorded  # type: ignore[index]
+    assert recorded["attempts"] == 1, recorded  # type: ignore[index]

@@ -65,8 +65,10 @@ def apply(progress, outcome):
     ("progress", "outcome", "phase", "delay", "forget", "changes"),
     [
         (FRESH, r.KeyReady(KEY), r.Phase.KEY_READY, 0.0, False, {"key_id": KEY}),
-        (READY, r.GotRequestId(), r.Phase.KEY_READY, 0.0, False, {"attempts": 1}),
-        (READY, r.Accepted("REQ"), r.Phase.POLLING, r.POLL_DELAY, True, {"serial_request": "REQ", "attempts": 1}),
+        (READY, r.GotRequestId(), r.Phase.KEY_READY, 0.0, False, {"attempts": 0}),  # Attempts: serial-requests sent
+        (READY, r.Posted(), r.Phase.KEY_READY, 0.0, False, {"attempts": 1}),
+        (replace(READY, attempts=1), r.Accepted("REQ"), r.Phase.POLLING, r.POLL_DELAY, True,
+         {"serial_request": "REQ", "attempts": 1}),
         (READY, r.Accepted("REQ", retry_after=12.0), r.Phase.POLLING, 12.0, True, {}),
         (POLLING, r.Registered("S1"), r.Phase.REGISTERED, 0.0, True, {"serial": "S1", "serial_request": ""}),
         (replace(READY, failures=3, last_error="x"), r.Registered("S1"), r.Phase.REGISTERED, 0.0, True,
@@ -95,7 +97,7 @@ def test_transient_backoff_grows_with_full_jitter_and_is_capped() -> None:
         assert r.BACKOFF_FLOOR <= d.delay <= max(ceiling, r.BACKOFF_FLOOR)
         ceilings.append(ceiling)
         p = d.progress
-    assert p.failures == 12 and p.attempts == 12 and ceilings[-1] == r.BACKOFF_CAP
+    assert p.failures == 12 and p.attempts == 0 and ceilings[-1] == r.BACKOFF_CAP  # attempts: Posted() counts them
     delays = {r.apply(replace(READY, failures=5), VaultTransient("x"), Random(seed)).delay for seed in range(20)}
     assert len(delays) > 10  # jittered: devices that failed together do not retry together
 
@@ -193,3 +195,15 @@ def test_display_state() -> None:
     assert r.display_state(DONE, "requesting") == "registered"
     assert r.display_state(replace(READY, blocked_by="x"), "requesting") == "blocked"
     assert r.display_state(READY, "polling") == "polling"
+
+
+def test_the_history_collapses_identical_steps_and_keeps_the_newest() -> None:
+    h: tuple[r.Event, ...] = ()
+    for at in (1, 2, 3):
+        h = r.noted(h, r.Event(at, r.EventKind.ERROR, "vault-unavailable: down"))
+    assert h == (r.Event(1, r.EventKind.ERROR, "vault-unavailable: down", count=3, last_at=3),)
+    h = r.noted(h, r.Event(4, r.EventKind.REQUEST_ID, "from x"))
+    assert [e.kind for e in h] == [r.EventKind.ERROR, r.EventKind.REQUEST_ID] and h[1].count == 1
+    for at in range(5, 5 + 2 * r.HISTORY_MAX):
+        h = r.noted(h, r.Event(at, r.EventKind.SERIAL_REQUEST, f"attempt {at}"))
+    assert len(h) == r.HISTORY_MAX and h[-1].at == 4 + 2 * r.HISTORY_MAX and h[0].at == h[-1].at - r.HISTORY_MAX + 1

@@ -15,6 +15,9 @@ FULL = registration.Progress(
     phase=registration.Phase.POLLING, key_id="k" * 64, serial_request="type: serial-request\n...",
     identity={"soc_serial": "00000000c0ffee01"}, attempts=3, failures=1, clock_tries=0, nonce_retries=1,
     last_error="vault-transient", last_error_message="the vault answered HTTP 503",
+    history=(registration.Event(1_700_000_000_000_000, registration.EventKind.STARTED, "factory-agent 1"),
+             registration.Event(1_700_000_001_000_000, registration.EventKind.ERROR, "vault-transient: 503", 4,
+                                1_700_000_009_000_000)),
 )
 
 
@@ -24,6 +27,9 @@ def test_round_trip(tmp_path: Path) -> None:
     assert st.load_progress() == (FULL, None)
     data = json.loads((tmp_path / "state.json").read_text())
     assert data["schema"] == store.SCHEMA and data["phase"] == "polling" and data["key-id"] == "k" * 64
+    assert data["history"] == [{"at": 1_700_000_000_000_000, "step": "started", "detail": "factory-agent 1"},
+                               {"at": 1_700_000_001_000_000, "step": "error", "detail": "vault-transient: 503",
+                                "count": 4, "last-at": 1_700_000_009_000_000}]
     assert (tmp_path / "state.json").stat().st_mode & 0o777 == 0o600
 
 
@@ -32,7 +38,9 @@ def test_no_state_yet(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text", ["{not json", "[]", '{"phase": "polling"}', '{"schema": 1, "phase": "flying"}',
-                                  '{"schema": 1, "attempts": "3"}', '{"schema": 1, "identity": {"a": 1}}'])
+                                  '{"schema": 1, "attempts": "3"}', '{"schema": 1, "identity": {"a": 1}}',
+                                  '{"schema": 1, "history": {}}', '{"schema": 1, "history": [{"at": 1, "step": "flew"}]}',
+                                  '{"schema": 1, "history": [{"at": "1", "step": "error", "detail": ""}]}'])
 def test_corrupt_state_is_set_aside(tmp_path: Path, text: str) -> None:
     (tmp_path / "state.json").write_text(text)
     progress, aside = store.Store(tmp_path).load_progress()
