@@ -428,6 +428,7 @@ class Certificate:
     sha256: str  # hex, colon-separated, as openssl x509 -fingerprint -sha256 shows it
     not_before: str  # "YYYY-MM-DD HH:MM:SS UTC", "" when the certificate could not be parsed
     not_after: str
+    issuer_key_id: str = ""  # hex of its AuthorityKeyIdentifier, when it has one: tells two CAs of one name apart
 
     def describe(self) -> str:
         text = f"subject {self.subject!r}, issuer {self.issuer!r}, SHA-256 {self.sha256}"
@@ -477,17 +478,34 @@ def _describe_der(der: bytes) -> Certificate:
     before = getattr(cert, "not_valid_before_utc", None) or cert.not_valid_before
     after = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after
     return Certificate(_quoted(cert.subject.rfc4514_string()), _quoted(cert.issuer.rfc4514_string()), sha256,
-                       before.strftime(stamp), after.strftime(stamp))
+                       before.strftime(stamp), after.strftime(stamp), _key_id(cert, authority=True))
 
 
-def _ca_subjects(ca_file: str) -> set[str] | None:
-    """The subjects of the certificates in ``ca_file``, or None when they cannot be read."""
+def _key_id(cert: Any, authority: bool) -> str:
+    from cryptography import x509
+    try:
+        if authority:
+            value = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+        else:
+            value = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except (x509.ExtensionNotFound, ValueError):
+        return ""
+    return value.hex() if isinstance(value, bytes) else ""
+
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def _ca_names(ca_file: str) -> set[tuple[str, str]] | None:
+    """(subject, subject key id) of each certificate in ``ca_file``, or None when they cannot be read."""
     try:
         from cryptography import x509
         with open(ca_file, "rb") as f:
-            return {c.subject.rfc4514_string() for c in x509.load_pem_x509_certificates(f.read())}
+            pems = _PEM_CERT.findall(f.read(MAX_RESPONSE_BYTES))
+        loaded = [x509.load_pem_x509_certificate(pem) for pem in pems]
     except (ImportError, OSError, ValueError):
         return None
+    return {(_quoted(c.subject.rfc4514_string()), _key_id(c, authority=False)) for c in loaded}
 
 
 def _diagnosis(cert: Certificate, ca_file: str) -> str:
@@ -496,8 +514,10 @@ def _diagnosis(cert: Certificate, ca_file: str) -> str:
         self_signed = " (self-signed)" if cert.subject == cert.issuer else ""
         return (f"vault.ca-file is not set and the system store does not trust its issuer{self_signed}: "
                 f"set vault.ca-file to the CA that signed the vault's certificate")
-    subjects = _ca_subjects(ca_file)
-    if subjects is not None and cert.issuer not in {_quoted(s) for s in subjects}:
+    names = _ca_names(ca_file)
+    if names is not None and not any(subject == cert.issuer and (not key_id or not cert.issuer_key_id
+                                                                 or key_id == cert.issuer_key_id)
+                                     for subject, key_id in names):
         return (f"its issuer is not the CA in vault.ca-file ({ca_file}): a proxy or captive portal may be answering "
                 f"in the vault's place, or vault.ca-file is the wrong CA")
     return f"it is issued by the CA in vault.ca-file ({ca_file}) but does not verify: check its name against vault.url"
