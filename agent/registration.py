@@ -103,8 +103,6 @@ ACTIONS: dict[str, str] = {
     Code.UNTRUSTED_FILE: "a file in the state directory is not the agent's own (see LastErrorMessage): move it "
     "aside or fix its owner and mode, then run: factory-agent retry",
     Code.VAULT_UNAVAILABLE: "cannot reach the vault: check the network and vault.url; retrying",
-    Code.VAULT_TRANSIENT: "the vault (or the way to it) fails for now: the agent retries on its own (NextRetry says when); "
-    "if it lasts past 30 minutes, call the vault's operator with the URL and error in LastErrorMessage",
     "http-404": "the vault has no such endpoint: vault.url must be the vault's API base ending in /v1/ "
     "(e.g. https://vault.example.com:8443/v1/); fix it, then run: factory-agent retry",
     # snapd mode: the relay's own refusals (snapd retries on its own schedule, up to 24 h apart)
