@@ -29,9 +29,11 @@ from tests.fakes.launcher import Agent, agent_env, run_args
 
 # --- the daemon ----------------------------------------------------------------
 
-# "factory-agent: state waiting-retry (vault-transient: the vault answered HTTP 503); action: retrying"
+# "factory-agent: state waiting-retry (vault-transient: POST .../v1/serial: the vault answered HTTP 503...); action: retrying;
+# next try at 21:23:10" (the next try: only while a retry is scheduled)
 _STATE_LINE = re.compile(r"^factory-agent: state (?P<state>[a-z-]+)"
-                         r"(?: \((?P<code>[a-z0-9-]+): (?P<message>.*)\); action: (?P<action>.*)"
+                         r"(?: \((?P<code>[a-z0-9-]+): (?P<message>.*)\); action: (?P<action>.*?)"
+                         r"(?:; next try at (?P<next_try>[0-9]{2}:[0-9]{2}:[0-9]{2}))?"
                          r"|: serial (?P<serial>\S+))?$")
 
 
