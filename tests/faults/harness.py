@@ -46,6 +46,7 @@ class StateLine:
     action: str
     serial: str
     text: str
+    next_try: str = ""  # "HH:MM:SS" when the line names the next try
 
 
 class Daemon(Agent):
@@ -65,7 +66,7 @@ class Daemon(Agent):
             match = _STATE_LINE.match(text)
             if match:
                 found.append(StateLine(at, match["state"], match["code"] or "", match["message"] or "",
-                                       match["action"] or "", match["serial"] or "", text))
+                                       match["action"] or "", match["serial"] or "", text, match["next_try"] or ""))
         return found
 
     def wait_state(self, state: str, code: str | None = None, timeout: float = 10.0) -> StateLine:

@@ -17,9 +17,9 @@ from agent.config import VaultConfig
 from agent.errors import Code, VaultClockSkew, VaultRejected, VaultTransient
 from agent.registration import State
 from agent.session import LogPublisher, Status
-from tests.fakes.faultyvault import FaultyVault
+from tests.fakes.faultyvault import FaultyVault, Forced
 from tests.fakes.rawserver import RawServer, http_reply
-from tests.faults.harness import make_pki
+from tests.faults.harness import Env, make_pki
 
 JSON = {"Content-Type": "application/json"}
 
@@ -180,3 +180,25 @@ def test_retries_of_one_error_collapse_then_escalate(caplog) -> None:
     publisher.publish(_status(State.REGISTERED, attempts=202))
     assert [r.getMessage() for r in caplog.records[-2:]] == [
         "state waiting-retry (vault-unavailable: cannot reach the vault); action: retrying", "state registered: serial S1"]
+
+
+def test_a_real_daemon_collapses_the_retries_of_a_vault_that_answers_503(tmp_path, lab_dir) -> None:
+    """Five 503s in a row, then the vault is back: one line for the failure (was two per retry: ten), the
+    registration at once, and nothing else in between (a "still ..." line comes only after 60 s)."""
+    env = Env(tmp_path, lab_dir, soc_serial="00000000fa017001", extra="connect-timeout = 2\ntimeout = 5")
+    try:
+        env.vault.faults.status["request-id"] = [Forced(503, retry_after="1") for _ in range(5)]
+        daemon = env.start()
+        assert env.finish(timeout=60) == 0, daemon.stderr
+        assert env.vault.requests[("POST", "/v1/request-id")] == 6  # five refused, one answered
+        failing = [line for line in daemon.states() if line.code]
+        assert [(line.state, line.code) for line in failing] == [("waiting-retry", "vault-transient")], daemon.stderr
+        assert failing[0].message.startswith(f"POST {env.url}request-id: the vault answered HTTP 503; the trouble is "
+                                             "on the vault's side"), failing[0].text
+        assert failing[0].action == "retrying" and failing[0].next_try, failing[0].text
+        assert daemon.states()[-1].state == "registered"
+        assert "still " not in daemon.stderr
+        retry_lines = [ln for ln in daemon.stderr.splitlines() if "503" in ln]
+        assert len(retry_lines) == 1, daemon.stderr
+    finally:
+        env.close()
