@@ -449,13 +449,8 @@ def presented_certificate(url: str, timeout: float = CERT_FETCH_TIMEOUT) -> Cert
     parts = urllib3.util.parse_url(url)
     if parts.scheme != "https" or not parts.host:
         return None
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with socket.create_connection((parts.host, parts.port or 443), timeout=timeout) as raw, \
-                context.wrap_socket(raw, server_hostname=parts.host) as tls:
-            der = tls.getpeercert(binary_form=True)
+    try:  # the stdlib's fetch-only helper: its unverified handshake never carries a request
+        der = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((parts.host, parts.port or 443), timeout=timeout))
     except (OSError, ValueError):
         return None
     if not der:
