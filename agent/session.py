@@ -128,24 +128,24 @@ class LogPublisher:
             line += f" ({status.last_error}: {status.last_error_message})"
             if status.action:
                 line += f"; action: {status.action}"
-            line += _next_try(status)
+            line += self._next_try(status)
         level = logging.WARNING if status.state is State.BLOCKED else logging.INFO
         log.log(level, line, extra=systemd.journal_fields(status.state, status.last_error, status.serial))
 
     def _summary(self, status: Status, now: float) -> None:
         since = time.strftime("%H:%M:%S", time.localtime(self._since))
         word = "unreachable" if status.last_error == "vault-unavailable" else f"failing ({status.last_error})"
-        line = f"still {word}: {self._tries} tries since {since}: {status.last_error_message}{_next_try(status)}"
+        line = f"still {word}: {self._tries} tries since {since}: {status.last_error_message}{self._next_try(status)}"
         level = logging.WARNING if now - self._since >= self.WARN_AFTER else logging.INFO
         log.log(level, line, extra=systemd.journal_fields(status.state, status.last_error, status.serial))
         self._interval = min(self._interval * 2, self.COLLAPSE_MAX)
         self._next_summary = now + self._interval
 
-
-def _next_try(status: Status) -> str:
-    if not status.next_retry:
-        return ""
-    return "; next try at " + time.strftime("%H:%M:%S", time.localtime(status.next_retry / 1_000_000))
+    @staticmethod
+    def _next_try(status: Status) -> str:
+        if not status.next_retry:
+            return ""
+        return "; next try at " + time.strftime("%H:%M:%S", time.localtime(status.next_retry / 1_000_000))
 
 
 class Session:
