@@ -104,6 +104,8 @@ ACTIONS: dict[str, str] = {
     Code.UNTRUSTED_FILE: "a file in the state directory is not the agent's own (see LastErrorMessage): move it "
     "aside or fix its owner and mode, then run: factory-agent retry",
     Code.VAULT_UNAVAILABLE: "cannot reach the vault: check the network and vault.url; retrying",
+    "http-404": "the vault has no such endpoint: vault.url must be the vault's API base ending in /v1/ "
+    "(e.g. https://vault.example.com:8443/v1/); fix it, then run: factory-agent retry",
     # snapd mode: the relay's own refusals (snapd retries on its own schedule, up to 24 h apart)
     Code.RELAY_WRONG_MODEL: "snapd asked for a serial for another brand or model: check brand, model and "
     "model-assertion against the device's model (snap model), then run: factory-agent retry",

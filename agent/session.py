@@ -84,15 +84,43 @@ class Publishers:
 
 
 class LogPublisher:
-    """Reports each change of state or error as one log line."""
+    """Reports each change of state or error as one log line; retries of one same error are collapsed.
 
-    def __init__(self) -> None:
+    While the vault stays down the states cycle (requesting, waiting-retry...) with one same error, two lines
+    every few seconds. After the first report of an error, its repeats are kept back and summed up in one
+    "still ..." line at growing intervals (COLLAPSE_FIRST s, doubled each time up to COLLAPSE_MAX s), raised to
+    warning once the error has lasted WARN_AFTER s. Another error, a block or a success is logged at once.
+    """
+
+    COLLAPSE_FIRST = 60.0
+    COLLAPSE_MAX = 900.0
+    WARN_AFTER = 600.0
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.last: Status | None = None
+        self._clock = clock
+        self._streak: tuple[str, str] | None = None  # (LastError, LastErrorMessage) being collapsed
+        self._since = 0.0  # when the streak began
+        self._tries = 0  # attempts seen in the streak
+        self._next_summary, self._interval = 0.0, self.COLLAPSE_FIRST
 
     def publish(self, status: Status) -> None:
         before, self.last = self.last, status
         if before and (before.state, before.last_error) == (status.state, status.last_error):
             return
+        now = self._clock()
+        key = (status.last_error, status.last_error_message)
+        ongoing = status.state not in (State.BLOCKED, State.REGISTERED)
+        if self._streak and ongoing and (key == self._streak or (
+                not status.last_error and status.state in (State.REQUESTING, State.POLLING))):
+            self._tries += status.state is State.REQUESTING  # a new attempt of the same failing exchange
+            if now >= self._next_summary and status.last_error:
+                self._summary(status, now)
+            return
+        self._streak = key if status.last_error and ongoing else None
+        self._since, self._tries = now, 1
+        self._interval = self.COLLAPSE_FIRST
+        self._next_summary = now + self._interval
         line = f"state {status.state}"
         if status.state is State.REGISTERED:
             line += f": serial {status.serial}"
@@ -100,8 +128,24 @@ class LogPublisher:
             line += f" ({status.last_error}: {status.last_error_message})"
             if status.action:
                 line += f"; action: {status.action}"
+            line += self._next_try(status)
         level = logging.WARNING if status.state is State.BLOCKED else logging.INFO
         log.log(level, line, extra=systemd.journal_fields(status.state, status.last_error, status.serial))
+
+    def _summary(self, status: Status, now: float) -> None:
+        since = time.strftime("%H:%M:%S", time.localtime(self._since))
+        word = "unreachable" if status.last_error == "vault-unavailable" else f"failing ({status.last_error})"
+        line = f"still {word}: {self._tries} tries since {since}: {status.last_error_message}{self._next_try(status)}"
+        level = logging.WARNING if now - self._since >= self.WARN_AFTER else logging.INFO
+        log.log(level, line, extra=systemd.journal_fields(status.state, status.last_error, status.serial))
+        self._interval = min(self._interval * 2, self.COLLAPSE_MAX)
+        self._next_summary = now + self._interval
+
+    @staticmethod
+    def _next_try(status: Status) -> str:
+        if not status.next_retry:
+            return ""
+        return "; next try at " + time.strftime("%H:%M:%S", time.localtime(status.next_retry / 1_000_000))
 
 
 class Session:

@@ -26,6 +26,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from .errors import Code, VaultCode
 from .registration import State
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,23 @@ FIELD_SERIAL = "FACTORY_AGENT_SERIAL"
 MESSAGE_ID_REGISTERED = "010b494fc2c34550ac947dff6d46a29d"  # the serial assertion is stored
 MESSAGE_ID_BLOCKED = "39144cba6cf74227a6058710934a932a"  # registration stopped until a person acts
 MESSAGE_ID_STATE_CORRUPT = "611ac0d8dee64d81896d428a42f28ab1"  # state.json moved aside and rebuilt
+# Config and environment errors, one per kind: they win over MESSAGE_ID_BLOCKED on a blocked record, so that
+# `journalctl MESSAGE_ID=...` finds every config error whatever state it left the daemon in.
+MESSAGE_ID_CONFIG = "8c1f2a6e0b7d4d55a3e9c4f1d2b6a701"  # a configuration file or key is wrong
+MESSAGE_ID_STORE = "5e3d9b0c7a14426f8f2e6b1c9d0a4e12"  # the state directory cannot be read or written
+MESSAGE_ID_UNTRUSTED_FILE = "d47a0c3e9f2b4b8e91c65a7f3e0d2b94"  # a file the agent would trust is not its own
+MESSAGE_ID_STATE_LOCKED = "2b9e6f1a4c0d47e3b8a5d1c7e9f30a6d"  # another process holds the state lock
+MESSAGE_ID_DEVICE_KEY = "f0a3c5e7b9d14f2a86c4e0b2d8f6a197"  # the device key cannot be generated or stored
+MESSAGE_ID_DEVICE_KEY_LOST = "73c1e9b5a2f04d6e9b8c3a1f5e7d0c28"  # the recorded device key is gone
+MESSAGE_ID_IDENTITY = "a6e2d8f4c0b34e1a97d5b3f1e9c7a052"  # required identity fields are missing
+MESSAGE_ID_TLS = "1d7b3f9e5a2c4806b4e2c0a8f6d4b391"  # the vault's TLS certificate is not trusted here
+MESSAGE_ID_CLOCK = "b8f4a0e6c2d94b17a3f1e5c9b7d2a604"  # the device clock is outside the certificate's window
+ERROR_MESSAGE_IDS: dict[str, str] = {
+    Code.CONFIG: MESSAGE_ID_CONFIG, Code.STORE: MESSAGE_ID_STORE, Code.UNTRUSTED_FILE: MESSAGE_ID_UNTRUSTED_FILE,
+    Code.STATE_LOCKED: MESSAGE_ID_STATE_LOCKED, Code.DEVICE_KEY: MESSAGE_ID_DEVICE_KEY,
+    Code.DEVICE_KEY_LOST: MESSAGE_ID_DEVICE_KEY_LOST, Code.IDENTITY: MESSAGE_ID_IDENTITY,
+    VaultCode.TLS_CERTIFICATE: MESSAGE_ID_TLS, Code.CLOCK_SKEW: MESSAGE_ID_CLOCK,
+}
 
 STATUS_MAX = 200  # characters of STATUS=: one line in `systemctl status`
 _OURS = "_factory_agent_handler"
@@ -176,10 +194,12 @@ def _one_line(text: str) -> str:
 
 
 def journal_fields(state: str, last_error: str = "", serial: str = "") -> dict[str, str]:
-    """``extra=`` for a state-change record: the fields, and the MESSAGE_ID of registered/blocked."""
+    """``extra=`` for a state-change record: the fields, and the MESSAGE_ID of a config or environment error
+    (ERROR_MESSAGE_IDS), else of registered/blocked."""
     fields = {FIELD_STATE: state, FIELD_ERROR: last_error, FIELD_SERIAL: serial}
     ids: dict[str, str] = {State.REGISTERED: MESSAGE_ID_REGISTERED, State.BLOCKED: MESSAGE_ID_BLOCKED}
-    message_id = ids.get(state)
+    message_id = ERROR_MESSAGE_IDS.get(last_error) if state != State.REGISTERED else None
+    message_id = message_id or ids.get(state)
     return {k: v for k, v in fields.items() if v} | ({"MESSAGE_ID": message_id} if message_id else {})
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import errno
+import hashlib
 import json
 import os
 import re
@@ -63,6 +64,7 @@ class Exchange:
     status: int
     headers: requests.structures.CaseInsensitiveDict[str]
     body: bytes
+    url: str = ""
 
     @property
     def retry_after(self) -> float | None:
@@ -70,7 +72,7 @@ class Exchange:
 
     def refusal(self) -> VaultRejected | VaultTransient:
         """The typed error of an answer that is not a success, as the other calls raise it."""
-        return _status_error(self.status, self.headers, self.body)
+        return _status_error(self.status, self.headers, self.body, self.url)
 
 
 def system_ca_bundle() -> str:
@@ -103,11 +105,12 @@ class Vault:
     def fetch_request_id(self) -> str:
         status, headers, body = self._post("request-id", None, {})
         if status != 200:
-            raise _status_error(status, headers, body)
+            raise _status_error(status, headers, body, self.cfg.url + "request-id")
         data = _json(body)
         request_id = data.get("request-id") if isinstance(data, dict) else None
         if not isinstance(request_id, str) or not request_id:
-            raise VaultTransient("cannot read the vault's request-id answer: no request-id in it")
+            raise VaultTransient(f"POST {self.cfg.url}request-id: cannot read the vault's request-id answer: "
+                                 "no request-id in it")
         return request_id
 
     def post_serial(self, stream: bytes) -> Signed | Pending:
@@ -117,7 +120,7 @@ class Vault:
             return Signed(body)
         if status == 202:
             return Pending(parse_retry_after(headers.get("Retry-After"), time.time()))
-        raise _status_error(status, headers, body)
+        raise _status_error(status, headers, body, self.cfg.url + "serial")
 
     def forward(self, path: str, data: bytes | None, content_type: str | None = None,
                 headers: dict[str, str] | None = None) -> Exchange:
@@ -131,7 +134,7 @@ class Vault:
         sent = {k: v for k, v in (headers or {}).items() if k.lower() not in ("api-key", "content-type", "connection")}
         if content_type:
             sent["Content-Type"] = content_type
-        return Exchange(*self._post(path, data, sent))
+        return Exchange(*self._post(path, data, sent), url=self.cfg.url + path)
 
     def _post(
         self, path: str, data: bytes | None, headers: dict[str, str]
@@ -141,7 +144,10 @@ class Vault:
             try:
                 with self.session.post(url, data=data, headers=headers, stream=True, allow_redirects=False, verify=self.verify,
                                        timeout=(self.cfg.connect_timeout, self.cfg.timeout)) as resp:
-                    body = _read_capped(resp)
+                    try:
+                        body = _read_capped(resp)
+                    except VaultTransient as exc:  # its own words, and where they came from
+                        raise VaultTransient(f"POST {url}: {exc}") from None
                     if deadline.fired.is_set():
                         raise _DeadlinePassed()
                     return resp.status_code, resp.headers, body
@@ -149,7 +155,7 @@ class Vault:
                 if deadline.fired.is_set():
                     raise VaultTransient(f"the vault's answer from {url} did not arrive within {self.cfg.timeout:g} s") from None
                 if isinstance(exc, requests.exceptions.SSLError):
-                    raise _tls_error(exc, url) from None
+                    raise _tls_error(exc, url, self.cfg.ca_file or "") from None
                 if isinstance(exc, requests.exceptions.ConnectionError):
                     if _no_network(exc):
                         raise VaultUnavailable(f"cannot reach the vault at {url}: {_cause(exc)}") from None
@@ -306,18 +312,32 @@ def _decoded(body: bytes, header: str) -> bytes:
     return out
 
 
+# How long a vault's own trouble (5xx) may last before a person should call its operator: the agent's backoff
+# reaches its cap within minutes, and a vault restart or a database fail-over is over well within half an hour.
+OPERATOR_AFTER_MINUTES = 30
+
+
 def _status_error(
-    status: int, headers: requests.structures.CaseInsensitiveDict[str], body: bytes
+    status: int, headers: requests.structures.CaseInsensitiveDict[str], body: bytes, url: str = ""
 ) -> VaultRejected | VaultTransient:
     retry_after = parse_retry_after(headers.get("Retry-After"), time.time())
     code, message = _json_error(headers, body)
+    where = f"POST {url}: " if url else ""
     if status >= 500 or status in _TRANSIENT_STATUS:
         detail = (f": {code}: {message}" if message else f": {code}") if code else ""
-        return VaultTransient(f"the vault answered HTTP {status}{detail}", retry_after, code)
+        text = f"{where}the vault answered HTTP {status}{detail}"
+        if status >= 500:
+            text += (f"; the trouble is on the vault's side, the agent retries on its own; if it lasts past "
+                     f"{OPERATOR_AFTER_MINUTES} minutes, call the vault's operator")
+        return VaultTransient(text, retry_after, code)
     if code:
         refusal = f"the vault refused: {code}: {message}" if message else f"the vault refused: {code}"
-        return VaultRejected(refusal, code, retry_after)
-    return VaultRejected(f"the vault answered HTTP {status}", f"http-{status}", retry_after)
+        return VaultRejected(f"{where}{refusal}", code, retry_after)
+    text = f"{where}the vault answered HTTP {status}"
+    if status == 404:
+        text += ("; no such endpoint: vault.url must be the vault's API base ending in /v1/ "
+                 "(e.g. https://vault.example.com:8443/v1/), which the agent completes with request-id and serial")
+    return VaultRejected(text, f"http-{status}", retry_after)
 
 
 def _json_error(headers: requests.structures.CaseInsensitiveDict[str], body: bytes) -> tuple[str, str]:
@@ -382,13 +402,120 @@ def _no_network(exc: BaseException) -> bool:
     return False
 
 
-def _tls_error(exc: BaseException, url: str) -> VaultClockSkew | VaultRejected:
+def _tls_error(exc: BaseException, url: str, ca_file: str = "") -> VaultClockSkew | VaultRejected:
     for cause in _causes(exc):
         if isinstance(cause, ssl.SSLCertVerificationError):
+            cert = presented_certificate(url)
             if cause.verify_code in (_X509_NOT_YET_VALID, _X509_EXPIRED):
-                return VaultClockSkew(f"the vault's TLS certificate is not valid at this device's time: {cause.verify_message}")
-            return VaultRejected(f"cannot trust the vault's TLS certificate at {url}: {cause.verify_message}", "tls-certificate")
+                now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+                window = (f"valid from {cert.not_before} to {cert.not_after}" if cert and cert.not_before
+                          else "validity window unknown")
+                return VaultClockSkew(f"the vault's TLS certificate is not valid at this device's time: "
+                                      f"{cause.verify_message} (POST {url}: device time {now}, certificate {window})")
+            text = f"cannot trust the vault's TLS certificate at {url}: {cause.verify_message}"
+            if cert is not None:
+                text += f"; presented: {cert.describe()}; {_diagnosis(cert, ca_file)}"
+            return VaultRejected(text, "tls-certificate")
     return VaultRejected(f"cannot set up TLS with the vault at {url}: {_cause(exc)}", "tls-certificate")
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """What a server presented, read without trusting it (only to be shown)."""
+
+    subject: str
+    issuer: str
+    sha256: str  # hex, colon-separated, as openssl x509 -fingerprint -sha256 shows it
+    not_before: str  # "YYYY-MM-DD HH:MM:SS UTC", "" when the certificate could not be parsed
+    not_after: str
+    issuer_key_id: str = ""  # hex of its AuthorityKeyIdentifier, when it has one: tells two CAs of one name apart
+
+    def describe(self) -> str:
+        text = f"subject {self.subject!r}, issuer {self.issuer!r}, SHA-256 {self.sha256}"
+        if self.not_before:
+            text += f", valid {self.not_before} to {self.not_after}"
+        return text
+
+
+CERT_FETCH_TIMEOUT = 3.0  # seconds for the second, diagnostic connection
+
+
+def presented_certificate(url: str, timeout: float = CERT_FETCH_TIMEOUT) -> Certificate | None:
+    """The certificate ``url``'s server presents, fetched on a separate short connection without verification.
+
+    Used only to describe a failure: nothing is sent, and nothing of it is trusted. None when it cannot be had.
+    The connection goes straight to the host, not through a proxy from the environment.
+    """
+    parts = urllib3.util.parse_url(url)
+    if parts.scheme != "https" or not parts.host:
+        return None
+    try:  # the stdlib's fetch-only helper: its unverified handshake never carries a request
+        der = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((parts.host, parts.port or 443), timeout=timeout))
+    except (OSError, ValueError):
+        return None
+    if not der:
+        return None
+    return _describe_der(der)
+
+
+def _describe_der(der: bytes) -> Certificate:
+    digest = hashlib.sha256(der).hexdigest().upper()
+    sha256 = ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    try:
+        from cryptography import x509  # python3-cryptography; without it, the fingerprint alone
+    except ImportError:
+        return Certificate("?", "?", sha256, "", "")
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return Certificate("?", "?", sha256, "", "")
+    stamp = "%Y-%m-%d %H:%M:%S UTC"
+    before = getattr(cert, "not_valid_before_utc", None) or cert.not_valid_before
+    after = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after
+    return Certificate(_quoted(cert.subject.rfc4514_string()), _quoted(cert.issuer.rfc4514_string()), sha256,
+                       before.strftime(stamp), after.strftime(stamp), _key_id(cert, authority=True))
+
+
+def _key_id(cert: Any, authority: bool) -> str:
+    from cryptography import x509
+    try:
+        if authority:
+            value = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+        else:
+            value = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except (x509.ExtensionNotFound, ValueError):
+        return ""
+    return value.hex() if isinstance(value, bytes) else ""
+
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
+
+
+def _ca_names(ca_file: str) -> set[tuple[str, str]] | None:
+    """(subject, subject key id) of each certificate in ``ca_file``, or None when they cannot be read."""
+    try:
+        from cryptography import x509
+        with open(ca_file, "rb") as f:
+            pems = _PEM_CERT.findall(f.read(MAX_RESPONSE_BYTES))
+        loaded = [x509.load_pem_x509_certificate(pem) for pem in pems]
+    except (ImportError, OSError, ValueError):
+        return None
+    return {(_quoted(c.subject.rfc4514_string()), _key_id(c, authority=False)) for c in loaded}
+
+
+def _diagnosis(cert: Certificate, ca_file: str) -> str:
+    """Proxy or portal (issuer not the configured CA) vs a missing vault.ca-file, as far as the certificate says."""
+    if not ca_file:
+        self_signed = " (self-signed)" if cert.subject == cert.issuer else ""
+        return (f"vault.ca-file is not set and the system store does not trust its issuer{self_signed}: "
+                f"set vault.ca-file to the CA that signed the vault's certificate")
+    names = _ca_names(ca_file)
+    if names is not None and not any(subject == cert.issuer and (not key_id or not cert.issuer_key_id
+                                                                 or key_id == cert.issuer_key_id)
+                                     for subject, key_id in names):
+        return (f"its issuer is not the CA in vault.ca-file ({ca_file}): a proxy or captive portal may be answering "
+                f"in the vault's place, or vault.ca-file is the wrong CA")
+    return f"it is issued by the CA in vault.ca-file ({ca_file}) but does not verify: check its name against vault.url"
 
 
 def _cause(exc: BaseException) -> str:

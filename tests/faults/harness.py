@@ -29,9 +29,11 @@ from tests.fakes.launcher import Agent, agent_env, run_args
 
 # --- the daemon ----------------------------------------------------------------
 
-# "factory-agent: state waiting-retry (vault-transient: the vault answered HTTP 503); action: retrying"
+# "factory-agent: state waiting-retry (vault-transient: POST .../v1/serial: the vault answered HTTP 503...); action: retrying;
+# next try at 21:23:10" (the next try: only while a retry is scheduled)
 _STATE_LINE = re.compile(r"^factory-agent: state (?P<state>[a-z-]+)"
-                         r"(?: \((?P<code>[a-z0-9-]+): (?P<message>.*)\); action: (?P<action>.*)"
+                         r"(?: \((?P<code>[a-z0-9-]+): (?P<message>.*)\); action: (?P<action>.*?)"
+                         r"(?:; next try at (?P<next_try>[0-9]{2}:[0-9]{2}:[0-9]{2}))?"
                          r"|: serial (?P<serial>\S+))?$")
 
 
@@ -44,6 +46,7 @@ class StateLine:
     action: str
     serial: str
     text: str
+    next_try: str = ""  # "HH:MM:SS" when the line names the next try
 
 
 class Daemon(Agent):
@@ -63,7 +66,7 @@ class Daemon(Agent):
             match = _STATE_LINE.match(text)
             if match:
                 found.append(StateLine(at, match["state"], match["code"] or "", match["message"] or "",
-                                       match["action"] or "", match["serial"] or "", text))
+                                       match["action"] or "", match["serial"] or "", text, match["next_try"] or ""))
         return found
 
     def wait_state(self, state: str, code: str | None = None, timeout: float = 10.0) -> StateLine:

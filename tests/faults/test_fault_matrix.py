@@ -596,16 +596,15 @@ def test_invalid_nonce_gets_a_fresh_request_id_at_once_then_backs_off(batch, dev
     env = finished(batch, case)
     assert env.daemon is not None
     lines = [(line.state, line.code) for line in env.daemon.states() if line.code]
-    message = f"the vault refused: invalid-nonce: {MESSAGES['invalid-nonce']}"
+    message = f"POST {env.url}serial: the vault refused: invalid-nonce: {MESSAGES['invalid-nonce']}"
     assert all(line.message == message for line in env.daemon.states() if line.code)
     assert_registered(env.daemon, env.rc, env.state, env.lab_dir, device_key)
     times = NONCE_TIMES[case]
     assert [c.endpoint for c in env.calls] == ["request-id", "serial"] * (times + 1)
-    if times == 1:
-        assert lines == [("requesting", "invalid-nonce")]
-    else:
-        assert lines == [("requesting", "invalid-nonce"), ("waiting-retry", "invalid-nonce"),
-                         ("requesting", "invalid-nonce")]
+    # the first report of the error only: its repeats, the backoff's waiting-retry among them, are collapsed
+    # (session.LogPublisher: a "still ..." line after 60 s)
+    assert lines == [("requesting", "invalid-nonce")]
+    if times != 1:
         ids = [c.at for c in env.calls if c.endpoint == "request-id"]
         assert ids[4] - ids[3] >= 0.95  # the fourth in a row waits (BACKOFF_FLOOR at least)
 
@@ -773,8 +772,11 @@ def test_a_real_refusal_blocks_with_its_code_and_action(batch, case) -> None:
 OTHER_REFUSALS = {
     "unknown-error-code": ("quota-exceeded", "the vault refused: quota-exceeded: Daily quota exceeded"),
     "json-as-text-plain": ("http-400", "the vault answered HTTP 400"),
-    "404-wrong-path": ("http-404", "the vault answered HTTP 404"),
+    "404-wrong-path": ("http-404", "request-id: the vault answered HTTP 404; no such endpoint: vault.url must be the "
+                       "vault's API base ending in /v1/ (e.g. https://vault.example.com:8443/v1/)"),
 }
+HTTP_404_ACTION = ("the vault has no such endpoint: vault.url must be the vault's API base ending in /v1/ "
+                   "(e.g. https://vault.example.com:8443/v1/); fix it, then run: factory-agent retry")
 
 
 def _other_refusal(name: str) -> None:
@@ -801,7 +803,10 @@ def test_other_refusals_block_with_the_default_action(batch, case) -> None:
     env = finished(batch, case)
     assert env.daemon is not None
     code, message = OTHER_REFUSALS[case]
-    assert_blocked(env.daemon, env.rc, env.state, env.lab_dir, code, DEFAULT_ACTION, message)
+    action = HTTP_404_ACTION if case == "404-wrong-path" else DEFAULT_ACTION
+    endpoint = "request-id" if case == "404-wrong-path" else "serial"
+    assert_blocked(env.daemon, env.rc, env.state, env.lab_dir, code, action, f"POST {env.url}{endpoint}: ")
+    assert message in env.daemon.states()[-1].message
 
 
 # --- 7. a signed answer that is not this device's, or not trusted (batch) ----------------------
@@ -873,7 +878,9 @@ def test_a_certificate_outside_the_device_clock_waits_for_the_clock(tmp_path, la
                        once=False)
         line = daemon.wait_state("waiting-clock", "clock-skew")
         expected = "certificate is not yet valid" if validity == "not-yet-valid" else "certificate has expired"
-        assert line.message == f"the vault's TLS certificate is not valid at this device's time: {expected}"
+        assert line.message.startswith(f"the vault's TLS certificate is not valid at this device's time: {expected} "
+                                       f"(POST {url}request-id: device time "), line.text
+        assert line.message.endswith(" UTC)") and " UTC, certificate valid from " in line.message, line.text
         assert line.action == ("the device clock is wrong for the vault's TLS certificate: set the time (NTP or RTC); "
                                "retrying")
         recorded = daemon.state_json()

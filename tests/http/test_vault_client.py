@@ -77,7 +77,7 @@ def test_json_refusal_carries_the_vaults_code_and_message(serve) -> None:
     with pytest.raises(VaultRejected) as info:
         client(server.url).fetch_request_id()
     assert info.value.error_code == "invalid-api-key"
-    assert str(info.value) == "the vault refused: invalid-api-key: Invalid API key used"
+    assert str(info.value) == f"POST {server.url}request-id: the vault refused: invalid-api-key: Invalid API key used"
     assert "the-key" not in str(info.value)
 
 
