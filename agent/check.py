@@ -14,7 +14,6 @@ error.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -22,6 +21,7 @@ import shutil
 import socket
 import ssl
 import stat
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -66,6 +66,7 @@ class _Context:
     config_error: str = ""
     cert: dict[str, Any] | None = None  # the vault's certificate, when TLS showed one
     reachable: bool = False
+    secure: bool = False  # TLS verified (or http:// allowed): the HTTP checks can run
 
 
 def _skip(cid: str, title: str, why: str, status: str = "warning") -> Result:
@@ -82,7 +83,7 @@ def check_config(ctx: _Context) -> Result:
         ctx.config_error = str(exc)
         return Result("config", "configuration", "error", ctx.config_error,
                       "fix the file and key named above (factory-agent run would exit 78)")
-    return Result("config", "configuration", "ok", f"{', '.join(map(str, ctx.cfg.files))} load; brand "
+    return Result("config", "configuration", "ok", f"loaded {', '.join(map(str, ctx.cfg.files))}; brand "
                   f"{ctx.cfg.brand}, model {ctx.cfg.model}, mode {ctx.cfg.mode.value}")
 
 
@@ -218,6 +219,7 @@ def check_tls(ctx: _Context) -> Result:
     if ctx.cfg is None or not ctx.reachable:
         return _skip("vault-tls", title, "no connection to the vault", "error")
     if ctx.cfg.vault.url.startswith("http://"):
+        ctx.secure = True
         return Result("vault-tls", title, "warning", "vault.url is http://: no TLS (vault.allow-insecure-http)",
                       "use an https:// vault outside a lab")
     from . import vault
@@ -238,6 +240,7 @@ def check_tls(ctx: _Context) -> Result:
     except (OSError, ssl.SSLError) as exc:
         return Result("vault-tls", title, "error", f"TLS with {host}:{port} failed: {exc}",
                       "check that vault.url's port serves HTTPS")
+    ctx.secure = True
     return Result("vault-tls", title, "ok", f"{version} to {host}:{port}: {_shown(ctx.cert)}")
 
 
@@ -290,8 +293,8 @@ def check_clock(ctx: _Context) -> Result:
 
 def check_version(ctx: _Context) -> Result:
     title = "vault version"
-    if ctx.cfg is None or not ctx.reachable:
-        return _skip("vault-version", title, "no connection to the vault", "error")
+    if ctx.cfg is None or not ctx.secure:
+        return _skip("vault-version", title, "no trusted connection to the vault (see vault-tcp, vault-tls)", "error")
     client = _client(ctx)
     url = ctx.cfg.vault.url + "version"
     try:
@@ -311,8 +314,8 @@ def check_version(ctx: _Context) -> Result:
 
 def check_api_key(ctx: _Context) -> Result:
     title = "vault api-key"
-    if ctx.cfg is None or not ctx.reachable:
-        return _skip("vault-api-key", title, "no connection to the vault", "error")
+    if ctx.cfg is None or not ctx.secure:
+        return _skip("vault-api-key", title, "no trusted connection to the vault (see vault-tcp, vault-tls)", "error")
     client = _client(ctx)
     try:
         client.fetch_request_id()  # a nonce: the vault registers nothing for it
@@ -372,11 +375,25 @@ def _client(ctx: _Context) -> Any:
 
 
 def _bounded(call: Callable[[], Any], seconds: float) -> Any:
-    """``call`` in a thread, given up on after ``seconds`` (getaddrinfo has no timeout of its own)."""
-    async def run() -> Any:
-        return await asyncio.wait_for(asyncio.to_thread(call), seconds)
+    """``call`` in a daemon thread, given up on after ``seconds`` (getaddrinfo has no timeout of its own;
+    a thread pool would be joined at exit, so a hung resolver would hold the command)."""
+    outcome: list[Any] = []
 
-    return asyncio.run(run())
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except OSError as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, daemon=True, name="check-dns")
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def run_checks(files: Sequence[Path] | None, state_dir: Path) -> list[Result]:

@@ -238,8 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the vault (DNS, TCP, TLS, /v1/version, the api-key with one request-id, which "
                                    "registers nothing), the installed D-Bus policy and unit, and the kill switches. "
                                    "Writes nothing; every network step gives up after 5 s.",
-                       epilog="exit status: 0 all ok, 1 any error, 2 warnings only",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog="exit status: 0 all ok, 1 any error, 2 warnings only")
     p.add_argument("--json", action="store_true",
                    help='one document {"schema": 1, "checks": [...], "summary": {...}} on stdout')
     p.add_argument("--config", action="append", default=[], metavar="FILE",

@@ -165,7 +165,8 @@ def test_untrusted_certificate_shows_what_was_presented(tmp_path: Path, lab_dir:
     assert "CN=lab-vault.test" in tls["detail"] and pki["fingerprint"] in tls["detail"]
     assert "vault.ca-file" in tls["hint"]
     assert checks["vault-tcp"]["status"] == "ok"
-    assert vault.signed == []
+    assert checks["vault-api-key"]["detail"].startswith("skipped: ")
+    assert vault.requests[("POST", "/v1/request-id")] == 0 and vault.signed == []
 
 
 def test_unreachable_vault_fails_tcp_within_a_bound(tmp_path: Path, lab_dir: Path) -> None:
@@ -181,6 +182,17 @@ def test_unreachable_vault_fails_tcp_within_a_bound(tmp_path: Path, lab_dir: Pat
     assert f"127.0.0.1:{port}" in lines[tcp] and "hint: check that the vault runs" in lines[tcp + 1]
     assert any(line.startswith("error   vault-api-key") and "skipped" in line for line in lines)
     assert elapsed < 20, f"check took {elapsed:.1f} s"
+
+
+def test_a_check_that_raises_is_reported_and_the_others_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(ctx: object) -> check.Result:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(check, "CHECKS", (broken, check.check_kill_switch))
+    results = check.run_checks([tmp_path / "none.toml"], tmp_path / "state")
+    assert (results[0].id, results[0].status) == ("broken", "error") and "boom" in results[0].detail
+    assert results[1].id == "kill-switch" and check.exit_code(results) == 1
+    assert not (tmp_path / "state").exists()
 
 
 @pytest.mark.xfail(strict=True, reason="issue 13: config.load does not yet reject an unknown template field; "
