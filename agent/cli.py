@@ -176,6 +176,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return int(asyncio.run(status.retry(args.bus)))
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from . import check
+
+    return check.main([Path(f) for f in args.config] or None, resolve_state_dir(args.state_dir, os.environ), args.json)
+
+
 def cmd_registration_settings(args: argparse.Namespace) -> int:
     if _bus_client() is None:
         return EX_UNAVAILABLE
@@ -229,6 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and start a fresh attempt (exit 0 asked, 1 refused, 69 no daemon)")
     p.add_argument("--bus", choices=["system", "session"], default="system")
     p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("check", help="preflight: each check ok, warning or error with a fix hint; changes nothing",
+                       description="Check the configuration, secrets, identity, state directory, device key, clock, "
+                                   "the vault (DNS, TCP, TLS, /v1/version, the api-key with one request-id, which "
+                                   "registers nothing), the installed D-Bus policy and unit, and the kill switches. "
+                                   "Writes nothing; every network step gives up after 5 s.",
+                       epilog="exit status: 0 all ok, 1 any error, 2 warnings only")
+    p.add_argument("--json", action="store_true",
+                   help='one document {"schema": 1, "checks": [...], "summary": {...}} on stdout')
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="configuration file (repeatable, later wins; default the daemon's)")
+    p.add_argument("--state-dir", metavar="DIR", help="the state directory checked (default /var/lib/factory-agent)")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("registration-settings",
                        help="snapd mode: the settings the prepare-device hook hands to snapd, one `snapctl set` "
