@@ -173,3 +173,36 @@ def test_a_missing_config_file_is_a_config_error(tmp_path: Path, bus_address: st
     done = _bundle(bus_address, backend, "-o", str(tmp_path / "b.tar.gz"), "--config", str(tmp_path / "nope.toml"))
     assert done.returncode == 78 and str(tmp_path / "nope.toml") in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "b.tar.gz").exists()
+
+
+def test_inline_secrets_in_the_configuration_are_redacted(tmp_path: Path, lab_dir: Path, bus_address: str,
+                                                          backend: str) -> None:
+    from tests.fakes.agentconf import write_agent_config
+
+    inline, password = "inline-api-key-5f0e9c2b7d14a3", "hunter2-password-8c1d"
+    config = write_agent_config(tmp_path, "http://127.0.0.1:9/v1/", lab_dir, template="A-{soc_serial}", soc_serial="01")
+    text = re.sub(r"(?m)^api-key-file = .*$", f'api-key = "{inline}"', config.read_text())
+    config.write_text(text + f'\n[extra]\ndb-password = "{password}"\n')
+    config.chmod(0o600)
+    out = tmp_path / "b.tar.gz"
+    done = _bundle(bus_address, backend, "-o", str(out), "--config", str(config), "--state-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    members = _members(out)
+    copied = next(v for k, v in members.items() if k.startswith("config/00-")).decode()
+    assert 'api-key = "<redacted>"' in copied and 'db-password = "<redacted>"' in copied
+    assert 'url = "http://127.0.0.1:9/v1/"' in copied  # what is not a secret stays readable
+    for where, data in [("tar stream", gzip.decompress(out.read_bytes())), *members.items()]:
+        assert inline.encode() not in data and password.encode() not in data, where
+
+
+def test_a_hanging_child_is_recorded_as_a_timeout() -> None:
+    import sys
+    import time
+
+    from agent import bundle
+
+    started = time.monotonic()
+    status, out, _ = bundle.run_child([sys.executable, "-c", "print('x', flush=True); import time; time.sleep(30)"],
+                                      1.0)
+    assert status == "timeout after 1 s" and out.startswith(b"x") and time.monotonic() - started < 10
+    assert bundle.run_child(["/nonexistent/journalctl"], 1.0)[0] == "absent"
