@@ -101,7 +101,8 @@ def add_agent_outputs(bundle: Bundle, bus: str, config_files: list[str], state_d
     common = ["--bus", bus, *configs, "--state-dir", str(state_dir)]
     status = _add_child(bundle, "status.json", "factory-agent status --json --long (with history)",
                         _agent("status", "--json", "--long", *common), CHILD_TIMEOUT)
-    if status == 2:  # this agent's status has no --long: argparse refused it
+    refused = next(m for m in bundle.members if m.name == "status.json.stderr").data
+    if status == 2 and b"unrecognized arguments: --long" in refused:  # 2 is also "in progress": argparse's only
         bundle.members = [m for m in bundle.members if not m.name.startswith("status.json")]
         _add_child(bundle, "status.json", "factory-agent status --json (no --long in this version)",
                    _agent("status", "--json", *common), CHILD_TIMEOUT)

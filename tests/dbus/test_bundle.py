@@ -137,6 +137,27 @@ def test_a_bundle_with_no_daemon_records_status_absent_and_is_still_written(
     assert "cannot list" in json.loads(members["state-dir.json"])["error"]
 
 
+def test_a_planted_symlink_in_the_state_directory_is_listed_not_followed(
+        tmp_path: Path, lab_dir: Path, bus_address: str, backend: str) -> None:
+    secret = tmp_path / "elsewhere.pem"
+    secret.write_bytes(DEVICE_PEM.read_bytes())
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "state.json").symlink_to(secret)
+    (state / "serial.assertion").symlink_to(DEVICE_PEM)
+    out = tmp_path / "b.tar.gz"
+    done = _bundle(bus_address, backend, "-o", str(out), "--state-dir", str(state))
+    assert done.returncode == 0, done.stderr
+    members = _members(out)
+    listing = {e["name"]: e for e in json.loads(members["state-dir.json"])["entries"]}
+    assert {listing[n]["type"] for n in ("state.json", "serial.assertion")} == {"symlink"}
+    assert "sha256" not in listing["state.json"] and "sha256" not in listing["serial.assertion"]
+    for where, data in [("tar stream", gzip.decompress(out.read_bytes())), *members.items()]:
+        for what, needle in _key_needles():
+            assert needle not in data, f"{what} found in {where}"
+        assert hashlib.sha256(secret.read_bytes()).hexdigest().encode() not in data, where
+
+
 def test_a_bundle_to_stdout_is_a_tar_gz(tmp_path: Path, lab_dir: Path, bus_address: str, backend: str) -> None:
     from tests.fakes.agentconf import write_agent_config
 
