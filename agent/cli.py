@@ -190,6 +190,12 @@ def cmd_registration_settings(args: argparse.Namespace) -> int:
     return settings.run(args.bus, args.timeout, args.json)
 
 
+def cmd_support_bundle(args: argparse.Namespace) -> int:
+    from . import bundle
+
+    return bundle.run(args.output, args.bus, args.config, resolve_state_dir(args.state_dir, os.environ))
+
+
 def cmd_lab_vault(args: argparse.Namespace) -> int:
     from . import labvault
 
@@ -262,6 +268,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--config", action="append", default=[], metavar="FILE")
     p.set_defaults(func=cmd_identity)
+
+    p = sub.add_parser(
+        "support-bundle", help="write a tar.gz for support: status, check, identity, redacted config, versions, "
+                               "state listing, journal; never a secret",
+        description="Collect what support needs into one tar.gz (one top directory and a MANIFEST naming each "
+                    "member, the command that made it and its exit status): status --json --long, check --json, "
+                    "identity --json (each a child with a 30 s timeout), the configuration files agent.config "
+                    "loads with secrets redacted, versions, the state directory listing (no symlink followed, "
+                    "SHA-256 of public files, the device key by its id only) and the unit's journal since boot "
+                    "(15 s timeout). What cannot be read is recorded, not fatal.",
+        epilog="exit status: 0 written (path and size on stdout), 1 the output could not be written, "
+               "2 usage, 78 a --config file does not exist",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="where to write (mode 0600, atomically; - for stdout; default "
+                        "./factory-agent-support-HOST-UTCTIME.tar.gz)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="configuration file (repeatable; default the daemon's: /etc/factory-agent/agent.toml "
+                        "and agent.toml.d/*.toml)")
+    p.add_argument("--state-dir", metavar="DIR", help="state directory (default $STATE_DIRECTORY, else "
+                                                      "/var/lib/factory-agent)")
+    p.add_argument("--bus", choices=["system", "session"], default="system", help="where the daemon is")
+    p.set_defaults(func=cmd_support_bundle)
 
     p = sub.add_parser("lab-vault", help="a local Serial Vault for labs, demos and tests (not for production)")
     p.add_argument("--dir", required=True, metavar="DIR", help="keys, trust chain and api-key live here")
