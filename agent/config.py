@@ -319,7 +319,7 @@ def _build(merged: Mapping[str, Any], origin: Mapping[str, Path], files: tuple[P
         model=model,
         model_assertion=model_assertion,
         vault=_build_vault(merged, origin, fail),
-        serial_template=_check_template(_get(merged, "serial.template"), fail),
+        serial_template=_check_template(_get(merged, "serial.template"), fail, _get(merged, "identity.static")),
         identity=_build_identity(merged, fail),
         files=files,
         mode=_check_mode(_get(merged, "mode"), fail),
@@ -441,8 +441,18 @@ def _account_keys(paths: Sequence[str], fail: Any) -> tuple[assertions.Assertion
     return tuple(found)
 
 
-def _check_template(template: str, fail: Any) -> str:
-    """The rules identity.proposed_serial applies, so that a bad template stops here, not at registration."""
+# The fields the identity sources give (agent/identity.py's docstring); mac_<ifname> per NIC; static keys add more.
+SOURCE_FIELDS = frozenset({"soc_serial", "mmc_cid", "mmc_serial", "mac", "dmi_product_serial", "dmi_product_uuid",
+                           "dmi_board_serial", "machine_id"})
+
+
+def _known_field(name: str, static: Mapping[str, Any]) -> bool:
+    return name in SOURCE_FIELDS or name in static or (name.startswith("mac_") and len(name) > len("mac_"))
+
+
+def _check_template(template: str, fail: Any, static: Mapping[str, Any] | None = None) -> str:
+    """The rules identity.proposed_serial applies, so that a bad template stops here, not at registration; a
+    field no source gives (a typo: {soc_serail}) too."""
     if not template:
         raise fail("serial.template", "must not be empty")
     try:
@@ -452,6 +462,10 @@ def _check_template(template: str, fail: Any) -> str:
                 raise ValueError(f"{{{name}}} is not a field name (or an a|b list of them)")
             if "{" in (spec or ""):
                 raise ValueError(f"{{{name}:{spec}}} nests a field in its format")
+            unknown = [choice for choice in name.split("|") if not _known_field(choice, static or {})]
+            if unknown:
+                raise ValueError(f"no identity source gives the field {unknown[0]!r} (known: "
+                                 f"{', '.join(sorted(SOURCE_FIELDS))}, mac_<ifname>, and [identity.static] keys)")
         template.format_map(_AnyFields())
     except (ValueError, LookupError, TypeError, AttributeError) as exc:
         raise fail("serial.template", f"is not a valid template ({exc})") from None

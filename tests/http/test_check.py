@@ -195,12 +195,20 @@ def test_a_check_that_raises_is_reported_and_the_others_run(tmp_path: Path, monk
     assert not (tmp_path / "state").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: config.load does not yet reject an unknown template field; "
-                                        "`run` goes online and blocks instead of exiting 78 (check reports it)")
 def test_template_typo_is_rejected_at_load(tmp_path: Path, lab_dir: Path) -> None:
-    """The item asks to verify that `run` exits 78 on a template typo: cli.main maps a ConfigError from
-    config.load to 78, so the load is what is checked. Strict: this fails loudly once the load rejects it."""
+    """A field no identity source gives stops the load (`run` exits 78, naming the key, the field and the file)
+    before anything goes online; a static field of that name makes it valid."""
     config = write_agent_config(tmp_path, "http://127.0.0.1:9/v1/", lab_dir, template="A-{soc_serail}",
                                 soc_serial="01")
-    with pytest.raises(ConfigError, match=r"serial\.template"):
+    with pytest.raises(ConfigError, match=r"serial\.template.*'soc_serail'"):
         load([config])
+    from tests.fakes.launcher import agent_argv, run
+
+    done = run(agent_argv("run", "--config", str(config), "--state-dir", str(tmp_path / "state"), "--bus", "none",
+                          "--once"), timeout=60)
+    assert done.returncode == 78 and "serial.template" in done.stderr and "soc_serail" in done.stderr, done.stderr
+    assert str(config) in done.stderr and "Traceback" not in done.stderr and not (tmp_path / "state").exists()
+    fine = write_agent_config(tmp_path, "http://127.0.0.1:9/v1/", lab_dir, template="A-{mac_eth0}-{board}",
+                              soc_serial="01")
+    fine.write_text(fine.read_text() + 'board = "B7"\n')  # one more [identity.static] key
+    assert load([fine]).serial_template == "A-{mac_eth0}-{board}"
