@@ -274,7 +274,9 @@ def test_standalone_has_no_snapd_settings(tmp_path: Path, vault: FaultyVault) ->
 def new_snapd(tmp: Path, vault: FaultyVault, template: str | None = None) -> tuple[SnapdDriver, Recorder]:
     path = write_snapd_config(tmp, vault.url, vault.directory)
     if template is not None:
-        path.write_text(path.read_text().replace('template = "SNAPD-{soc_serial}"', f'template = "{template}"'))
+        text = path.read_text().replace('template = "SNAPD-{soc_serial}"', f'template = "{template}"')
+        path.write_text(text.replace("wait-seconds = 0", 'wait-seconds = 0\nsources = ["soc-serial"]'))  # this host's own
+        # fields (its DMI serial, say) must not make the template's field present
     recorder = Recorder()
     return SnapdDriver(Session(config.load([path]), store.Store(tmp / "state"), recorder)), recorder
 
@@ -371,7 +373,7 @@ def test_snapd_driver_passes_a_vault_500_on_as_503_and_does_not_block(tmp_path: 
 
 
 def test_snapd_driver_identity_block_is_retried_by_the_hooks_next_call(tmp_path: Path, vault: FaultyVault) -> None:
-    driver, recorder = new_snapd(tmp_path, vault, template="SNAPD-{board_serial}")
+    driver, recorder = new_snapd(tmp_path, vault, template="SNAPD-{dmi_board_serial}")
 
     async def scenario() -> None:
         async with running(driver):
