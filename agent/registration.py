@@ -114,6 +114,31 @@ ACTIONS: dict[str, str] = {
     Code.CONFIG: "the configuration no longer loads (see LastErrorMessage): fix the file and key it names, "
     "then run: factory-agent retry",
 }
+# What each LastError means, for the man page's TROUBLESHOOTING table (tests/gen_troubleshooting.py writes it
+# from this and ACTIONS; tests/unit/test_troubleshooting.py fails on a stale or missing row).
+MEANINGS: dict[str, str] = {
+    VaultCode.INVALID_API_KEY: "the vault refused the api-key (blocked)",
+    VaultCode.INVALID_MODEL: "the vault has no such active model for this api-key (blocked)",
+    VaultCode.MISMATCHED_MODEL: "the model assertion sent is not the configured brand/model (blocked)",
+    VaultCode.CREATE_ASSERTION: "the vault could not make a serial from the request (blocked)",
+    VaultCode.SIGNING_ASSERTION: "the vault could not sign with its brand key (blocked)",
+    Code.SERIAL_REJECTED: "the vault's answer is not a trusted serial for this device (blocked)",
+    Code.IDENTITY: "the identity lacks a field the template or the rules require (blocked)",
+    VaultCode.TLS_CERTIFICATE: "the vault's TLS certificate is not trusted here (blocked)",
+    Code.CLOCK_SKEW: "the vault's certificate is not valid at this device's time (waiting-clock)",
+    Code.DEVICE_KEY_LOST: "the recorded device key is gone or replaced (blocked)",
+    Code.DEVICE_KEY: "the device key could not be generated or stored (retried)",
+    Code.UNTRUSTED_FILE: "a file in the state directory is not the agent's own (blocked)",
+    Code.VAULT_UNAVAILABLE: "no connection to the vault: network, DNS or nothing listening (retried)",
+    "http-404": "the vault answered 404: vault.url does not point at the vault's API",
+    Code.RELAY_WRONG_MODEL: "snapd asked for another brand or model (snapd mode, blocked)",
+    Code.RELAY_OTHER_DEVICE_KEY: "snapd presented another device key than the one served (snapd mode, blocked)",
+    Code.CONFIG: "Retry() read a configuration that no longer loads (blocked)",
+    Code.VAULT_TRANSIENT: "the vault or the path to it failed for now: 5xx, 429, timeout (retried with backoff)",
+    VaultCode.SERVER_ERROR: "the vault's own trouble (retried with backoff)",
+    VaultCode.INVALID_NONCE: "the request-id was spent or expired (a fresh one at once)",
+    Code.SERIAL_NOT_PROPOSED: "registered, but the vault signed another serial than the one proposed",
+}
 DEFAULT_REFUSAL_ACTION = "the vault refused the request (see LastErrorMessage): fix the cause, then run: factory-agent retry"
 
 
