@@ -252,6 +252,10 @@ def test_a_second_instance_beside_a_running_daemon_changes_nothing(tmp_path: Pat
     first = start_daemon(config, state, tmp_path / "first.err")
     stop_all.append(first)
     wait_for_line(tmp_path / "first.err", "state requesting")
+    deadline = time.monotonic() + 30  # its identity, gathered beside the request-id, is recorded (one write)
+    while '"step": "identity"' not in (state / "state.json").read_text():
+        assert time.monotonic() < deadline, "the first daemon never recorded its identity"
+        time.sleep(0.02)
     in_flight = state / ".state.json.inflight.tmp"  # as the first daemon's write_durable has it between open and rename
     in_flight.write_bytes(b"{}")
     before = snapshot(state)
