@@ -145,10 +145,19 @@ def assert_registered(daemon: Daemon, rc: int | None, state_dir: Path, lab_dir: 
     assert_clean(daemon, lab_dir)
 
 
-def stored(state_dir: Path) -> tuple[list[str], str, str]:
-    """What the state directory holds: file names, and state.json's serial and phase."""
-    recorded = json.loads((state_dir / "state.json").read_text())
-    return sorted(p.name for p in state_dir.iterdir()), recorded["serial"], recorded["phase"]
+def stored(state_dir: Path, seconds: float = 10.0) -> tuple[list[str], str, str]:
+    """What the state directory holds: file names, and state.json's serial and phase.
+
+    Taken from a live daemon, a listing can fall inside one of its atomic state.json writes (identity, key and
+    attempts are recorded beside the exchange) and show that write's temp file: such a listing is taken again, so
+    the snapshot is of files at rest. Any other temp file (a serial being written) is reported as it is."""
+    deadline = time.monotonic() + seconds
+    while True:
+        names = sorted(p.name for p in state_dir.iterdir())
+        recorded = json.loads((state_dir / "state.json").read_text())
+        if not any(n.startswith(".state.json.") for n in names) or time.monotonic() > deadline:
+            return names, recorded["serial"], recorded["phase"]
+        time.sleep(0.01)
 
 
 def key_recorded(daemon: Daemon, seconds: float = 60.0) -> dict[str, object]:
