@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import store, systemd
 from .config import Config
+from .errors import ConfigError
 from .registration import Mode, Phase, Progress
 from .session import LogPublisher, Publisher, Publishers, Session
 
@@ -49,30 +50,42 @@ def make_driver(session: Session) -> Driver:
 
 
 async def main(cfg: Config, state_dir: Path, *, once: bool, bus: str = "none", publisher: Publisher | None = None,
-               reload: Callable[[], Config] | None = None) -> int:
+               reload: Callable[[], Config] | None = None, blocked: ConfigError | None = None) -> int:
     """Run until registered (``once``) or until SIGTERM/SIGINT; the exit status for the CLI.
 
     The status is published (D-Bus name owned) as soon as the state is
     loaded, before the modules the registration itself needs are imported.
     ``reload`` reads the configuration and its secrets again, at each Retry().
+    The daemon (not ``once``) stays up, blocked, on what a person must fix in
+    the environment: a state directory it cannot use, or ``blocked`` (the
+    api-key file could not be read): a restart loop would fix neither.
     """
     loop, me = asyncio.get_running_loop(), asyncio.current_task()
     assert me is not None
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, me.cancel)
     publishers = Publishers(publisher or LogPublisher(), systemd.StatusPublisher())
-    driver = make_driver(Session(cfg, store.Store(state_dir), publishers, reload=reload))
-    await driver.load()
-    service = await _publish_on_bus(bus, driver)
+    session = Session(cfg, store.Store(state_dir), publishers, reload=reload, stay_up=not once)
+    driver = make_driver(session)
+    again = asyncio.Event()  # Retry() while the state directory could not be loaded
+    loaded = await session.load_or_hold(driver.load)
+    service = await _publish_on_bus(bus, driver, lambda: driver.retry() if loaded else again.set())
     if service is not None:
         publishers.add(service)
-    first = driver.session.status()  # ready = the state is loaded and the name owned; not "registered"
+    first = session.status()  # ready = the state is loaded (or held) and the name owned; not "registered"
     systemd.notify_ready(systemd.status_line(first.state, first.serial, first.last_error, first.action))
     try:
         async with asyncio.TaskGroup() as tg:
             helpers = [tg.create_task(systemd.watchdog_loop())]
             if service is not None:
                 helpers.append(tg.create_task(service.stay_connected()))  # a lost bus is reconnected, never fatal
+            while not loaded:  # held: each Retry() tries the state directory again
+                again.clear()
+                await again.wait()
+                if loaded := await session.load_or_hold(driver.load):
+                    driver.retry()  # the Retry() asked for: the configuration and secrets read again too
+            if blocked is not None:
+                await session.record(blocked)  # blocked on it, recorded: Retry() reads the files again
             progress = await driver.run(tg, once)
             for task in (*helpers, *driver.background()):
                 task.cancel()
@@ -84,11 +97,11 @@ async def main(cfg: Config, state_dir: Path, *, once: bool, bus: str = "none", p
     return 0 if progress.phase is Phase.REGISTERED else 1
 
 
-async def _publish_on_bus(bus: str, driver: Driver) -> dbus_service.Service | None:
+async def _publish_on_bus(bus: str, driver: Driver, retry: Callable[[], None]) -> dbus_service.Service | None:
     if bus == "none":
         return None
     from . import dbus_service
 
     session = driver.session
-    return await dbus_service.publish(bus, session.status(), session.serial_assertion, driver.retry,
+    return await dbus_service.publish(bus, session.status(), session.serial_assertion, retry,
                                       driver.registration_settings, session.history)

@@ -113,6 +113,8 @@ ACTIONS: dict[str, str] = {
     "the device's identity changed (snapd state reset?); if intended, clear the agent's state directory and restart it",
     Code.CONFIG: "the configuration no longer loads (see LastErrorMessage): fix the file and key it names, "
     "then run: factory-agent retry",
+    Code.STORE: "the state directory cannot be used (see LastErrorMessage): fix what it names (a read-only mount, "
+    "a full disk, an owner or mode), then run: factory-agent retry",
 }
 # What each LastError means, for the man page's TROUBLESHOOTING table (tests/gen_troubleshooting.py writes it
 # from this and ACTIONS; tests/unit/test_troubleshooting.py fails on a stale or missing row).
@@ -133,7 +135,10 @@ MEANINGS: dict[str, str] = {
     "http-404": "the vault answered 404: vault.url does not point at the vault's API",
     Code.RELAY_WRONG_MODEL: "snapd asked for another brand or model (snapd mode, blocked)",
     Code.RELAY_OTHER_DEVICE_KEY: "snapd presented another device key than the one served (snapd mode, blocked)",
-    Code.CONFIG: "Retry() read a configuration that no longer loads (blocked)",
+    Code.CONFIG: "the configuration does not load: read again at Retry(), or an api-key file unreadable at start "
+    "(blocked)",
+    Code.STORE: "the state directory cannot be read or written: read-only, full, or not the agent's (the daemon "
+    "stays up, blocked; run --once exits 1)",
     Code.VAULT_TRANSIENT: "the vault or the path to it failed for now: 5xx, 429, timeout (retried with backoff)",
     VaultCode.SERVER_ERROR: "the vault's own trouble (retried with backoff)",
     VaultCode.INVALID_NONCE: "the request-id was spent or expired (a fresh one at once)",

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from random import Random
@@ -33,6 +33,8 @@ from .errors import (
     ConfigError,
     NotRegisteredError,
     SerialRejectedError,
+    StateLockedError,
+    StoreError,
     VaultError,
 )
 from .registration import Decision, Event, EventKind, Mode, Outcome, Phase, Progress, State
@@ -152,10 +154,14 @@ class Session:
     """The progress of one device's registration, and everything said about it."""
 
     def __init__(self, cfg: Config, st: store.Store, publisher: Publisher, rng: Random | None = None,
-                 reload: Callable[[], Config] | None = None) -> None:
+                 reload: Callable[[], Config] | None = None, stay_up: bool = False) -> None:
         self.cfg, self.store, self.publisher = cfg, st, publisher
         self.rng = rng or Random()
         self._reload = reload  # reads the configuration and its secrets again (Retry()); None: never
+        # The daemon (not run --once) stays up, blocked, when the state directory cannot be written: a person
+        # fixes the mount, the disk or the owner, then Retry() (a restart loop would fix nothing, every 5 s).
+        self.stay_up = stay_up
+        self.held: StoreError | None = None  # why the state directory cannot be used now (not persisted)
         self.progress = Progress()
         self.identity: identity.DeviceIdentity | None = None
         self.activity, self.next_retry = State.STARTING, 0.0  # next_retry: unix time, 0 if none
@@ -185,6 +191,21 @@ class Session:
             recorded = with_event(registration.unblock(recorded), EventKind.RETRY,
                                   f"the restart ends the block by {recorded.blocked_by}: a fresh attempt")
         return recorded
+
+    async def load_or_hold(self, load: Callable[[], Awaitable[None]]) -> bool:
+        """The driver's ``load`` of the state directory: True when done; False when the daemon holds, blocked,
+        on why the directory cannot be used (stay_up). ``run --once`` has it raised (one line, exit 1), and so
+        does another copy holding the state lock: two daemons never serve one device."""
+        try:
+            await load()
+        except StoreError as exc:
+            if not self.stay_up or isinstance(exc, StateLockedError):
+                raise
+            self.progress = Progress()  # what state.json says is unknown: nothing is taken from a partial read
+            self.hold(exc)
+            return False
+        self.held = None
+        return True
 
     def serial_on_disk(self, key_id: str | None) -> str | None:
         """The serial of serial.assertion if it is this device's for ``key_id``; None (and a warning) if not."""
@@ -368,12 +389,33 @@ class Session:
         return p if p.identity == fields else replace(p, identity=fields)
 
     async def _commit(self, progress: Progress) -> None:
-        """Persist, then publish: nobody hears of a state that a power cut could undo."""
+        """Persist, then publish: nobody hears of a state that a power cut could undo. A state that cannot be
+        written is not taken: the daemon holds (stay_up) on the error instead, else it is raised."""
         if progress != self.progress:
             if not _only_recounted(self.progress, progress):  # a repeat's count waits for the next real change
-                await asyncio.to_thread(self.store.save_progress, progress)
+                try:
+                    await asyncio.to_thread(self.store.save_progress, progress)
+                except StoreError as exc:
+                    if not self.stay_up:
+                        raise
+                    self.hold(exc)
+                    return
+            self.held = None
             self.progress = progress
         self.publish()
+
+    def hold(self, error: StoreError) -> None:
+        """Blocked on ``error``, in memory only (the state directory cannot take a write): shown at once, and
+        ended by Retry(), which writes again. What state.json holds stays as it was."""
+        self.held = error  # published as blocked: the log line carries the error's MESSAGE_ID
+        self.progress = replace(self.progress, blocked_by=error.code, last_error=error.code,
+                                last_error_message=str(error))
+        self.publish()
+
+    def raise_if_held(self) -> None:
+        """Before a step that must be recorded first (a serial-request posted): not taken while held."""
+        if self.held is not None:
+            raise self.held
 
     # --- status -----------------------------------------------------------------
 

@@ -206,6 +206,7 @@ class SnapdDriver:
             from . import vault
 
             await session.record(registration.Posted(), note=f"snapd's, to {cfg.vault.url}")
+            session.raise_if_held()  # an attempt not on record is not made
             answer = await asyncio.to_thread(self.vault.forward, "serial", body, vault.ASSERTION_TYPE, headers)
             return await self._answered(request.sign_key_id, request.encode(), answer)
         except AgentError as exc:  # refused here, no answer, or an answer that is not this device's serial

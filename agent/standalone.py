@@ -199,6 +199,7 @@ class StandaloneDriver:
         from . import vault
 
         await session.record(registration.Posted(), note=f"to {self.session.cfg.vault.url}")
+        session.raise_if_held()  # an attempt not on record is not made
         answer = await asyncio.to_thread(self.vault.post_serial, self._stream(request))
         if isinstance(answer, vault.Pending):
             return registration.Accepted(request.decode(), answer.retry_after)

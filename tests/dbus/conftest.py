@@ -7,7 +7,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,9 @@ def write_config(tmp: Path, lab: LabVault, api_key_file: Path | None = None) -> 
 class Daemon(Agent):
     """`factory-agent run --bus session` on the private bus (tests/fakes/launcher.py's Agent)."""
 
-    def __init__(self, address: str, backend: str, config: Path, state: Path, *extra: str) -> None:
-        super().__init__(*run_args(config, state, *extra, bus="session"),
+    def __init__(self, address: str, backend: str, config: Path, state: Path, *extra: str,
+                 wrapper: Sequence[str] = ()) -> None:
+        super().__init__(*run_args(config, state, *extra, bus="session"), wrapper=wrapper,
                          env=agent_env(bus_address=address, backend=backend), stdin=None, stdout=None)
 
     def stop(self, timeout: float = 15.0, signum: int = signal.SIGTERM, check: bool = True) -> str:
