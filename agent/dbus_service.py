@@ -50,6 +50,8 @@ PROPERTIES: dict[str, tuple[str, str]] = {
     "StartedAt": ("t", "started_at"),
     "LastAttemptAt": ("t", "last_attempt_at"),
     "RegisteredAt": ("t", "registered_at"),
+    "WaitingFor": ("as", "waiting_for"),
+    "Deadline": ("t", "deadline"),
 }
 # Back-pressure (issue 11): reply bytes that may wait in our queue to dbus-daemon. A real client
 # waits for one reply at a time (Introspect and the serial, the largest, are a few KiB).
@@ -227,6 +229,16 @@ class Agent1(_service.ServiceInterface):  # type: ignore[name-defined]
     def RegisteredAt(self) -> int:
         return self._value("RegisteredAt")  # type: ignore[no-any-return]
 
+    @_service.dbus_property(access=_service.PropertyAccess.READ)
+    @_signature("as")
+    def WaitingFor(self) -> list[str]:
+        return list(self._value("WaitingFor"))
+
+    @_service.dbus_property(access=_service.PropertyAccess.READ)
+    @_signature("t")
+    def Deadline(self) -> int:
+        return self._value("Deadline")  # type: ignore[no-any-return]
+
 
 class _AnsweredErrors(logging.Filter):
     """Drops dbus-next's log of an error it has already sent as the reply.
@@ -248,7 +260,9 @@ _ANSWERED_ERRORS = _AnsweredErrors()
 
 
 def values(snapshot: Snapshot) -> dict[str, Any]:
-    return {name: getattr(snapshot, attr) for name, (_, attr) in PROPERTIES.items()}
+    """The properties as the D-Bus libraries marshal them: an array ("as") must be a list, not the snapshot's tuple."""
+    found = {name: getattr(snapshot, attr) for name, (_, attr) in PROPERTIES.items()}
+    return {name: list(v) if isinstance(v, tuple) else v for name, v in found.items()}
 
 
 class _Writer:

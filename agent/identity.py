@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import string
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -474,11 +475,14 @@ def _read_dmi(ctx: Any) -> list[Value | Rejected]:
 # ---- waiting for hot-plugged devices (asyncio) ------------------------------
 
 
-async def gather_identity(cfg: config.IdentityConfig, **kwargs: Any) -> DeviceIdentity:
+Waiting = Callable[[tuple[str, ...], float], None]  # (missing fields, unix time the wait ends): told before each wait
+
+
+async def gather_identity(cfg: config.IdentityConfig, waiting: Waiting | None = None, **kwargs: Any) -> DeviceIdentity:
     """:func:`read_identity` (``kwargs`` go to it), waiting up to ``cfg.wait_seconds`` for
     ``cfg.required`` fields, reading again on each udev event of a relevant subsystem."""
     monitor = _start_monitor(cfg.sources) if cfg.required and cfg.wait_seconds > 0 else None
-    return await wait_for_identity(cfg, functools.partial(read_identity, cfg, **kwargs), monitor)
+    return await wait_for_identity(cfg, functools.partial(read_identity, cfg, **kwargs), monitor, waiting)
 
 
 def subsystems_for(sources: Iterable[str]) -> list[str]:
@@ -500,14 +504,16 @@ def _start_monitor(sources: Iterable[str]) -> Any | None:
 
 
 async def wait_for_identity(cfg: config.IdentityConfig, read: Callable[[], DeviceIdentity],
-                            monitor: Any | None) -> DeviceIdentity:
+                            monitor: Any | None, waiting: Waiting | None = None) -> DeviceIdentity:
     """Call ``read`` in a thread until ``cfg.required`` is met, else IdentityError after ``cfg.wait_seconds``.
 
     ``monitor``: a started pyudev Monitor (or anything with ``fileno()`` and
     ``poll(timeout=0)``), or None to rely on rescans every RESCAN_SECONDS.
+    ``waiting`` hears, before each wait, the fields still missing and when the wait ends (the daemon shows them).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + cfg.wait_seconds
+    ends_at = time.time() + cfg.wait_seconds
     changed = asyncio.Event()
     if monitor is not None:
         loop.add_reader(monitor.fileno(), drain_monitor, monitor, subsystems_for(cfg.sources), changed)
@@ -523,6 +529,8 @@ async def wait_for_identity(cfg: config.IdentityConfig, read: Callable[[], Devic
                 raise IdentityError(f"cannot find required identity field(s) {', '.join(missing)} after "
                                     f"{cfg.wait_seconds:g} s: {explain_missing(identity, missing, cfg.allow_weak)}")
             log.info("waiting up to %.0f s for identity field(s) %s", remaining, ", ".join(missing))
+            if waiting is not None:
+                waiting(tuple(missing), ends_at)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(remaining, RESCAN_SECONDS)):
                     await changed.wait()

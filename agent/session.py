@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from random import Random
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from . import __version__, assertions, registration, serials, store, systemd
 from .config import Config, VaultConfig
@@ -65,6 +65,8 @@ class Status:
     started_at: int = 0  # unix microseconds: this daemon's start
     last_attempt_at: int = 0  # unix microseconds: the last exchange with the vault, 0 if none
     registered_at: int = 0  # unix microseconds: the registration, 0 if not registered
+    waiting_for: tuple[str, ...] = ()  # identifying: the required identity fields not found yet
+    deadline: int = 0  # unix microseconds: when the wait of the state ends (identifying: the identity's), 0 if none
 
 
 class Publisher(Protocol):
@@ -171,6 +173,7 @@ class Session:
         self._serial_note = ""  # set when the vault signed another serial than the one proposed
         self.started_at = now_us()
         self._shown: tuple[State, int] = (State.STARTING, self.started_at)  # the State published, and since when
+        self._waiting: tuple[tuple[str, ...], float] = ((), 0.0)  # the identity's missing fields, until when
 
     # --- loading (blocking: called in a thread) ---------------------------------
 
@@ -382,6 +385,12 @@ class Session:
                 progress = with_event(progress, EventKind.IDENTITY, f"{fields}{spent}")
             await self._commit(progress)
 
+    def waiting_for(self, missing: tuple[str, ...], until: float) -> None:
+        """The identity waits for ``missing`` required fields until ``until`` (unix time); () when it is over."""
+        if (missing, until) != self._waiting:
+            self._waiting = (missing, until)
+            self.publish()
+
     def with_identity(self, p: Progress) -> Progress:
         if self.identity is None:
             return p
@@ -438,8 +447,15 @@ class Session:
             next_retry=int(self.next_retry * 1_000_000),
             identity=self.identity.fields(self.cfg.identity.allow_weak) if self.identity else dict(p.identity),
             state_since=self._shown[1], started_at=self.started_at, last_attempt_at=p.last_attempt_at,
-            registered_at=p.registered_at,
+            registered_at=p.registered_at, **self._waited(state),
         )
+
+    def _waited(self, state: State) -> dict[str, Any]:
+        """What identifying waits for, shown while it is the State (the identity also runs beside requesting)."""
+        missing, until = self._waiting
+        if state is not State.IDENTIFYING or not missing:
+            return {}
+        return {"waiting_for": missing, "deadline": int(until * 1_000_000)}
 
     def publish(self) -> None:
         self.publisher.publish(self.status())

@@ -147,7 +147,7 @@ class SnapdDriver:
         session, cfg = self.session, self.session.cfg
         session.set_activity(State.IDENTIFYING)
         try:
-            found = await identity.gather_identity(cfg.identity)
+            found = await identity.gather_identity(cfg.identity, session.waiting_for)
             identity.proposed_serial(found, cfg.serial_template, cfg.identity.allow_weak)  # usable?
         except IdentityError as exc:
             if session.progress.phase is Phase.REGISTERED:
@@ -155,6 +155,8 @@ class SnapdDriver:
             else:
                 await self._record(exc)
             return
+        finally:
+            session.waiting_for((), 0.0)
         await session.adopt_identity(found, IDLE)
 
     # --- the relay's Handler --------------------------------------------------

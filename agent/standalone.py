@@ -162,14 +162,17 @@ class StandaloneDriver:
             self.key_task = tg.create_task(_captured(self._generate_key()))
 
     async def _gather_identity(self) -> identity.DeviceIdentity:
-        started = time.monotonic()
-        if self._identify is not None:
-            found = await self._identify()
-        else:
-            from . import identity
+        started, session = time.monotonic(), self.session
+        try:
+            if self._identify is not None:
+                found = await self._identify()
+            else:
+                from . import identity
 
-            found = await identity.gather_identity(self.session.cfg.identity)
-        await self.session.adopt_identity(found, took=time.monotonic() - started)
+                found = await identity.gather_identity(session.cfg.identity, session.waiting_for)
+        finally:
+            session.waiting_for((), 0.0)
+        await session.adopt_identity(found, took=time.monotonic() - started)
         return found
 
     async def _generate_key(self) -> keys.DeviceKey:

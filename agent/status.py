@@ -33,7 +33,7 @@ JSON_KEYS = {
     "Attempts": "attempts", "LastError": "last-error", "LastErrorMessage": "last-error-message",
     "Action": "action", "NextRetry": "next-retry", "Identity": "identity", "Version": "version",
     "StateSince": "state-since", "StartedAt": "started-at", "LastAttemptAt": "last-attempt-at",
-    "RegisteredAt": "registered-at",
+    "RegisteredAt": "registered-at", "WaitingFor": "waiting-for", "Deadline": "deadline",
 }
 _PROPS = "org.freedesktop.DBus.Properties"
 _MATCH = (f"type='signal',sender='{dbus_service.BUS_NAME}',path='{dbus_service.OBJECT_PATH}',"
@@ -72,6 +72,8 @@ def describe(props: dict[str, Any], now: float) -> list[str]:
         lines.append(f"Action: {props['Action']}")
     if props.get("NextRetry"):
         lines.append(f"Next retry: in {_countdown(props, now)}")
+    if props.get("WaitingFor"):
+        lines.append(f"Waiting for: {_waited(props, now)} (identity.required)")
     identity = props.get("Identity") or {}
     if identity:
         lines.append("Identity: " + ", ".join(f"{k}={v}" for k, v in identity.items()))
@@ -87,6 +89,8 @@ def live_line(props: dict[str, Any], started: float, now: float) -> str:
         parts.append(f"serial {props.get('Serial', '')}")
     elif props.get("NextRetry"):
         parts.append(f"retry in {_countdown(props, now)}")
+    elif props.get("WaitingFor"):
+        parts.append(f"waiting for {_waited(props, now)}")
     if props.get("LastError"):
         parts.append(f"{props['LastError']}: {props.get('LastErrorMessage', '')}")
     if props.get("State") == State.BLOCKED and props.get("Action"):
@@ -94,8 +98,17 @@ def live_line(props: dict[str, Any], started: float, now: float) -> str:
     return " | ".join(parts)
 
 
-def _countdown(props: dict[str, Any], now: float) -> str:
-    return f"{max(0, round(props['NextRetry'] / 1_000_000 - now))}s"
+def _countdown(props: dict[str, Any], now: float, name: str = "NextRetry") -> str:
+    return f"{max(0, round(props[name] / 1_000_000 - now))}s"
+
+
+def _waited(props: dict[str, Any], now: float) -> str:
+    """"soc_serial, mac until 12:03:04 (27s left)": what identifying waits for, and until when."""
+    fields = ", ".join(props["WaitingFor"])
+    if not props.get("Deadline"):
+        return fields
+    until = time.strftime("%H:%M:%S", time.localtime(props["Deadline"] / 1_000_000))
+    return f"{fields} until {until} ({_countdown(props, now, 'Deadline')} left)"
 
 
 async def connect_bus(bus_kind: str) -> Any:

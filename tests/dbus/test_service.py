@@ -14,7 +14,8 @@ from tests.fakes.faultyvault import FaultyVault, Forced
 
 GOLDEN = DATA / "dbus" / "io.factoryagent.Agent1.xml"
 PROPERTIES = ["State", "Serial", "Brand", "Model", "DeviceKeyId", "Attempts", "LastError", "LastErrorMessage",
-              "Action", "NextRetry", "Identity", "Version", "StateSince", "StartedAt", "LastAttemptAt", "RegisteredAt"]
+              "Action", "NextRetry", "Identity", "Version", "StateSince", "StartedAt", "LastAttemptAt", "RegisteredAt",
+              "WaitingFor", "Deadline"]
 
 
 def test_busctl_reads_a_registered_daemon(tmp_path: Path, bus_address: str, backend: str, lab: FaultyVault) -> None:

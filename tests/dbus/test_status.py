@@ -39,7 +39,8 @@ def test_registered_is_0_and_json_is_stable(tmp_path: Path, bus_address: str, ba
         assert done.returncode == 0 and data["schema"] == 1 and data["state"] == "registered"
         assert set(data) == {"schema", "state", "serial", "brand", "model", "device-key-id", "attempts", "last-error",
                              "last-error-message", "action", "next-retry", "identity", "version", "state-since",
-                             "started-at", "last-attempt-at", "registered-at"}
+                             "started-at", "last-attempt-at", "registered-at", "waiting-for", "deadline"}
+        assert (data["waiting-for"], data["deadline"]) == ([], 0)  # nothing waited for once registered
         assert 0 < data["started-at"] <= data["last-attempt-at"] <= data["registered-at"] <= data["state-since"]
         assert data["serial"] == "DBUS-0000000000dbus01" and data["identity"] == {"soc_serial": "0000000000dbus01"}
         human = status(bus_address)
@@ -78,5 +79,31 @@ def test_in_progress_is_2_and_a_wait_that_times_out_is_3(tmp_path: Path, bus_add
         done = status(bus_address, "--wait", "--timeout", "1")
         assert done.returncode == 3 and 1 <= time.monotonic() - started < 10
         assert "waiting-retry" in done.stdout
+    finally:
+        daemon.stop()
+
+
+def test_identifying_shows_the_fields_it_waits_for_and_its_deadline(tmp_path: Path, bus_address: str, backend: str,
+                                                                     lab: FaultyVault) -> None:
+    """A required field no source gives: identifying names it and when the wait ends; then blocked on it."""
+    state, config = tmp_path / "state", write_config(tmp_path, lab)
+    config.write_text(config.read_text().replace("wait-seconds = 0", 'wait-seconds = 6\nrequired = ["mmc_cid"]'))
+    seed_key(state)
+    started = time.time()
+    daemon = Daemon(bus_address, backend, config, state)
+    try:
+        wait_for(lambda: owned(bus_address) and get_property(bus_address, "WaitingFor") == 'as 1 "mmc_cid"')
+        data = json.loads(status(bus_address, "--json").stdout)
+        assert (data["state"], data["waiting-for"]) == ("identifying", ["mmc_cid"]), data
+        assert started + 6 <= data["deadline"] / 1e6 <= time.time() + 6  # identity.wait-seconds from its start
+        until = time.strftime("%H:%M:%S", time.localtime(data["deadline"] / 1e6))
+        text = status(bus_address).stdout
+        assert f"Waiting for: mmc_cid until {until} (" in text and "s left) (identity.required)" in text, text
+        done = status(bus_address, "--wait", "--timeout", "30")
+        assert done.returncode == 1, done.stdout + done.stderr
+        data = json.loads(status(bus_address, "--json").stdout)
+        assert (data["state"], data["last-error"], data["waiting-for"], data["deadline"]) == (
+            "blocked", "identity", [], 0), data
+        assert "mmc_cid" in data["last-error-message"]
     finally:
         daemon.stop()

@@ -10,6 +10,7 @@ import asyncio
 import errno
 import json
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -510,3 +511,18 @@ def test_template_alternatives_take_the_first_field_present() -> None:
         identity.proposed_serial(found, "{soc_serial|machine_id}", allow_weak=False)
     with pytest.raises(IdentityError, match="not a plain field name"):
         identity.proposed_serial(found, "{soc_serial||mac}", allow_weak=False)
+
+
+def test_each_wait_tells_the_missing_fields_and_when_the_wait_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What identifying shows (WaitingFor, Deadline): told before every wait, with one deadline throughout."""
+    monkeypatch.setattr(identity, "RESCAN_SECONDS", 0.2)
+    cfg = config.IdentityConfig(sources=("mac",), required=("mac", "machine_id"), wait_seconds=0.5)
+    told: list[tuple[tuple[str, ...], float]] = []
+    before = time.time()
+
+    async def main() -> None:
+        with pytest.raises(IdentityError):
+            await identity.wait_for_identity(cfg, Reader(), None, lambda missing, until: told.append((missing, until)))
+    asyncio.run(main())
+    assert len(told) >= 2 and {missing for missing, _ in told} == {("mac", "machine_id")}
+    assert len({until for _, until in told}) == 1 and before + 0.5 <= told[0][1] <= time.time() + 0.5
