@@ -101,10 +101,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _load_config(args: argparse.Namespace) -> config.Config:
+def _load_config(args: argparse.Namespace, without_api_key: bool = False) -> config.Config:
     from . import config
 
-    return config.load([Path(f) for f in args.config] if args.config else None)
+    return config.load([Path(f) for f in args.config] if args.config else None, without_api_key=without_api_key)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -121,10 +121,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         errors.conceal([cfg.vault.api_key])  # nor quoted in an error message, whoever wrote the text
         return cfg
 
-    cfg = load()
+    blocked = None
+    try:
+        cfg = load()
+    except errors.SecretUnreadableError as exc:  # the daemon stays up, blocked on it, until Retry() reads it
+        if args.once:
+            raise
+        cfg, blocked = _load_config(args, without_api_key=True), exc
     state_dir = resolve_state_dir(args.state_dir, os.environ)
     try:
-        return asyncio.run(daemon.main(cfg, state_dir, once=args.once, bus=args.bus, reload=load))
+        return asyncio.run(daemon.main(cfg, state_dir, once=args.once, bus=args.bus, reload=load, blocked=blocked))
     except asyncio.CancelledError:  # SIGTERM/SIGINT: a clean stop
         return 0
 

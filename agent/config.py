@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import assertions
-from .errors import AssertionFormatError, ConfigError
+from .errors import AssertionFormatError, ConfigError, SecretUnreadableError
 from .registration import Mode
 
 DEFAULT_FILE = Path("/etc/factory-agent/agent.toml")
@@ -114,14 +114,17 @@ def default_files() -> list[Path]:
     return [DEFAULT_FILE, *drop_ins]
 
 
-def load(files: Sequence[Path] | None = None) -> Config:
-    """Read, check and merge ``files`` (default: :func:`default_files`) into a Config."""
+def load(files: Sequence[Path] | None = None, *, without_api_key: bool = False) -> Config:
+    """Read, check and merge ``files`` (default: :func:`default_files`) into a Config.
+
+    ``without_api_key``: everything but the api-key file, which is not opened (its key is ""): what the daemon
+    runs on, blocked, after SecretUnreadableError, until Retry() loads the whole again."""
     paths = list(files) if files else default_files()
     merged: dict[str, Any] = {}
     origin: dict[str, Path] = {}
     for path in paths:
         _merge(merged, origin, _check_table(_read_toml(path), _SCHEMA, path, ""), path, "")
-    return _build(merged, origin, tuple(paths))
+    return _build(merged, origin, tuple(paths), without_api_key)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -186,8 +189,8 @@ def _read_api_key_file(path: str, fail: Any) -> str:
     where = "vault.api-key-file"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise fail(where, f"cannot be read ({path}: {exc.strerror})") from None
+    except OSError as exc:  # absent, or not ours to read: fixed in the environment, not in this file's text
+        raise SecretUnreadableError(str(fail(where, f"cannot be read ({path}: {exc.strerror})"))) from None
     try:
         st = os.fstat(fd)
         problem = _owner_problem(path, st)
@@ -298,7 +301,8 @@ def _where(origin: Mapping[str, Path], key: str, files: Iterable[Path]) -> str:
     return str(origin.get(key) or ", ".join(map(str, files)))
 
 
-def _build(merged: Mapping[str, Any], origin: Mapping[str, Path], files: tuple[Path, ...]) -> Config:
+def _build(merged: Mapping[str, Any], origin: Mapping[str, Path], files: tuple[Path, ...],
+           without_api_key: bool = False) -> Config:
     def fail(key: str, msg: str) -> ConfigError:
         return ConfigError(f"{_where(origin, key, files)}: {key!r} {msg}")
 
@@ -318,7 +322,7 @@ def _build(merged: Mapping[str, Any], origin: Mapping[str, Path], files: tuple[P
         brand=brand,
         model=model,
         model_assertion=model_assertion,
-        vault=_build_vault(merged, origin, fail),
+        vault=_build_vault(merged, origin, fail, without_api_key),
         serial_template=_check_template(_get(merged, "serial.template"), fail, _get(merged, "identity.static")),
         identity=_build_identity(merged, fail),
         files=files,
@@ -358,7 +362,8 @@ def _load_model(path: str, fail: Any) -> assertions.Assertion | None:
     return model
 
 
-def _build_vault(merged: Mapping[str, Any], origin: Mapping[str, Path], fail: Any) -> VaultConfig:
+def _build_vault(merged: Mapping[str, Any], origin: Mapping[str, Path], fail: Any,
+                 without_api_key: bool = False) -> VaultConfig:
     url = _get(merged, "vault.url")
     if not url:
         raise fail("vault.url", "is required")
@@ -376,7 +381,7 @@ def _build_vault(merged: Mapping[str, Any], origin: Mapping[str, Path], fail: An
         _check_ca_file(ca_file, fail)
     return VaultConfig(
         url=url,
-        api_key=_api_key(merged, origin.get("vault.api-key"), fail),
+        api_key=_api_key(merged, origin.get("vault.api-key"), fail, without_api_key),
         ca_file=ca_file,
         allow_insecure_http=_get(merged, "vault.allow-insecure-http"),
         trusted_account_keys=_account_keys(_get(merged, "vault.trusted-account-keys"), fail),
@@ -385,7 +390,7 @@ def _build_vault(merged: Mapping[str, Any], origin: Mapping[str, Path], fail: An
     )
 
 
-def _api_key(merged: Mapping[str, Any], inline_file: Path | None, fail: Any) -> str:
+def _api_key(merged: Mapping[str, Any], inline_file: Path | None, fail: Any, without_api_key: bool = False) -> str:
     """The api-key, checked here because it is sent as an HTTP header: a value http.client cannot
     encode, or requests refuses (and quotes in its error), would fail every exchange, or show the key."""
     inline, path = _get(merged, "vault.api-key"), _get(merged, "vault.api-key-file")
@@ -394,6 +399,8 @@ def _api_key(merged: Mapping[str, Any], inline_file: Path | None, fail: Any) -> 
     key, where = inline.strip(), "vault.api-key"
     if key and inline_file is not None and (problem := _check_inline_key_file(inline_file)):
         raise fail(where, problem)
+    if path and without_api_key:
+        return ""
     if path:
         where = "vault.api-key-file"
         key = _read_api_key_file(path, fail).strip()

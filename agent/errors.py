@@ -113,6 +113,11 @@ class ConfigError(AgentError):
     dbus_name = DBUS_ERROR_PREFIX + "Config"
 
 
+class SecretUnreadableError(ConfigError):
+    """The api-key file cannot be opened or read now (absent, permissions): the environment's to fix, so the
+    daemon stays up, blocked on it, and reads it again at Retry(); ``run --once`` exits 78 as for any config error."""
+
+
 class IdentityError(AgentError):
     """The hardware identity lacks a required field."""
 

@@ -128,3 +128,27 @@ def test_a_state_dir_turned_read_only_under_the_daemon_blocks_it_and_state_json_
     assert "Traceback" not in daemon.stderr and lab.api_key not in daemon.stderr
     steps = [e["step"] for e in json.loads((state / "state.json").read_text())["history"]]
     assert steps[-1] == "registered" and "retry" in steps, steps
+
+
+def test_an_api_key_file_missing_at_start_keeps_the_daemon_up_blocked_until_it_is_there_and_retried(
+        tmp_path: Path, lab: FaultyVault, bus_address: str, backend: str) -> None:
+    """Not yet copied onto the board (or not readable): blocked on it with the file named, not exit 78 and dead."""
+    key_file = tmp_path / "api-key"
+    config, state = write_config(tmp_path, lab, api_key_file=key_file), tmp_path / "state"
+    seed_key(state)
+    daemon = Daemon(bus_address, backend, config, state)
+    try:
+        wait_for(lambda: state_is(bus_address, "blocked"))
+        found = status(bus_address, backend)
+        assert_blocked_on(found, "config", "'vault.api-key-file' cannot be read", str(key_file), "No such file")
+        assert "fix the file and key it names" in str(found["action"])
+        assert daemon.poll() is None and lab.requests[("POST", "/v1/request-id")] == 0
+        recorded = json.loads((state / "state.json").read_text())
+        assert recorded["blocked-by"] == "config" and recorded["history"][-1]["step"] == "blocked"
+        api_key_file(tmp_path, lab.api_key)  # the technician copies the key
+        retry(bus_address, backend)
+        wait_for(lambda: state_is(bus_address, "registered"))
+        assert status(bus_address, backend)["serial"] == SERIAL and daemon.poll() is None
+    finally:
+        daemon.stop()
+    assert "Traceback" not in daemon.stderr and lab.api_key not in daemon.stderr
