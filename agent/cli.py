@@ -8,6 +8,7 @@ FACTORY_AGENT_DEBUG=1 asks for the whole story.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -26,6 +27,15 @@ if TYPE_CHECKING:
 EX_UNAVAILABLE = 69  # no D-Bus library, no bus, no daemon (as status says it)
 EX_SOFTWARE = 70
 EX_CONFIG = 78
+STATE_DIR_HELP = "state directory (default: $STATE_DIRECTORY, else /var/lib/factory-agent)"
+CONFIG_HELP = ("configuration file (repeatable, later wins; default /etc/factory-agent/agent.toml and "
+               "agent.toml.d/*.toml)")
+BUS_HELP = "the bus the daemon is on (default: system)"
+RUN_EXIT = """exit status:
+  0   registered (--once), or stopped by SIGTERM/SIGINT
+  1   blocked (--once), or the state directory cannot be used (--once)
+  3   --once --timeout passed before registered or blocked
+  78  configuration error (systemd does not restart it)"""
 
 
 def resolve_state_dir(arg: str | None, environ: os._Environ[str] | dict[str, str]) -> Path:
@@ -107,6 +117,16 @@ def _load_config(args: argparse.Namespace, without_api_key: bool = False) -> con
     return config.load([Path(f) for f in args.config] if args.config else None, without_api_key=without_api_key)
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -130,7 +150,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg, blocked = _load_config(args, without_api_key=True), exc
     state_dir = resolve_state_dir(args.state_dir, os.environ)
     try:
-        return asyncio.run(daemon.main(cfg, state_dir, once=args.once, bus=args.bus, reload=load, blocked=blocked))
+        return asyncio.run(daemon.main(cfg, state_dir, once=args.once, bus=args.bus, reload=load, blocked=blocked,
+                                       timeout=args.timeout))
     except asyncio.CancelledError:  # SIGTERM/SIGINT: a clean stop
         return 0
 
@@ -210,28 +231,45 @@ def cmd_lab_vault(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="factory-agent", description="First-boot device registration agent.")
+    parser = argparse.ArgumentParser(
+        prog="factory-agent", description="First-boot device registration agent: gathers the hardware identity, "
+        "makes the device key and obtains a signed serial assertion from the brand's Serial Vault.",
+        epilog="Run `factory-agent COMMAND --help` for each command; man factory-agent(1) has the troubleshooting "
+               "table. Exit status common to all: 2 usage error, 70 internal error (a bug), 78 configuration error, "
+               "130 interrupted.")
     parser.add_argument("--version", action="version", version=f"factory-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="the daemon: register this device with the Serial Vault")
+    p = sub.add_parser("run", help="the daemon: register this device with the Serial Vault",
+                       description="Register this device: load the state directory, gather the identity, make the "
+                                   "device key, ask the vault for a serial, and report each step on D-Bus "
+                                   "(io.factoryagent.Agent1), to systemd and to the journal. Without --once it serves "
+                                   "status until stopped; a block waits for `factory-agent retry`.",
+                       epilog=RUN_EXIT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="configuration file (repeatable, later wins; default /etc/factory-agent/agent.toml"
                         " and agent.toml.d/*.toml)")
-    p.add_argument("--state-dir", metavar="DIR")
+    p.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
     p.add_argument("--bus", choices=["system", "session", "none"], default="system",
                    help="where to publish io.factoryagent.Agent1 (default: system; none: no D-Bus)")
     p.add_argument("--once", action="store_true", help="exit 0 when registered, 1 when blocked")
+    p.add_argument("--timeout", type=_positive, default=0.0, metavar="SECONDS",
+                   help="with --once: give up after this long, exit 3 (default 0: no limit)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="the daemon's state over D-Bus (exit 0 registered, 1 blocked, 2 in progress, "
-                                      "3 --wait timed out, 69 no daemon)")
+                                      "3 --wait timed out, 69 no daemon)",
+                       description="Show the daemon's state, read over D-Bus; with no daemon, say why (kill switch, "
+                                   "unit, configuration, what state.json records) and what to run next.",
+                       epilog="exit status: 0 registered, 1 blocked, 2 in progress, 3 --wait/--follow timed out, "
+                              "69 no daemon (or no D-Bus library)")
     p.add_argument("--json", action="store_true", help="a stable JSON document (schema 1)")
     p.add_argument("--wait", action="store_true", help="follow the daemon until registered or blocked")
     p.add_argument("--follow", action="store_true",
                    help="one line per change (with --json: one JSON object per line) until --timeout or the daemon "
                         "leaves")
-    p.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS", help="give up waiting after this long (exit 3)")
+    p.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS",
+                   help="give up waiting after this long (exit 3; default 0: no limit)")
     p.add_argument("--long", action="store_true",
                    help="add the step history with times (as snap tasks shows a change); \"history\" in --json")
     p.add_argument("--state-dir", metavar="DIR",
@@ -240,12 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", action="append", default=[], metavar="FILE",
                    help="with no daemon, the configuration checked for the error that stops it (repeatable; default "
                         "the daemon's)")
-    p.add_argument("--bus", choices=["system", "session"], default="system")
+    p.add_argument("--bus", choices=["system", "session"], default="system", help=BUS_HELP)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("retry", help="Retry() on the daemon (root only): read the configuration and secrets again "
-                                     "and start a fresh attempt (exit 0 asked, 1 refused, 69 no daemon)")
-    p.add_argument("--bus", choices=["system", "session"], default="system")
+                                     "and start a fresh attempt (exit 0 asked, 1 refused, 69 no daemon)",
+                       description="Ask the running daemon for a fresh attempt after fixing what blocked it: it reads "
+                                   "the configuration and secrets (api-key, ca-file, trusted keys, template) again, "
+                                   "and the state directory if it could not be used. Root only.",
+                       epilog="exit status: 0 asked (follow with `factory-agent status --wait`), 1 refused (not "
+                              "root), 69 no daemon")
+    p.add_argument("--bus", choices=["system", "session"], default="system", help=BUS_HELP)
     p.set_defaults(func=cmd_retry)
 
     p = sub.add_parser("check", help="preflight: each check ok, warning or error with a fix hint; changes nothing",
@@ -263,16 +306,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("registration-settings",
                        help="snapd mode: the settings the prepare-device hook hands to snapd, one `snapctl set` "
-                            "argument per line (exit 0 printed, 1 refused, 3 --timeout passed, 69 no bus)")
-    p.add_argument("--bus", choices=["system", "session"], default="system")
+                            "argument per line (exit 0 printed, 1 refused, 3 --timeout passed, 69 no bus)",
+                       description="snapd mode: print what the gadget's prepare-device hook hands to snapd "
+                                   "(device-service.url and headers of the relay, the proposed serial, the identity "
+                                   "body), waiting for the daemon and its identity. Root only.",
+                       epilog="exit status: 0 printed, 1 refused (not root, standalone mode, identity blocked), "
+                              "3 --timeout passed, 69 no bus or daemon")
+    p.add_argument("--bus", choices=["system", "session"], default="system", help=BUS_HELP)
     p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                    help="wait this long for the daemon and its identity (default 300)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of snapctl arguments")
     p.set_defaults(func=cmd_registration_settings)
 
-    p = sub.add_parser("identity", help="gather and print the hardware identity with the source of each value")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--config", action="append", default=[], metavar="FILE")
+    p = sub.add_parser("identity", help="gather and print the hardware identity with the source of each value",
+                       description="Gather the hardware identity as the daemon does (udev, sysfs, the configured "
+                                   "sources) and print each field with where it came from, what was rejected and "
+                                   "why, and the serial the template would propose. Writes nothing.",
+                       epilog="exit status: 0 printed, 1 required fields missing after identity.wait-seconds, "
+                              "78 configuration error")
+    p.add_argument("--json", action="store_true", help="one JSON document instead of text")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help=CONFIG_HELP)
     p.set_defaults(func=cmd_identity)
 
     p = sub.add_parser(
@@ -298,33 +351,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bus", choices=["system", "session"], default="system", help="where the daemon is")
     p.set_defaults(func=cmd_support_bundle)
 
-    p = sub.add_parser("lab-vault", help="a local Serial Vault for labs, demos and tests (not for production)")
-    p.add_argument("--dir", required=True, metavar="DIR", help="keys, trust chain and api-key live here")
-    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
-    p.add_argument("--brand", default="acme")
-    p.add_argument("--model", default="acme-gw")
+    p = sub.add_parser("lab-vault", help="a local Serial Vault for labs, demos and tests (not for production)",
+                       description="Serve the Serial Vault's device API (request-id, serial, version) on HOST:PORT, "
+                                   "signing serials with a brand key it makes in DIR on first use, beside the "
+                                   "model assertion, the brand's account-key and the api-key an agent needs. "
+                                   "It prints its URL on stdout; its keys sit unencrypted in DIR.",
+                       epilog="exit status: 0 stopped by SIGTERM/SIGINT, 2 usage, 78 DIR or a TLS file cannot be "
+                              "used")
+    p.add_argument("--dir", required=True, metavar="DIR", help="keys, trust chain and api-key live here (required)")
+    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                   help="where to listen (default 127.0.0.1:0: a free port)")
+    p.add_argument("--brand", default="acme", help="brand-id (default acme)")
+    p.add_argument("--model", default="acme-gw", help="model name (default acme-gw)")
     p.add_argument("--api-key", metavar="KEY", help="default: a random key, kept in DIR/api-key")
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="and this private key (PEM)")
     p.set_defaults(func=cmd_lab_vault)
 
-    p = sub.add_parser("key", help="print the device key id (or public key); --generate creates the key if missing")
-    p.add_argument("--state-dir", metavar="DIR")
+    p = sub.add_parser("key", help="print the device key id (or public key); --generate creates the key if missing",
+                       description="Print the device key's id (snapd's SHA3-384 of the public key), or with --public "
+                                   "the public key as snapd encodes it. --generate makes the RSA-4096 key if there is "
+                                   "none, under the state lock (never beside a running daemon's own).",
+                       epilog="exit status: 0 printed, 1 no device key (or it cannot be stored), 78 a file in the "
+                              "state directory is not the agent's own")
+    p.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
     p.add_argument("--generate", action="store_true", help="generate the device key if there is none")
     p.add_argument("--public", action="store_true", help="print the public key as snapd encodes it")
     p.add_argument("--bits", type=int, default=keys.DEVICE_KEY_BITS, help=argparse.SUPPRESS)  # tests only
     p.set_defaults(func=cmd_key)
 
-    p = sub.add_parser("serial-request", help="print a serial-request signed by the device key")
-    p.add_argument("--state-dir", metavar="DIR")
-    p.add_argument("--brand", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--request-id", required=True)
-    p.add_argument("--serial")
-    p.add_argument("--body-file", metavar="FILE")
+    p = sub.add_parser("serial-request", help="print a serial-request signed by the device key",
+                       description="Print a serial-request assertion signed by the device key, as snapd builds "
+                                   "it, for a vault exchange made by hand.",
+                       epilog="exit status: 0 printed, 1 no device key, 78 the body file cannot be read")
+    p.add_argument("--state-dir", metavar="DIR", help=STATE_DIR_HELP)
+    p.add_argument("--brand", required=True, help="brand-id (required)")
+    p.add_argument("--model", required=True, help="model name (required)")
+    p.add_argument("--request-id", required=True, help="the vault's request-id (required)")
+    p.add_argument("--serial", help="the proposed serial (default: none)")
+    p.add_argument("--body-file", metavar="FILE", help="the request's body (default: none)")
     p.set_defaults(func=cmd_serial_request)
 
-    p = sub.add_parser("verify", help="check the signatures of an assertion file or stream")
+    p = sub.add_parser("verify", help="check the signatures of an assertion file or stream",
+                       description="Verify each assertion of FILE: serial-requests with their own device-key, the "
+                                   "others with the account-keys given. One line each.",
+                       epilog="exit status: 0 all verified, 1 any not verified, 78 a file cannot be read")
     p.add_argument("file", metavar="FILE")
     p.add_argument("--account-key", action="append", default=[], metavar="FILE",
                    help="account-key assertion(s) to trust; serial-requests verify with their own device-key")
@@ -340,7 +411,10 @@ def _leaf(exc: BaseException) -> BaseException:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run" and args.timeout and not args.once:
+        parser.error("run: --timeout needs --once (the daemon itself never gives up)")
     try:
         try:
             return int(args.func(args))

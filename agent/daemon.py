@@ -10,6 +10,7 @@ reconcile() make a SIGKILL at any instant safe.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,9 @@ from .config import Config
 from .errors import ConfigError
 from .registration import Mode, Phase, Progress
 from .session import LogPublisher, Publisher, Publishers, Session
+
+log = logging.getLogger(__name__)
+EXIT_TIMEOUT = 3  # run --once --timeout passed, as status --wait --timeout
 
 if TYPE_CHECKING:  # imported when first needed: the status is published before they load
     from . import dbus_service
@@ -50,7 +54,8 @@ def make_driver(session: Session) -> Driver:
 
 
 async def main(cfg: Config, state_dir: Path, *, once: bool, bus: str = "none", publisher: Publisher | None = None,
-               reload: Callable[[], Config] | None = None, blocked: ConfigError | None = None) -> int:
+               reload: Callable[[], Config] | None = None, blocked: ConfigError | None = None,
+               timeout: float = 0.0) -> int:
     """Run until registered (``once``) or until SIGTERM/SIGINT; the exit status for the CLI.
 
     The status is published (D-Bus name owned) as soon as the state is
@@ -59,6 +64,7 @@ async def main(cfg: Config, state_dir: Path, *, once: bool, bus: str = "none", p
     The daemon (not ``once``) stays up, blocked, on what a person must fix in
     the environment: a state directory it cannot use, or ``blocked`` (the
     api-key file could not be read): a restart loop would fix neither.
+    ``timeout`` (run --once --timeout): give up after that many seconds, exit 3.
     """
     loop, me = asyncio.get_running_loop(), asyncio.current_task()
     assert me is not None
@@ -74,8 +80,9 @@ async def main(cfg: Config, state_dir: Path, *, once: bool, bus: str = "none", p
         publishers.add(service)
     first = session.status()  # ready = the state is loaded (or held) and the name owned; not "registered"
     systemd.notify_ready(systemd.status_line(first.state, first.serial, first.last_error, first.action))
+    limit = asyncio.timeout(timeout or None)
     try:
-        async with asyncio.TaskGroup() as tg:
+        async with limit, asyncio.TaskGroup() as tg:
             helpers = [tg.create_task(systemd.watchdog_loop())]
             if service is not None:
                 helpers.append(tg.create_task(service.stay_connected()))  # a lost bus is reconnected, never fatal
@@ -89,6 +96,13 @@ async def main(cfg: Config, state_dir: Path, *, once: bool, bus: str = "none", p
             progress = await driver.run(tg, once)
             for task in (*helpers, *driver.background()):
                 task.cancel()
+    except TimeoutError:
+        if not limit.expired():
+            raise
+        now = session.status()
+        log.error("gave up after %g s (--timeout) in state %s%s", timeout, now.state,
+                  f" ({now.last_error}: {now.last_error_message})" if now.last_error else "")
+        return EXIT_TIMEOUT
     finally:
         systemd.notify_stopping()
         if service is not None:

@@ -82,3 +82,15 @@ def test_an_unwritable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
     done = run("key", "--state-dir", str(blocker / "sub"), "--generate", "--bits", "2048")
     assert done.returncode == 1 and "Not a directory" in done.stderr
     assert str(blocker / "sub") in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_every_subcommand_help_runs_as_a_process() -> None:
+    for name in sorted(_subcommands()):
+        done = launcher.run(agent_argv(name, "--help"), timeout=30)
+        assert done.returncode == 0 and "exit status:" in done.stdout and not done.stderr, (name, done.stderr)
+
+
+def _subcommands() -> list[str]:
+    from tests.unit.test_cli_help import subparsers
+
+    return sorted(subparsers())

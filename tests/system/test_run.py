@@ -323,3 +323,28 @@ def test_a_key_file_that_is_not_the_recorded_key_blocks(tmp_path: Path, lab: Fau
     assert done.returncode == 1 and "device-key-lost" in done.stderr and "reflash" in done.stderr
     assert not (state / "serial.assertion").exists()
     assert (state / "device-key.pem").read_bytes() == (DATA / "device" / "device-key.pem").read_bytes()  # untouched
+
+
+def test_run_once_timeout_gives_up_with_exit_3_naming_the_state(tmp_path: Path, lab: FaultyVault) -> None:
+    """A vault that never answers (nothing listens on its port): --once alone would retry forever."""
+    with socket.socket() as s:  # a port nothing listens on: bound, then closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write_agent_config(tmp_path, f"http://127.0.0.1:{port}/v1/", lab.directory, template="T-{soc_serial}",
+                                soc_serial="00000000000000t1")
+    state = tmp_path / "state"
+    seed_key(state)
+    started = time.monotonic()
+    done = launcher.run(agent_argv(*run_args(config, state, once=True), "--timeout", "3"), timeout=60)
+    took = time.monotonic() - started
+    assert done.returncode == 3 and took < 30, (done.returncode, took, done.stderr)
+    gave_up = [line for line in done.stderr.splitlines() if "gave up after 3 s (--timeout)" in line]
+    assert len(gave_up) == 1 and "vault-unavailable" in gave_up[0] and gave_up[0] == done.stderr.splitlines()[-1]
+    assert "Traceback" not in done.stderr
+    recorded = json.loads((state / "state.json").read_text())  # left whole: the normal stop path
+    assert recorded["phase"] == "key-ready" and recorded["serial"] == ""
+
+
+def test_run_timeout_without_once_is_a_usage_error(tmp_path: Path) -> None:
+    done = launcher.run(agent_argv("run", "--bus", "none", "--timeout", "3"), timeout=30)
+    assert done.returncode == 2 and "--timeout needs --once" in done.stderr

@@ -1,0 +1,37 @@
+"""`--help` of every subcommand: a description, the defaults, and the exit codes (a new subcommand is covered too)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from agent import cli
+
+
+def subparsers() -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_the_top_level_help_names_the_common_exit_codes() -> None:
+    text = " ".join(cli.build_parser().format_help().split())
+    assert "exit status" in text.lower() and "78 configuration error" in text and "COMMAND --help" in text
+
+
+@pytest.mark.parametrize("name", sorted(subparsers()))
+def test_each_subcommand_has_a_description_exit_codes_and_its_defaults(name: str) -> None:
+    parser = subparsers()[name]
+    text = " ".join(parser.format_help().split())
+    assert parser.description and len(parser.description) > 40, name
+    assert parser.epilog and "exit status:" in parser.epilog, name
+    for action in parser._actions:
+        if action.help in (None, argparse.SUPPRESS) or isinstance(action, argparse._HelpAction):
+            continue
+        default = action.default
+        if default in (None, False, [], argparse.SUPPRESS) or action.required:
+            continue
+        shown = str(int(default)) if isinstance(default, float) and default.is_integer() else str(default)
+        assert f"default {shown}" in text or f"default: {shown}" in text or f"(default: {shown})" in text, (
+            name, action.dest, default)
+
