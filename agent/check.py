@@ -14,7 +14,6 @@ error.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,11 +26,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from . import absent, store
 from .errors import AgentError, VaultError
+
+if TYPE_CHECKING:
+    from .vault import Certificate
 
 NET_TIMEOUT = 5.0
 # The state directory holds a few KiB (store.py's caps); 10 MiB leaves room for the journal's neighbours too.
@@ -64,7 +66,7 @@ class _Context:
     state_dir: Path
     cfg: Any = None  # config.Config once loaded
     config_error: str = ""
-    cert: dict[str, Any] | None = None  # the vault's certificate, when TLS showed one
+    cert: Certificate | None = None  # the vault's certificate, when TLS showed one
     reachable: bool = False
     secure: bool = False  # TLS verified (or http:// allowed): the HTTP checks can run
 
@@ -229,10 +231,10 @@ def check_tls(ctx: _Context) -> Result:
     try:
         with socket.create_connection((host, port), timeout=_timeout(ctx)) as sock, \
                 context.wrap_socket(sock, server_hostname=host) as tls:
-            ctx.cert = _describe(tls.getpeercert(binary_form=True) or b"")
+            ctx.cert = vault.describe_certificate(tls.getpeercert(binary_form=True) or b"")
             version = tls.version()
     except ssl.SSLCertVerificationError as exc:
-        ctx.cert = _presented(host, port, ctx)
+        ctx.cert = vault.fetch_certificate(host, port, _timeout(ctx))
         shown = _shown(ctx.cert) if ctx.cert else "no certificate could be read"
         return Result("vault-tls", title, "error", f"{host}:{port} presented an untrusted certificate "
                       f"({exc.verify_message}): {shown}",
@@ -244,34 +246,11 @@ def check_tls(ctx: _Context) -> Result:
     return Result("vault-tls", title, "ok", f"{version} to {host}:{port}: {_shown(ctx.cert)}")
 
 
-def _presented(host: str, port: int, ctx: _Context) -> dict[str, Any] | None:
-    """The certificate as presented, without trusting it, to show a technician what answered."""
-    try:  # the stdlib's fetch-only helper (as vault.presented_certificate): its handshake never carries a request
-        der = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((host, port), timeout=_timeout(ctx)))
-        return _describe(der) if der else None
-    except (OSError, ssl.SSLError, ValueError):
-        return None
+_MINUTE = "%Y-%m-%d %H:%M"
 
 
-def _describe(der: bytes) -> dict[str, Any]:
-    from cryptography import x509
-
-    cert = x509.load_der_x509_certificate(der)
-    digest = hashlib.sha256(der).hexdigest().upper()
-    return {"subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
-            "sha256": ":".join(digest[i:i + 2] for i in range(0, len(digest), 2)),
-            "not_before": _utc(cert, "not_valid_before"), "not_after": _utc(cert, "not_valid_after")}
-
-
-def _utc(cert: Any, name: str) -> datetime:
-    value = getattr(cert, name + "_utc", None)  # cryptography >= 42; Debian 12's 38 has the naive one only
-    when: datetime = value if value is not None else getattr(cert, name).replace(tzinfo=UTC)
-    return when
-
-
-def _shown(cert: dict[str, Any]) -> str:
-    return (f"{cert['subject']} issued by {cert['issuer']}, sha256 {cert['sha256']}, valid "
-            f"{cert['not_before']:%Y-%m-%d %H:%M} to {cert['not_after']:%Y-%m-%d %H:%M} UTC")
+def _shown(cert: Certificate) -> str:
+    return f"{cert.subject} issued by {cert.issuer}, sha256 {cert.sha256}, valid {cert.window(_MINUTE)} UTC"
 
 
 def check_clock(ctx: _Context) -> Result:
@@ -280,9 +259,10 @@ def check_clock(ctx: _Context) -> Result:
     if now < NOT_BEFORE:
         return Result("clock", "clock", "error", f"device time {shown} is before this package's build date "
                       f"{NOT_BEFORE:%Y-%m-%d}", "set the clock (NTP, or: date -s) or the RTC")
-    if ctx.cert and not ctx.cert["not_before"] <= now <= ctx.cert["not_after"]:
+    cert = ctx.cert
+    if cert and cert.not_before and cert.not_after and not cert.not_before <= now <= cert.not_after:
         return Result("clock", "clock", "error", f"device time {shown} is outside the vault certificate's validity "
-                      f"{ctx.cert['not_before']:%Y-%m-%d %H:%M} to {ctx.cert['not_after']:%Y-%m-%d %H:%M} UTC",
+                      f"{cert.window(_MINUTE)} UTC",
                       "set the clock, or renew the vault's certificate")
     inside = " and within the vault certificate's validity" if ctx.cert else ""
     return Result("clock", "clock", "ok", f"{shown}, after the build date {NOT_BEFORE:%Y-%m-%d}{inside}")

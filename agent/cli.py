@@ -117,6 +117,36 @@ def _load_config(args: argparse.Namespace, without_api_key: bool = False) -> con
     return config.load([Path(f) for f in args.config] if args.config else None, without_api_key=without_api_key)
 
 
+def _http_error(text: str) -> int:
+    if not text.isdigit() or not 400 <= int(text) <= 599:
+        raise argparse.ArgumentTypeError(f"must be an HTTP error status from 400 to 599, not {text!r}")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def _whole_seconds(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number of seconds, not {text!r}")
+    return int(text)
+
+
+def _delay(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else _positive(text)
+
+
+def _vault_code(text: str) -> str:
+    from .labvault import MESSAGES  # only when --refuse is given: the CLI's other commands do without it
+
+    if text not in MESSAGES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of the vault's error codes: {', '.join(MESSAGES)}")
+    return text
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -224,10 +254,28 @@ def cmd_support_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_lab_vault(args: argparse.Namespace) -> int:
-    from . import labvault
+    from . import labserve, systemd
 
-    return labvault.serve(Path(args.dir), args.listen, brand=args.brand, model=args.model, api_key=args.api_key,
-                          certfile=args.tls_cert, keyfile=args.tls_key)
+    systemd.setup_logging()  # its progress and each rehearsed failure, on stderr
+    rehearsal = None
+    if args.fail is not None or args.refuse is not None or args.delay:
+        rehearsal = labserve.Rehearsal(fail=args.fail, refuse=args.refuse, times=args.times, delay=args.delay,
+                                       retry_after=args.retry_after,
+                                       endpoints=tuple(args.endpoint or labserve.DEVICE_ENDPOINTS))
+    return labserve.serve(labserve.Options(Path(args.dir), args.listen, args.brand, args.model, args.api_key,
+                                           args.tls_cert, args.tls_key, args.self_signed, rehearsal))
+
+
+def _lab_vault_usage(args: argparse.Namespace) -> str | None:
+    """What is wrong with a lab-vault command line that argparse alone cannot tell, or None."""
+    plays = args.fail is not None or args.refuse is not None
+    if (args.times is not None or args.endpoint) and not (plays or args.delay):
+        return "lab-vault: --times and --endpoint need --fail, --refuse or --delay"
+    if args.retry_after is not None and args.fail is None:
+        return "lab-vault: --retry-after needs --fail"
+    if args.self_signed and (args.tls_cert or args.tls_key):
+        return "lab-vault: --self-signed makes its own certificate: drop --tls-cert and --tls-key"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,7 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve the Serial Vault's device API (request-id, serial, version) on HOST:PORT, "
                                    "signing serials with a brand key it makes in DIR on first use, beside the "
                                    "model assertion, the brand's account-key and the api-key an agent needs. "
-                                   "It prints its URL on stdout; its keys sit unencrypted in DIR.",
+                                   "It prints its URL on stdout; its keys sit unencrypted in DIR. A factory "
+                                   "rehearses its line with it: --fail 503 --times 3 (an outage), --refuse "
+                                   "invalid-api-key (a refusal a person must fix), --delay 5 (a slow vault), "
+                                   "--self-signed (HTTPS with a private CA, as production has).",
                        epilog="exit status: 0 stopped by SIGTERM/SIGINT, 2 usage, 78 DIR or a TLS file cannot be "
                               "used")
     p.add_argument("--dir", required=True, metavar="DIR", help="keys, trust chain and api-key live here (required)")
@@ -366,6 +417,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", metavar="KEY", help="default: a random key, kept in DIR/api-key")
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="and this private key (PEM)")
+    p.add_argument("--self-signed", action="store_true",
+                   help="serve HTTPS with a private CA made in DIR on first use and kept: point the agent's "
+                        "vault.ca-file at DIR/ca.pem")
+    rehearse = p.add_argument_group(
+        "rehearsal", "failures played on purpose, on device requests (request-id and serial) only: /v1/version "
+                     "stays healthy, as a vault that is up but failing. Each rehearsed answer is logged on stderr.")
+    play = rehearse.add_mutually_exclusive_group()
+    play.add_argument("--fail", type=_http_error, metavar="STATUS",
+                      help="answer this HTTP status (400-599, e.g. 503 or 429) instead of the real answer")
+    play.add_argument("--refuse", type=_vault_code, metavar="CODE",
+                      help="answer this vault error code (HTTP 400 with the real vault's JSON body), e.g. "
+                           "invalid-api-key, invalid-model, invalid-nonce")
+    rehearse.add_argument("--times", type=_count, metavar="N",
+                          help="rehearse on the first N device requests only, then answer normally "
+                               "(default: on every one)")
+    rehearse.add_argument("--retry-after", type=_whole_seconds, metavar="SECONDS",
+                          help="with --fail: send Retry-After: SECONDS, as a loaded vault or proxy does")
+    rehearse.add_argument("--delay", type=_delay, default=0.0, metavar="SECONDS",
+                          help="answer every device request SECONDS late (default 0)")
+    rehearse.add_argument("--endpoint", action="append", choices=["request-id", "serial"],
+                          help="play only on this endpoint (repeatable; default both)")
     p.set_defaults(func=cmd_lab_vault)
 
     p = sub.add_parser("key", help="print the device key id (or public key); --generate creates the key if missing",
@@ -415,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run" and args.timeout and not args.once:
         parser.error("run: --timeout needs --once (the daemon itself never gives up)")
+    if args.command == "lab-vault" and (problem := _lab_vault_usage(args)):
+        parser.error(problem)
     try:
         try:
             return int(args.func(args))

@@ -16,20 +16,19 @@ import json
 import logging
 import re
 import secrets
-import signal
 import socket
 import socketserver
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any, cast
 
 from . import __version__, assertions, keys, openpgp, store
@@ -188,9 +187,7 @@ class LabVault:
         paths = [self._directory / "root-key.pem", self._directory / "brand-key.pem"]
         missing = [path for path in paths if not path.exists()]
         if missing:
-            with ThreadPoolExecutor(max_workers=len(missing)) as pool:
-                pems = list(pool.map(lambda _: keys.generate_key_pem(bits), missing))
-            for path, pem in zip(missing, pems):
+            for path, pem in zip(missing, _generate_pems(bits, len(missing))):
                 try:
                     store.write_durable(path, pem, mode=0o600, replace=False)
                 except FileExistsError:
@@ -355,6 +352,23 @@ class LabVault:
         self.stop()
 
 
+KEYGEN_PROGRESS_EVERY = 15.0  # seconds between "still making keys" lines (RSA-4096 takes minutes on armhf)
+
+
+def _generate_pems(bits: int, count: int) -> list[bytes]:
+    """``count`` new RSA keys made side by side in child processes, saying so while it takes."""
+    log.info("lab vault: making %d RSA-%d key(s), one child process each (on a slow board this takes minutes)",
+             count, bits)
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        futures = [pool.submit(keys.generate_key_pem, bits) for _ in range(count)]
+        while wait(futures, timeout=KEYGEN_PROGRESS_EVERY).not_done:
+            log.info("lab vault: still making keys (%.0f s)", time.monotonic() - started)
+        pems = [future.result() for future in futures]
+    log.info("lab vault: keys made in %.1f s", time.monotonic() - started)
+    return pems
+
+
 def _account(account_id: str, display_name: str, stamp: str) -> dict[str, HeaderValue]:
     return {"type": "account", "authority-id": ROOT_ID, "account-id": account_id, "display-name": display_name,
             "timestamp": stamp, "username": account_id, "validation": "verified"}
@@ -495,61 +509,3 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         log.debug("lab vault: %s " + format, self.address_string(), *args)
-
-
-# --- the CLI entry point ---------------------------------------------------
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """HOST:PORT (IPv6 as [::1]:PORT) as (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"cannot use listen address {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
-    return host, int(port)
-
-
-def _tls_context(certfile: str | Path | None, keyfile: str | Path | None) -> ssl.SSLContext | None:
-    if certfile is None:
-        if keyfile is not None:
-            raise ConfigError("cannot use a TLS key without a certificate")
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(certfile, keyfile)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load TLS certificate {certfile}: {exc}") from None
-    return context
-
-
-def serve(directory: Path, listen: str = "127.0.0.1:0", brand: str = "acme", model: str = "acme-gw",
-          api_key: str | None = None, certfile: str | Path | None = None, keyfile: str | Path | None = None) -> int:
-    """Run a lab vault until SIGTERM or SIGINT; prints one line saying where, writes DIR/url. Returns 0."""
-    host, port = parse_listen(listen)
-    context = _tls_context(certfile, keyfile)
-    if host not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("lab vault listening on %s, which is not a loopback address", host)
-    vault = LabVault(Path(directory), brand, model, api_key)
-    stopped = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopped.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        try:
-            url = vault.start(host, port, context)
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-        store.write_durable(vault.directory / "url", url.encode("utf-8") + b"\n", mode=0o644)
-        where = vault.directory
-        print(f"lab vault listening on {url} (brand {brand}, model {model}); trust {where / 'brand.account-key'};"
-              f" api-key in {where / 'api-key'}", flush=True)
-        while not stopped.wait(1.0):
-            pass
-    finally:
-        vault.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0

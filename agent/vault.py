@@ -24,6 +24,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import requests
@@ -408,8 +409,7 @@ def _tls_error(exc: BaseException, url: str, ca_file: str = "") -> VaultClockSke
             cert = presented_certificate(url)
             if cause.verify_code in (_X509_NOT_YET_VALID, _X509_EXPIRED):
                 now = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-                window = (f"valid from {cert.not_before} to {cert.not_after}" if cert and cert.not_before
-                          else "validity window unknown")
+                window = f"valid from {cert.window()}" if cert and cert.window() else "validity window unknown"
                 return VaultClockSkew(f"the vault's TLS certificate is not valid at this device's time: "
                                       f"{cause.verify_message} (POST {url}: device time {now}, certificate {window})")
             text = f"cannot trust the vault's TLS certificate at {url}: {cause.verify_message}"
@@ -426,15 +426,19 @@ class Certificate:
     subject: str
     issuer: str
     sha256: str  # hex, colon-separated, as openssl x509 -fingerprint -sha256 shows it
-    not_before: str  # "YYYY-MM-DD HH:MM:SS UTC", "" when the certificate could not be parsed
-    not_after: str
+    not_before: datetime | None  # aware UTC; None when the certificate could not be parsed
+    not_after: datetime | None
     issuer_key_id: str = ""  # hex of its AuthorityKeyIdentifier, when it has one: tells two CAs of one name apart
+
+    def window(self, stamp: str = "%Y-%m-%d %H:%M:%S UTC") -> str:
+        """"FROM to UNTIL" in ``stamp``'s format, "" when unknown."""
+        if self.not_before is None or self.not_after is None:
+            return ""
+        return f"{self.not_before:{stamp}} to {self.not_after:{stamp}}"
 
     def describe(self) -> str:
         text = f"subject {self.subject!r}, issuer {self.issuer!r}, SHA-256 {self.sha256}"
-        if self.not_before:
-            text += f", valid {self.not_before} to {self.not_after}"
-        return text
+        return text + (f", valid {self.window()}" if self.window() else "")
 
 
 CERT_FETCH_TIMEOUT = 3.0  # seconds for the second, diagnostic connection
@@ -449,31 +453,43 @@ def presented_certificate(url: str, timeout: float = CERT_FETCH_TIMEOUT) -> Cert
     parts = urllib3.util.parse_url(url)
     if parts.scheme != "https" or not parts.host:
         return None
+    return fetch_certificate(parts.host, parts.port or 443, timeout)
+
+
+def fetch_certificate(host: str, port: int, timeout: float = CERT_FETCH_TIMEOUT) -> Certificate | None:
+    """The certificate ``host``:``port`` presents, unverified and only to be shown; None when it cannot be had."""
     try:  # the stdlib's fetch-only helper: its unverified handshake never carries a request
-        der = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((parts.host, parts.port or 443), timeout=timeout))
+        der = ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate((host, port), timeout=timeout))
     except (OSError, ValueError):
         return None
-    if not der:
-        return None
-    return _describe_der(der)
+    return describe_certificate(der) if der else None
 
 
-def _describe_der(der: bytes) -> Certificate:
+def describe_certificate(der: bytes) -> Certificate:
+    """Subject, issuer, fingerprint and validity of a DER certificate (the fingerprint alone if it does not parse)."""
     digest = hashlib.sha256(der).hexdigest().upper()
     sha256 = ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
     try:
         from cryptography import x509  # python3-cryptography; without it, the fingerprint alone
     except ImportError:
-        return Certificate("?", "?", sha256, "", "")
+        return Certificate("?", "?", sha256, None, None)
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
-        return Certificate("?", "?", sha256, "", "")
-    stamp = "%Y-%m-%d %H:%M:%S UTC"
-    before = getattr(cert, "not_valid_before_utc", None) or cert.not_valid_before
-    after = getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after
+        return Certificate("?", "?", sha256, None, None)
+    before, after = certificate_validity(cert)
     return Certificate(_quoted(cert.subject.rfc4514_string()), _quoted(cert.issuer.rfc4514_string()), sha256,
-                       before.strftime(stamp), after.strftime(stamp), _key_id(cert, authority=True))
+                       before, after, _key_id(cert, authority=True))
+
+
+def certificate_validity(cert: Any) -> tuple[datetime, datetime]:
+    """A cryptography x509 certificate's notBefore and notAfter, as aware UTC datetimes."""
+    before = getattr(cert, "not_valid_before_utc", None)  # cryptography >= 42; Debian 12's 38 has the naive ones
+    after = getattr(cert, "not_valid_after_utc", None)
+    if before is None or after is None:
+        before, after = (cert.not_valid_before.replace(tzinfo=UTC),
+                         cert.not_valid_after.replace(tzinfo=UTC))
+    return before, after
 
 
 def _key_id(cert: Any, authority: bool) -> str:

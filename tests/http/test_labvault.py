@@ -24,7 +24,8 @@ import trustme
 from agent import __version__, assertions, keys, openpgp
 from agent.assertions import Assertion
 from agent.errors import AssertionFormatError, BadSignatureError, ConfigError
-from agent.labvault import LabVault, parse_listen
+from agent.labserve import parse_listen
+from agent.labvault import LabVault
 from tests.conftest import REPO
 from tests.fakes.faultyvault import FaultyVault, Forced
 
@@ -524,7 +525,8 @@ def test_parse_listen_rejects(listen: str) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_until_signal(vault_dir: Path, signum: int) -> None:
-    code = "import sys; from agent.labvault import serve; sys.exit(serve(sys.argv[1], api_key=sys.argv[2]))"
+    code = ("import sys; from agent.labserve import Options, serve; "
+            "sys.exit(serve(Options(sys.argv[1], api_key=sys.argv[2])))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(vault_dir), API_KEY], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:

@@ -1,0 +1,241 @@
+"""`factory-agent lab-vault` as a factory rehearses with it: the real command, real HTTP(S) on 127.0.0.1,
+and the real agent (`run --once`) registering through each rehearsed failure.
+
+- ``--fail STATUS --times N [--retry-after S]``, ``--refuse CODE``, ``--delay S``, ``--endpoint E``:
+  what the vault answers, what it logs, and what the agent then does;
+- ``--self-signed``: a private CA the agent trusts through vault.ca-file, kept across restarts;
+- the progress lines while it makes its keys, and the usage errors.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from cryptography import x509
+from cryptography.x509.oid import ExtensionOID
+
+from agent import labserve
+from agent.labvault import refusal_reply
+from tests.fakes import launcher
+from tests.fakes.agentconf import seed_key, write_agent_config
+from tests.fakes.launcher import Agent, agent_argv, run_args
+
+
+@pytest.fixture
+def vault_dir(lab_dir: Path, tmp_path: Path) -> Path:
+    """A fresh lab-vault directory holding the session's root and brand keys (no RSA-4096 to make)."""
+    directory = tmp_path / "vault"
+    directory.mkdir(mode=0o700)
+    for name in ("root-key.pem", "brand-key.pem"):
+        shutil.copy2(lab_dir / name, directory / name)
+    return directory
+
+
+class LabVaultCommand:
+    """One `factory-agent lab-vault` child: its URL from the line it prints, its stderr as it comes."""
+
+    def __init__(self, directory: Path, *args: str) -> None:
+        self.directory = directory
+        self.child = Agent("lab-vault", "--dir", str(directory), *args, stdout=subprocess.PIPE)
+        assert self.child.proc.stdout is not None
+        self.line = self.child.proc.stdout.readline()
+        assert self.line.startswith("lab vault listening on "), (self.line, self.child.stderr)
+        self.url = self.line.split()[4]
+        self.api_key = (directory / "api-key").read_text().strip()
+
+    def post(self, endpoint: str, **kwargs: Any) -> requests.Response:
+        return requests.post(self.url + endpoint, headers={"api-key": self.api_key}, timeout=30, **kwargs)
+
+    def stop(self) -> str:
+        return self.child.stop()
+
+
+Start = Callable[..., LabVaultCommand]
+
+
+@pytest.fixture
+def start(vault_dir: Path) -> Iterator[Start]:
+    started: list[LabVaultCommand] = []
+
+    def _start(*args: str, directory: Path = vault_dir) -> LabVaultCommand:
+        started.append(LabVaultCommand(directory, *args))
+        return started[-1]
+
+    yield _start
+    for command in started:
+        command.child.stop(check=False)
+
+
+def _register(tmp_path: Path, vault: LabVaultCommand, *, vault_extra: str = "",
+              timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """`factory-agent run --once` with a pre-made device key against ``vault``."""
+    state = tmp_path / "state"
+    seed_key(state)
+    config = write_agent_config(tmp_path, vault.url, vault.directory, template="R-{soc_serial}",
+                                soc_serial="00000000000000r1", vault_extra=vault_extra)
+    return launcher.run(agent_argv(*run_args(config, state, once=True)), timeout=timeout)
+
+
+# --- --fail -------------------------------------------------------------------
+
+
+def test_fail_503_three_times_then_the_real_answers(start: Start) -> None:
+    vault = start("--fail", "503", "--times", "3", "--retry-after", "2")
+    assert requests.get(vault.url + "version", timeout=10).status_code == 200  # the vault is up, but failing
+    answers = [vault.post("request-id") for _ in range(4)]
+    assert [a.status_code for a in answers] == [503, 503, 503, 200]
+    assert all(a.headers["Retry-After"] == "2" and a.text == "503 Service Unavailable\n" for a in answers[:3])
+    assert answers[3].json()["success"] is True and answers[3].json()["request-id"]
+    stderr = vault.stop()
+    assert "lab vault rehearsal: fail with HTTP 503 on the first 3 device requests, on request-id and serial" in stderr
+    played = [line for line in stderr.splitlines() if "rehearsal: answered 503 to POST /v1/request-id" in line]
+    assert [line.rsplit(" ", 3)[-3:] for line in played] == [["(1", "of", "3)"], ["(2", "of", "3)"], ["(3", "of", "3)"]]
+    assert "all 3 rehearsed requests answered; answering normally from now on" in stderr
+    assert vault.api_key not in stderr
+
+
+def test_the_agent_rides_out_a_rehearsed_outage_and_registers(start: Start, tmp_path: Path) -> None:
+    vault = start("--fail", "503", "--times", "2", "--retry-after", "1")
+    done = _register(tmp_path, vault)
+    assert done.returncode == 0, done.stderr
+    assert "registered" in done.stdout + done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "state" / "serial.assertion").read_bytes().startswith(b"type: serial\n")
+    assert "(2 of 2)" in vault.stop()
+    # What the agent said while it waited: the vault's side, and the URL it called.
+    said = [line for line in done.stderr.splitlines() if "503" in line]
+    assert said and all(vault.url in line for line in said), done.stderr
+
+
+def test_fail_on_the_serial_endpoint_only(start: Start) -> None:
+    vault = start("--fail", "500", "--endpoint", "serial")
+    assert vault.post("request-id").status_code == 200
+    assert vault.post("serial", data=b"type: serial-request\n").status_code == 500
+    assert "answered 500 to POST /v1/serial" in vault.stop()
+
+
+# --- --refuse -----------------------------------------------------------------
+
+
+def test_refuse_answers_the_real_vaults_body(start: Start) -> None:
+    vault = start("--refuse", "invalid-model", "--times", "1")
+    refused, then = vault.post("request-id"), vault.post("request-id")
+    expected = refusal_reply("invalid-model")
+    assert (refused.status_code, refused.content) == (400, expected.body)
+    assert refused.headers["Content-Type"] == expected.content_type
+    assert then.status_code == 200
+    assert "the rehearsed request answered; answering normally" in vault.stop()
+
+
+def test_a_rehearsed_refusal_blocks_the_agent_and_the_next_run_registers(start: Start, tmp_path: Path) -> None:
+    """The technician's loop, rehearsed: blocked by invalid-api-key, fixed (here: the refusal was played once),
+    run again, registered."""
+    vault = start("--refuse", "invalid-api-key", "--times", "1")
+    blocked = _register(tmp_path, vault)
+    assert blocked.returncode == 1, blocked.stderr
+    assert "invalid-api-key" in blocked.stderr and vault.url in blocked.stderr
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["blocked-by"]
+    again = _register(tmp_path, vault)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["phase"] == "registered"
+
+
+# --- --delay ------------------------------------------------------------------
+
+
+def test_delay_answers_the_rehearsed_requests_late(start: Start) -> None:
+    vault = start("--delay", "1.5", "--endpoint", "request-id", "--times", "1")
+    started = time.monotonic()
+    answer = vault.post("request-id")
+    took = time.monotonic() - started
+    assert answer.status_code == 200 and answer.json()["request-id"] and took >= 1.5, took
+    assert vault.post("request-id").status_code == 200
+    stderr = vault.stop()
+    assert "rehearsal: answer 1.5 s late on the first device request, on request-id" in stderr
+    assert "rehearsal: answered 200 to POST /v1/request-id 1.5 s late (1 of 1)" in stderr
+    assert len([line for line in stderr.splitlines() if "rehearsal: answered" in line]) == 1  # the second: normal
+
+
+def test_delay_with_a_failure_answers_the_failure_late(start: Start) -> None:
+    vault = start("--fail", "504", "--delay", "1", "--times", "1")
+    started = time.monotonic()
+    assert vault.post("request-id").status_code == 504 and time.monotonic() - started >= 1
+    assert "answered 504 to POST /v1/request-id 1 s late (1 of 1)" in vault.stop()
+
+
+# --- --self-signed ------------------------------------------------------------
+
+
+def test_self_signed_serves_https_the_agent_trusts_through_its_ca_file(start: Start, tmp_path: Path,
+                                                                       vault_dir: Path) -> None:
+    vault = start("--self-signed")
+    ca = vault_dir / "ca.pem"
+    assert vault.url.startswith("https://127.0.0.1:") and vault.line.rstrip().endswith(f"; vault.ca-file {ca}")
+    assert (vault_dir / "url").read_text() == vault.url + "\n"
+    assert requests.get(vault.url + "version", timeout=10, verify=str(ca)).status_code == 200
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(vault.url + "version", timeout=10)  # the system store does not know the lab's CA
+    modes = {p.name: p.stat().st_mode & 0o777 for p in vault_dir.iterdir()}
+    assert modes["ca-key.pem"] == modes["tls-key.pem"] == 0o600 and modes["ca.pem"] == 0o644
+    done = _register(tmp_path, vault, vault_extra=f'ca-file = "{ca}"')
+    assert done.returncode == 0, done.stderr
+
+
+def test_self_signed_keeps_its_ca_and_certificate_across_restarts(start: Start, vault_dir: Path) -> None:
+    first = start("--self-signed")
+    files = {name: (vault_dir / name).read_bytes() for name in ("ca.pem", "ca-key.pem", "tls-cert.pem", "tls-key.pem")}
+    first.stop()
+    second = start("--self-signed")
+    assert {name: (vault_dir / name).read_bytes() for name in files} == files
+    assert requests.get(second.url + "version", timeout=10, verify=str(vault_dir / "ca.pem")).status_code == 200
+
+
+def test_self_signed_makes_a_new_server_certificate_for_another_host_or_near_its_end(tmp_path: Path) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    ca, cert, _ = labserve.self_signed(tmp_path, "127.0.0.1", now)
+    ca_pem, cert_pem = ca.read_bytes(), cert.read_bytes()
+    assert labserve.self_signed(tmp_path, "127.0.0.1", now)[1].read_bytes() == cert_pem  # kept
+    labserve.self_signed(tmp_path, "lab-vault.factory.test", now)
+    renamed = x509.load_pem_x509_certificate(cert.read_bytes())
+    names = renamed.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+    assert "lab-vault.factory.test" in names.get_values_for_type(x509.DNSName)
+    assert ca.read_bytes() == ca_pem  # the same CA: agents that trust it keep trusting the vault
+    late = now + datetime.timedelta(days=labserve.CERT_DAYS - 3)
+    labserve.self_signed(tmp_path, "lab-vault.factory.test", late)
+    renewed = x509.load_pem_x509_certificate(cert.read_bytes())
+    assert renewed.serial_number != renamed.serial_number and ca.read_bytes() == ca_pem
+
+
+# --- progress and usage -------------------------------------------------------
+
+
+def test_progress_lines_while_it_makes_its_keys_and_none_when_it_has_them(start: Start, tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    stderr = start(directory=fresh).stop()
+    assert "lab vault: making 2 RSA-4096 key(s), one child process each" in stderr
+    assert "lab vault: keys made in " in stderr
+    assert "making" not in start(directory=fresh).stop()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--times", "2"], "--times and --endpoint need --fail, --refuse or --delay"),
+    (["--retry-after", "5", "--refuse", "invalid-nonce"], "--retry-after needs --fail"),
+    (["--fail", "200"], "must be an HTTP error status from 400 to 599"),
+    (["--fail", "503", "--times", "0"], "must be a whole number of at least 1"),
+    (["--refuse", "no-such-code"], "is not one of the vault's error codes: invalid-api-key"),
+    (["--fail", "503", "--refuse", "invalid-nonce"], "not allowed with argument"),
+    (["--delay", "-1"], "must be a positive number of seconds"),
+    (["--self-signed", "--tls-cert", "c.pem"], "--self-signed makes its own certificate"),
+])
+def test_usage_errors_exit_2_and_say_what_is_wrong(tmp_path: Path, args: list[str], says: str) -> None:
+    done = launcher.run(agent_argv("lab-vault", "--dir", str(tmp_path / "v"), *args), timeout=30)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert not (tmp_path / "v").exists()  # refused before anything was made
