@@ -27,10 +27,13 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, store
 from .errors import AgentError, ConfigError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 CHILD_TIMEOUT = 30.0  # seconds for each status/check/identity child
 JOURNAL_TIMEOUT = 15.0  # seconds for journalctl and systemctl
@@ -180,19 +183,14 @@ def config_files(explicit: list[str]) -> list[Path]:
     return [f for f in config.default_files() if f.exists()]
 
 
-def _api_key_file(files: list[Path]) -> str:
-    """vault.api-key-file as the merge gives it (later file wins); only the path, the file is not opened."""
-    import tomllib
+def _without_api_key(files: list[Path]) -> Config | None:
+    """The configuration without opening the api-key file, or None when even that does not load."""
+    from . import config
 
-    found = ""
-    for path in files:
-        try:
-            vault = tomllib.loads(path.read_text(errors="replace")).get("vault", {})
-        except (OSError, tomllib.TOMLDecodeError):
-            continue
-        if isinstance(vault, dict) and isinstance(vault.get("api-key-file"), str):
-            found = vault["api-key-file"]
-    return found
+    try:
+        return config.load(files or None, without_api_key=True)
+    except AgentError:
+        return None
 
 
 def add_config(bundle: Bundle, explicit: list[str]) -> None:
@@ -208,16 +206,17 @@ def add_config(bundle: Bundle, explicit: list[str]) -> None:
                        redact_toml(text), f"read {path}", 0)
         except OSError as exc:
             report.setdefault("unreadable", {})[str(path)] = exc.strerror
+    cfg: Config | None
     try:
         cfg = config.load(files or None)
     except AgentError as exc:
         report["load"] = f"error: {exc}"
+        cfg = _without_api_key(files)  # the api-key file may be what does not load: still say where it is
     else:
         report["load"] = "ok"
         bundle.secrets.append(cfg.vault.api_key)
-    api_key_file = _api_key_file(files)
-    if api_key_file:
-        report["api-key-file"] = describe_file(Path(api_key_file))
+    if cfg is not None and cfg.vault.api_key_file:
+        report["api-key-file"] = describe_file(Path(cfg.vault.api_key_file))
     bundle.add("config/summary.json", "which files agent.config loads, whether they load, the api-key file's "
                "metadata (never its content)", json.dumps(report, indent=2, sort_keys=True) + "\n", "", 0)
 

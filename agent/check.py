@@ -14,6 +14,7 @@ error.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -75,6 +76,21 @@ def _skip(cid: str, title: str, why: str, status: str = "warning") -> Result:
     return Result(cid, title, status, f"skipped: {why}", "fix the check it depends on first")
 
 
+Check = Callable[[_Context], Result]
+
+
+def _needs_config(cid: str, title: str, status: str) -> Callable[[Check], Check]:
+    """The check as written once the configuration loads; until then, skipped with ``status``."""
+    def wrap(check: Check) -> Check:
+        @functools.wraps(check)
+        def checked(ctx: _Context) -> Result:
+            if ctx.cfg is None:
+                return _skip(cid, title, "the configuration does not load", status)
+            return check(ctx)
+        return checked
+    return wrap
+
+
 def check_config(ctx: _Context) -> Result:
     from . import config
     from .errors import ConfigError, UntrustedFileError
@@ -89,18 +105,17 @@ def check_config(ctx: _Context) -> Result:
                   f"{ctx.cfg.brand}, model {ctx.cfg.model}, mode {ctx.cfg.mode.value}")
 
 
+@_needs_config("secrets", "api-key and account-keys", "error")
 def check_secrets(ctx: _Context) -> Result:
     """config.load read the api-key file (0600, ours or root's) and the account-keys; here: that they are the brand's."""
     title = "api-key and account-keys"
-    if ctx.cfg is None:
-        return _skip("secrets", title, "the configuration does not load", "error")
     keys = ctx.cfg.vault.trusted_account_keys
     if not any(k.header("account-id") == ctx.cfg.brand for k in keys):
         others = sorted({k.header("account-id") for k in keys})
         return Result("secrets", title, "error", f"no trusted account-key is the brand {ctx.cfg.brand!r}'s (only "
                       f"{', '.join(others)}'s)", "set vault.trusted-account-keys to the brand's account-key file")
     if os.geteuid() == 0:
-        for path in _secret_files(ctx.cfg):
+        for path in filter(None, [ctx.cfg.vault.api_key_file]):
             if os.stat(path).st_uid != 0:
                 return Result("secrets", title, "error", f"{path} is not owned by root",
                               f"run: chown root:root {path}")
@@ -108,21 +123,8 @@ def check_secrets(ctx: _Context) -> Result:
                   f"{ctx.cfg.brand}: {', '.join(k.header('public-key-sha3-384')[:12] for k in keys)}")
 
 
-def _secret_files(cfg: Any) -> list[str]:
-    """The api-key file as the last configuration file naming it has it (Config keeps only the key's text)."""
-    import tomllib
-
-    found: list[str] = []
-    for path in cfg.files:
-        with open(path, "rb") as f:
-            named = tomllib.load(f).get("vault", {}).get("api-key-file")
-        found = [str(Path(path).parent / named)] if named else found
-    return found
-
-
+@_needs_config("model-assertion", "model assertion", "warning")
 def check_model(ctx: _Context) -> Result:
-    if ctx.cfg is None:
-        return _skip("model-assertion", "model assertion", "the configuration does not load")
     model = ctx.cfg.model_assertion
     if model is None:
         return Result("model-assertion", "model assertion", "ok", "none configured (brand and model from the "
@@ -131,12 +133,11 @@ def check_model(ctx: _Context) -> Result:
                   f"{model.header('model')}, as configured")
 
 
+@_needs_config("identity", "identity and proposed serial", "error")
 def check_identity(ctx: _Context) -> Result:
     from . import identity
 
     title = "identity and proposed serial"
-    if ctx.cfg is None:
-        return _skip("identity", title, "the configuration does not load", "error")
     cfg = ctx.cfg.identity
     found = identity.read_identity(cfg)  # no waiting: what the board shows now
     missing = found.missing(cfg.required, cfg.allow_weak)
@@ -190,9 +191,8 @@ def check_device_key(ctx: _Context) -> Result:
     return Result("device-key", "device key", "ok", f"{key.public.bits}-bit RSA, id {key.key_id}")
 
 
+@_needs_config("vault-dns", "vault name", "error")
 def check_dns(ctx: _Context) -> Result:
-    if ctx.cfg is None:
-        return _skip("vault-dns", "vault name", "the configuration does not load", "error")
     host, port = _host_port(ctx.cfg.vault.url)
     try:
         infos = _bounded(lambda: socket.getaddrinfo(host, port, type=socket.SOCK_STREAM), NET_TIMEOUT)
@@ -202,9 +202,8 @@ def check_dns(ctx: _Context) -> Result:
     return Result("vault-dns", "vault name", "ok", f"{host} is {', '.join(sorted({i[4][0] for i in infos}))}")
 
 
+@_needs_config("vault-tcp", "vault connection", "error")
 def check_tcp(ctx: _Context) -> Result:
-    if ctx.cfg is None:
-        return _skip("vault-tcp", "vault connection", "the configuration does not load", "error")
     host, port = _host_port(ctx.cfg.vault.url)
     try:
         socket.create_connection((host, port), timeout=_timeout(ctx)).close()
@@ -324,7 +323,7 @@ def check_kill_switch(ctx: _Context) -> Result:
                   f"{absent.DISABLED_ARGUMENT} on the kernel command line)")
 
 
-CHECKS: tuple[Callable[[_Context], Result], ...] = (
+CHECKS: tuple[Check, ...] = (
     check_config, check_secrets, check_model, check_identity, check_state_dir, check_device_key, check_dns,
     check_tcp, check_tls, check_clock, check_version, check_api_key, check_installed, check_kill_switch)
 

@@ -48,6 +48,7 @@ class VaultConfig:
     trusted_account_keys: tuple[assertions.Assertion, ...] = field(repr=False)
     connect_timeout: float
     timeout: float
+    api_key_file: str = ""  # where the api-key was read from (resolved), "" when it is inline
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,6 +388,7 @@ def _build_vault(merged: Mapping[str, Any], origin: Mapping[str, Path], fail: An
         trusted_account_keys=_account_keys(_get(merged, "vault.trusted-account-keys"), fail),
         connect_timeout=connect,
         timeout=timeout,
+        api_key_file=_get(merged, "vault.api-key-file"),
     )
 
 

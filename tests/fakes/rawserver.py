@@ -40,30 +40,35 @@ class RawServer:
             except OSError:
                 return
             with conn:
-                request = self._read_request(conn)
+                request = read_request(conn)
                 self.requests.append(request)
                 try:
                     self.replies.pop(0)(conn, request)
                 except OSError:
                     pass
 
-    @staticmethod
-    def _read_request(conn: socket.socket) -> bytes:
-        conn.settimeout(5)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return data
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
-        while len(body) < length:
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-        return head + b"\r\n\r\n" + body
-
     def close(self) -> None:
         self.sock.close()
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """One HTTP request: the head, then a body of Content-Length bytes (less if the peer closes first)."""
+    conn.settimeout(5)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body

@@ -6,15 +6,12 @@ Everything listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import re
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -26,6 +23,7 @@ from pathlib import Path
 from tests.fakes.agentconf import seed_key, write_agent_config
 from tests.fakes.faultyvault import FaultyVault
 from tests.fakes.launcher import Agent, agent_env, run_args
+from tests.fakes.rawserver import read_request
 
 # --- the daemon ----------------------------------------------------------------
 
@@ -261,29 +259,6 @@ def _forward_as_is(conn: socket.socket, request: bytes, forward: Callable[[bytes
     conn.sendall(forward(request))
 
 
-def read_request(conn: socket.socket) -> bytes:
-    """One HTTP request: the head, then a body of Content-Length bytes."""
-    conn.settimeout(5)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value.strip())
-    while len(body) < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return head + b"\r\n\r\n" + body
-
-
 def split_response(raw: bytes) -> tuple[bytes, bytes]:
     head, _, body = raw.partition(b"\r\n\r\n")
     return head, body
@@ -331,62 +306,3 @@ class BlackholePort:
     def close(self) -> None:
         for sock in (*self.fillers, self.listener):
             sock.close()
-
-
-# --- TLS certificates ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-
-    def server_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(str(self.cert_file), str(self.key_file))
-        return context
-
-
-def make_pki(directory: Path, *, ip: str | None = "127.0.0.1", dns: str | None = None,
-             not_before: datetime.timedelta = datetime.timedelta(hours=-1),
-             not_after: datetime.timedelta = datetime.timedelta(days=30)) -> Pki:
-    """A CA and one leaf signed by it, valid from now+``not_before`` to now+``not_after``."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fault matrix test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=365))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                       encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    names: list[x509.GeneralName] = []
-    if ip:
-        names.append(x509.IPAddress(ipaddress.ip_address(ip)))
-    if dns:
-        names.append(x509.DNSName(dns))
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns or ip or "leaf")]))
-            .issuer_name(ca_name).public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now + not_before).not_valid_after(now + not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    pki = Pki(directory / "ca.pem", directory / "leaf.pem", directory / "leaf.key")
-    pki.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    pki.cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    pki.key_file.write_bytes(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption()))
-    return pki

@@ -87,6 +87,7 @@ from agent import assertions, keys, serials
 from agent.labvault import ASSERTION_TYPE, JSON_TYPE, MESSAGES, go_json, rfc3339
 from tests.fakes.agentconf import seed_key, write_agent_config
 from tests.fakes.faultyvault import FaultyVault, Forced
+from tests.fakes.pki import make_pki
 from tests.faults.harness import (
     BlackholePort,
     Call,
@@ -95,7 +96,6 @@ from tests.faults.harness import (
     Env,
     FaultProxy,
     hosts_file_only,
-    make_pki,
     reset,
     run_batch,
     split_response,

@@ -63,7 +63,7 @@ from agent.errors import (
     VaultUnavailable,
 )
 from tests.conftest import DATA
-from tests.fakes.rawserver import RawServer
+from tests.fakes.rawserver import read_request
 from tests.unit.test_headers import NAMES, VALUES
 
 EXAMPLES = int(os.environ.get("FACTORY_AGENT_FUZZ_EXAMPLES", "300"))
@@ -585,7 +585,7 @@ def raw_vault() -> Iterator[tuple[_Holder, vault.Vault]]:
                 return  # closed: the module is done
             with conn:
                 try:
-                    RawServer._read_request(conn)
+                    read_request(conn)
                     conn.sendall(holder.reply)
                 except OSError:
                     pass

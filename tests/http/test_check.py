@@ -7,23 +7,14 @@ directory is byte for byte unchanged and the vault signed nothing.
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import ipaddress
 import json
 import socket
-import ssl
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from agent import check
 from agent.config import load
@@ -32,52 +23,20 @@ from tests.fakes import launcher
 from tests.fakes.agentconf import seed_key, write_agent_config
 from tests.fakes.faultyvault import FaultyVault
 from tests.fakes.launcher import agent_argv
+from tests.fakes.pki import Pki, make_pki
 
 INSTALLED = all(p.exists() for p in check.INSTALLED)  # a development machine has neither: a warning there
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(subject: str, key: Any, issuer: str, issuer_key: Any, *, ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=30))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                                      content_commitment=False, key_encipherment=False,
-                                                      data_encipherment=False, key_agreement=False,
-                                                      encipher_only=False, decipher_only=False), critical=True)
-    else:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                                        critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    directory = tmp_path_factory.mktemp("pki")
-    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("Check Test CA", ca_key, "Check Test CA", ca_key, ca=True)
-    leaf = _cert("lab-vault.test", leaf_key, "Check Test CA", ca_key, ca=False)
-    (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (directory / "cert.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    (directory / "key.pem").write_bytes(leaf_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    digest = hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
-    return {"dir": directory, "ca": directory / "ca.pem",
-            "fingerprint": ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))}
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"), ca_name="Check Test CA", leaf_name="lab-vault.test")
 
 
 @pytest.fixture
-def vault(lab_dir: Path, pki: dict[str, Any]) -> Iterator[FaultyVault]:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(pki["dir"] / "cert.pem", pki["dir"] / "key.pem")
+def vault(lab_dir: Path, pki: Pki) -> Iterator[FaultyVault]:
     lab = FaultyVault(lab_dir)
-    lab.start(ssl_context=context)
+    lab.start(ssl_context=pki.server_context())
     yield lab
     lab.stop()
 
@@ -109,8 +68,8 @@ def _by_id(done: subprocess.CompletedProcess[str]) -> dict[str, dict[str, str]]:
     return {c["id"]: c for c in document["checks"]}
 
 
-def test_healthy_set_up_all_ok(tmp_path: Path, lab_dir: Path, vault: FaultyVault, pki: dict[str, Any]) -> None:
-    done, _ = _check(tmp_path, vault.url, lab_dir, "--json", vault_extra=f'ca-file = "{pki["ca"]}"')
+def test_healthy_set_up_all_ok(tmp_path: Path, lab_dir: Path, vault: FaultyVault, pki: Pki) -> None:
+    done, _ = _check(tmp_path, vault.url, lab_dir, "--json", vault_extra=f'ca-file = "{pki.ca_file}"')
     checks = _by_id(done)
     assert done.returncode == (0 if INSTALLED else 2), done.stdout
     assert {k: c["status"] for k, c in checks.items() if k != "installed"} == dict.fromkeys(
@@ -118,25 +77,25 @@ def test_healthy_set_up_all_ok(tmp_path: Path, lab_dir: Path, vault: FaultyVault
     assert checks["installed"]["status"] == ("ok" if INSTALLED else "warning")
     assert "proposed serial 'A-01'" in checks["identity"]["detail"]
     tls = checks["vault-tls"]["detail"]
-    assert "CN=lab-vault.test issued by CN=Check Test CA" in tls and pki["fingerprint"] in tls
+    assert "CN=lab-vault.test issued by CN=Check Test CA" in tls and pki.fingerprint in tls
     assert "id " in checks["device-key"]["detail"]
     assert "version" in checks["vault-version"]["detail"]
     assert vault.requests[("POST", "/v1/request-id")] == 1 and vault.signed == []
     assert vault.requests[("POST", "/v1/serial")] == 0
     (tmp_path / "plain").mkdir()
-    human = _check(tmp_path / "plain", vault.url, lab_dir, vault_extra=f'ca-file = "{pki["ca"]}"')[0]
+    human = _check(tmp_path / "plain", vault.url, lab_dir, vault_extra=f'ca-file = "{pki.ca_file}"')[0]
     assert human.returncode == done.returncode and human.stdout.startswith("ok      config ")
     assert any(line.startswith("ok      vault-tls ") and "TLS" in line for line in human.stdout.splitlines())
     assert vault.api_key not in done.stdout + done.stderr + human.stdout + human.stderr
 
 
 def test_wrong_api_key_is_an_error_with_its_hint(tmp_path: Path, lab_dir: Path, vault: FaultyVault,
-                                                 pki: dict[str, Any]) -> None:
+                                                 pki: Pki) -> None:
     wrong = tmp_path / "wrong-api-key"
     wrong.write_text("not-the-key\n")
     wrong.chmod(0o600)
     done, _ = _check(tmp_path, vault.url, lab_dir, "--json", api_key_file=wrong,
-                     vault_extra=f'ca-file = "{pki["ca"]}"')
+                     vault_extra=f'ca-file = "{pki.ca_file}"')
     assert done.returncode == 1
     api = _by_id(done)["vault-api-key"]
     assert api["status"] == "error" and "invalid-api-key" in api["detail"] and vault.url in api["detail"]
@@ -146,9 +105,9 @@ def test_wrong_api_key_is_an_error_with_its_hint(tmp_path: Path, lab_dir: Path, 
 
 
 def test_template_typo_is_an_error_naming_the_key(tmp_path: Path, lab_dir: Path, vault: FaultyVault,
-                                                  pki: dict[str, Any]) -> None:
+                                                  pki: Pki) -> None:
     done, _ = _check(tmp_path, vault.url, lab_dir, "--json", template="A-{soc_serail}",
-                     vault_extra=f'ca-file = "{pki["ca"]}"')
+                     vault_extra=f'ca-file = "{pki.ca_file}"')
     assert done.returncode == 1
     failed = [c for c in _by_id(done).values() if c["status"] == "error"]
     assert failed and all("serial.template" in c["detail"] and "soc_serail" in c["detail"] for c in failed[:1])
@@ -156,13 +115,13 @@ def test_template_typo_is_an_error_naming_the_key(tmp_path: Path, lab_dir: Path,
 
 
 def test_untrusted_certificate_shows_what_was_presented(tmp_path: Path, lab_dir: Path, vault: FaultyVault,
-                                                        pki: dict[str, Any]) -> None:
+                                                        pki: Pki) -> None:
     done, _ = _check(tmp_path, vault.url, lab_dir, "--json")  # no vault.ca-file: the system store does not know it
     assert done.returncode == 1
     checks = _by_id(done)
     tls = checks["vault-tls"]
     assert tls["status"] == "error" and "untrusted" in tls["detail"]
-    assert "CN=lab-vault.test" in tls["detail"] and pki["fingerprint"] in tls["detail"]
+    assert "CN=lab-vault.test" in tls["detail"] and pki.fingerprint in tls["detail"]
     assert "vault.ca-file" in tls["hint"]
     assert checks["vault-tcp"]["status"] == "ok"
     assert checks["vault-api-key"]["detail"].startswith("skipped: ")

@@ -18,8 +18,9 @@ from agent.errors import Code, VaultClockSkew, VaultRejected, VaultTransient
 from agent.registration import State
 from agent.session import LogPublisher, Status
 from tests.fakes.faultyvault import FaultyVault, Forced
-from tests.fakes.rawserver import RawServer, http_reply
-from tests.faults.harness import Env, make_pki
+from tests.fakes.pki import make_pki
+from tests.fakes.rawserver import http_reply
+from tests.faults.harness import Env
 
 JSON = {"Content-Type": "application/json"}
 
@@ -28,20 +29,6 @@ def client(url: str, ca_file: str | None = None) -> vault.Vault:
     cfg = VaultConfig(url=url, api_key="the-key", ca_file=ca_file, allow_insecure_http=True,
                       trusted_account_keys=(), connect_timeout=2.0, timeout=5.0)
     return vault.Vault(cfg)
-
-
-@pytest.fixture
-def serve():
-    servers: list[RawServer] = []
-
-    def start(*replies):  # type: ignore[no-untyped-def]
-        server = RawServer(list(replies))
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 def test_a_5xx_names_the_url_the_code_whose_side_and_when_to_call_the_operator(serve) -> None:

@@ -12,7 +12,7 @@ import pytest
 from agent import vault
 from agent.config import VaultConfig
 from agent.errors import VaultRejected, VaultTransient, VaultUnavailable
-from tests.fakes.rawserver import RawServer, http_reply
+from tests.fakes.rawserver import http_reply
 
 JSON = {"Content-Type": "application/json; charset=UTF-8"}
 
@@ -26,20 +26,6 @@ def client(url: str, timeout: float = 5.0) -> vault.Vault:
     cfg = VaultConfig(url=url, api_key="the-key", ca_file=None, allow_insecure_http=True,
                       trusted_account_keys=(), connect_timeout=2.0, timeout=timeout)
     return vault.Vault(cfg)
-
-
-@pytest.fixture
-def serve():
-    servers = []
-
-    def start(*replies):
-        server = RawServer(list(replies))
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 def test_request_id_exchange_as_snapd_does_it(serve) -> None:

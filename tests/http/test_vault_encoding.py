@@ -17,7 +17,7 @@ from agent.config import VaultConfig
 from agent.errors import VaultTransient
 from tests.conftest import REPO
 from tests.fakes import peak
-from tests.fakes.rawserver import RawServer, http_reply
+from tests.fakes.rawserver import http_reply
 
 REQUEST_ID = b'{"success":true,"message":"","request-id":"abc123"}'
 JSON = {"Content-Type": "application/json"}
@@ -42,19 +42,6 @@ def gzip_zeros(size: int) -> bytes:
 def bomb() -> bytes:
     """``Content-Encoding: gzip, gzip``: 2 GiB of zeros in a few KB, as in the attack."""
     return gzip.compress(gzip_zeros(2 << 30), 9)
-
-
-@pytest.fixture
-def serve():
-    servers: list[RawServer] = []
-
-    def start(*replies):
-        servers.append(RawServer(list(replies)))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 def test_the_client_asks_for_identity(serve) -> None:
