@@ -299,7 +299,8 @@ def check_api_key(ctx: _Context) -> Result:
         code = getattr(exc, "error_code", "") or type(exc).__name__
         hint = ("fix the api-key in vault.api-key-file (ask the vault's operator for this model's key)"
                 if code == "invalid-api-key" else "see the message; check vault.url and the vault's state")
-        return Result("vault-api-key", title, "error", f"{code} from POST {ctx.cfg.vault.url}request-id: {exc}", hint)
+        said = str(exc) if ctx.cfg.vault.url in str(exc) else f"POST {ctx.cfg.vault.url}request-id: {exc}"
+        return Result("vault-api-key", title, "error", said, hint)  # the vault's message names its URL once
     finally:
         client.close()
     return Result("vault-api-key", title, "ok", f"accepted by {ctx.cfg.vault.url}request-id (a request-id was "
