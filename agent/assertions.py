@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeAlias
 
-from . import openpgp
+from . import onboarding, openpgp
 from .errors import AssertionFormatError, BadSignatureError, LocalFormatError
 
 HeaderValue: TypeAlias = str | list["HeaderValue"] | dict[str, "HeaderValue"]
@@ -34,6 +34,8 @@ NLNL = b"\n\n"
 _NAME = re.compile(r"[a-z](?:-?[a-z0-9])*")
 _INT = re.compile(r"0|[1-9][0-9]{0,17}")
 _MODEL = re.compile(r"[a-z0-9](?:-?[a-z0-9])*")
+_ACCOUNT_ID = re.compile(r"[a-z0-9A-Z]{32}|[-a-z0-9]{2,28}")
+_HARDWARE_NAME = re.compile(r"[a-zA-Z0-9](?:-?[a-zA-Z0-9])*")  # snapd's model-name syntax, upper case allowed
 _BRAND = re.compile(r"[a-z0-9A-Z]{32}|[-a-z0-9]{2,28}")
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
 
@@ -42,6 +44,7 @@ PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
     "account": ("account-id",),
     "account-key": ("public-key-sha3-384",),
     "base-declaration": ("series",),
+    "hardware-identity": ("issuer-id", "hardware-id-key-sha3-384"),
     "model": ("series", "brand-id", "model"),
     "preseed": ("series", "brand-id", "model", "system-label"),
     "repair": ("brand-id", "repair-id"),
@@ -319,7 +322,25 @@ def _check_account_key(headers: Headers, body: bytes) -> None:
         raise _fail("public key does not match included public-key-sha3-384")
 
 
-_TYPE_CHECKS = {"serial-request": _check_serial_request, "serial": _check_serial, "account-key": _check_account_key}
+def _check_hardware_identity(headers: Headers, body: bytes) -> None:
+    """snapd's assembleHardwareIdentity (2.73+), but for parsing the key's DER: the issuer signs for itself,
+    and the digest is over the key's header text (shared/reference/secure-onboarding.md §3)."""
+    issuer = _string(headers, "issuer-id")
+    if not _ACCOUNT_ID.fullmatch(issuer):
+        raise _fail(f"invalid issuer-id: {issuer!r}")
+    if issuer != headers.get("authority-id"):
+        raise _fail("issuer id must match authority id")
+    _string(headers, "manufacturer")
+    _string(headers, "hardware-id")
+    if not _HARDWARE_NAME.fullmatch(_string(headers, "hardware-name")):
+        raise _fail(f"invalid hardware-name: {headers['hardware-name']!r}")
+    key = _string(headers, "hardware-id-key")
+    if onboarding.key_digest(key) != _string(headers, "hardware-id-key-sha3-384"):
+        raise _fail("hardware id key does not match provided hash")
+
+
+_TYPE_CHECKS = {"serial-request": _check_serial_request, "serial": _check_serial, "account-key": _check_account_key,
+                "hardware-identity": _check_hardware_identity}
 
 
 def _assemble(head: bytes, body: bytes, content: bytes, signature: bytes) -> Assertion:

@@ -266,6 +266,12 @@ def cmd_lab_vault(args: argparse.Namespace) -> int:
                                            args.tls_cert, args.tls_key, args.self_signed, rehearsal))
 
 
+def cmd_hardware_identity(args: argparse.Namespace) -> int:
+    from . import hardware_identity
+
+    return hardware_identity.run(args)
+
+
 def _lab_vault_usage(args: argparse.Namespace) -> str | None:
     """What is wrong with a lab-vault command line that argparse alone cannot tell, or None."""
     plays = args.fail is not None or args.refuse is not None
@@ -276,6 +282,59 @@ def _lab_vault_usage(args: argparse.Namespace) -> str | None:
     if args.self_signed and (args.tls_cert or args.tls_key):
         return "lab-vault: --self-signed makes its own certificate: drop --tls-cert and --tls-key"
     return None
+
+
+def _add_hardware_identity(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .onboarding import DEFAULT_HARDWARE_KEY
+
+    p = sub.add_parser(
+        "hardware-identity", help="the hardware identity key for secure device onboarding, and its factory records",
+        description="Secure device onboarding: the device proves itself with a hardware identity key made once at "
+                    "manufacturing (never replaced: not on re-image, factory reset or the loss of the state "
+                    "directory) instead of a shared api-key. The key is [onboarding] hardware-key of the "
+                    f"configuration (default {DEFAULT_HARDWARE_KEY}); nothing here prints or exports its private half.",
+        epilog="exit status: 0 done, 1 no key or it cannot be used (the message says what to run), 2 usage, "
+               "78 a configuration or issuer-key error")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, text: str, description: str) -> argparse.ArgumentParser:
+        a = actions.add_parser(name, help=text, description=description, epilog=p.epilog)
+        a.add_argument("--config", action="append", default=[], metavar="FILE",
+                       help="configuration file for [onboarding] (repeatable; default the daemon's files that exist)")
+        a.add_argument("--key", metavar="URI", help="the key's URI, over [onboarding] hardware-key (file:/PATH)")
+        return a
+
+    a = action("init", "make the key if there is none (never replace one) and print its record",
+               "Make the hardware identity key if there is none, durably, mode 0600, its directory 0700; an "
+               "existing key is kept, whatever its type. Prints the record, as show does.")
+    a.add_argument("--type", choices=["p256", "p384", "rsa2048"], default="p256",
+                   help="ECDSA P-256 or P-384, or RSA-2048 (PKCS#1 v1.5): what snapd verifies (default p256)")
+    a.add_argument("--json", action="store_true", help="the record as JSON")
+    a = action("show", "print the key's record: hardware-id-key, its digest, type and location",
+               "Print the record the factory signs a hardware-identity assertion from: hardware-id-key (one line of "
+               "base64 of the DER SubjectPublicKeyInfo), hardware-id-key-sha3-384 (base64url of SHA3-384 over that "
+               "text, as snapd computes it), the key type and where it lives.")
+    a.add_argument("--json", action="store_true", help="the record as JSON (what `assertion --record` reads)")
+    a = action("sign-request-id", "sign a request-id and print the registration body",
+               "Sign REQUEST_ID's exact UTF-8 bytes with the key and [onboarding] hash, and print the serial-request "
+               "body: hardware-id-key-sha3-384 (and hardware-id-key-sha384, which snapd 2.74-2.77 require, unless "
+               "[onboarding] legacy-digest-field = false), request-id-signature, signature-hash-algorithm.")
+    a.add_argument("request_id", metavar="REQUEST_ID", help="the vault's request-id, exactly (no trailing newline)")
+    a.add_argument("--json", action="store_true", help="the body's exact bytes: compact JSON, keys sorted "
+                                                       "(what the prepare-serial-request hook sets)")
+    a = action("assertion", "sign a hardware-identity assertion with the issuer's key (on the factory host)",
+               "Print a hardware-identity assertion for the device's key, signed by the issuer (authority-id = "
+               "issuer-id), for import into the Model Service. The key comes from --hardware-id-key, from --record "
+               "(what `show --json` printed on the device), or else from this machine's own key.")
+    a.add_argument("--issuer-key", required=True, metavar="PEM", help="the issuer's private key (RSA, PEM)")
+    a.add_argument("--issuer-id", required=True, metavar="ID", help="the issuer's account id (e.g. the brand)")
+    a.add_argument("--manufacturer", required=True, metavar="M", help="the manufacturer's name")
+    a.add_argument("--hardware-name", required=True, metavar="N", help="the hardware's name (model-name syntax)")
+    a.add_argument("--hardware-id", required=True, metavar="H", help="this device's hardware id")
+    a.add_argument("--record", metavar="FILE", help="the device's record (`show --json`; - for stdin)")
+    a.add_argument("--hardware-id-key", metavar="TEXT", help="the device's hardware-id-key text itself")
+    a.add_argument("--timestamp", metavar="RFC3339", help="the assertion's timestamp (default now)")
+    p.set_defaults(func=cmd_hardware_identity)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -439,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     rehearse.add_argument("--endpoint", action="append", choices=["request-id", "serial"],
                           help="play only on this endpoint (repeatable; default both)")
     p.set_defaults(func=cmd_lab_vault)
+
+    _add_hardware_identity(sub)
 
     p = sub.add_parser("key", help="print the device key id (or public key); --generate creates the key if missing",
                        description="Print the device key's id (snapd's SHA3-384 of the public key), or with --public "

@@ -22,6 +22,7 @@ from typing import Any
 
 from . import assertions
 from .errors import AssertionFormatError, ConfigError, SecretUnreadableError
+from .onboarding import DEFAULT_HARDWARE_KEY, Hash, SignatureEncoding
 from .registration import Mode
 
 DEFAULT_FILE = Path("/etc/factory-agent/agent.toml")
@@ -69,6 +70,16 @@ class RelayConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OnboardingConfig:
+    """Secure device onboarding: where the hardware identity key lives and how the request-id is signed."""
+
+    hardware_key: str = DEFAULT_HARDWARE_KEY  # a URI: file:PATH
+    hash: Hash = Hash.SHA256
+    legacy_digest_field: bool = True  # also send hardware-id-key-sha384, which snapd 2.74-2.77 require
+    signature_encoding: SignatureEncoding = SignatureEncoding.BASE64
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     brand: str
     model: str
@@ -79,6 +90,7 @@ class Config:
     files: tuple[Path, ...]
     mode: Mode = Mode.STANDALONE  # standalone: the agent owns key and serial; snapd: snapd does, through the relay
     relay: RelayConfig = field(default_factory=RelayConfig)
+    onboarding: OnboardingConfig = field(default_factory=OnboardingConfig)
 
 
 # key -> (type, default); a nested dict is a table. "path" is a str relative to its file.
@@ -106,6 +118,12 @@ _SCHEMA: dict[str, Any] = {
         "static": "table-of-str",
     },
     "relay": {"listen": ("str", DEFAULT_RELAY_LISTEN)},
+    "onboarding": {
+        "hardware-key": ("str", DEFAULT_HARDWARE_KEY),
+        "hash": ("str", Hash.SHA256.value),
+        "legacy-digest-field": ("bool", True),
+        "signature-encoding": ("str", SignatureEncoding.BASE64.value),
+    },
 }
 
 
@@ -121,11 +139,29 @@ def load(files: Sequence[Path] | None = None, *, without_api_key: bool = False) 
     ``without_api_key``: everything but the api-key file, which is not opened (its key is ""): what the daemon
     runs on, blocked, after SecretUnreadableError, until Retry() loads the whole again."""
     paths = list(files) if files else default_files()
+    merged, origin = _read_all(paths)
+    return _build(merged, origin, tuple(paths), without_api_key)
+
+
+def load_onboarding(files: Sequence[Path]) -> OnboardingConfig:
+    """The [onboarding] table of ``files`` alone (each file still checked whole), for the factory's
+    hardware-identity tooling, which runs before the rest of the configuration is in place."""
+    merged, origin = _read_all(files)
+    return _build_onboarding(merged, _failing(origin, tuple(files)))
+
+
+def _read_all(paths: Sequence[Path]) -> tuple[dict[str, Any], dict[str, Path]]:
     merged: dict[str, Any] = {}
     origin: dict[str, Path] = {}
     for path in paths:
         _merge(merged, origin, _check_table(_read_toml(path), _SCHEMA, path, ""), path, "")
-    return _build(merged, origin, tuple(paths), without_api_key)
+    return merged, origin
+
+
+def _failing(origin: Mapping[str, Path], files: tuple[Path, ...]) -> Any:
+    def fail(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{_where(origin, key, files)}: {key!r} {msg}")
+    return fail
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -304,9 +340,7 @@ def _where(origin: Mapping[str, Path], key: str, files: Iterable[Path]) -> str:
 
 def _build(merged: Mapping[str, Any], origin: Mapping[str, Path], files: tuple[Path, ...],
            without_api_key: bool = False) -> Config:
-    def fail(key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{_where(origin, key, files)}: {key!r} {msg}")
-
+    fail = _failing(origin, files)
     model_assertion = _load_model(_get(merged, "model-assertion"), fail)
     brand, model = _get(merged, "brand"), _get(merged, "model")
     if model_assertion is not None:
@@ -329,7 +363,21 @@ def _build(merged: Mapping[str, Any], origin: Mapping[str, Path], files: tuple[P
         files=files,
         mode=_check_mode(_get(merged, "mode"), fail),
         relay=_build_relay(_get(merged, "relay.listen"), fail),
+        onboarding=_build_onboarding(merged, fail),
     )
+
+
+def _build_onboarding(merged: Mapping[str, Any], fail: Any) -> OnboardingConfig:
+    vocabularies = {"onboarding.hash": Hash, "onboarding.signature-encoding": SignatureEncoding}
+    for key, kind in vocabularies.items():
+        if _get(merged, key) not in set(kind):
+            raise fail(key, f"must be one of {', '.join(repr(v.value) for v in kind)}, not {_get(merged, key)!r}")
+    uri = _get(merged, "onboarding.hardware-key")
+    if not uri.startswith("file:"):
+        raise fail("onboarding.hardware-key", f"must be a file:/PATH URI, not {uri!r}")
+    return OnboardingConfig(hardware_key=uri, hash=Hash(_get(merged, "onboarding.hash")),
+                            legacy_digest_field=_get(merged, "onboarding.legacy-digest-field"),
+                            signature_encoding=SignatureEncoding(_get(merged, "onboarding.signature-encoding")))
 
 
 def _check_mode(mode: str, fail: Any) -> Mode:

@@ -76,6 +76,7 @@ class Code(StrEnum):
     RELAY_WRONG_MODEL = "relay-wrong-model"
     RELAY_OTHER_DEVICE_KEY = "relay-other-device-key"
     RELAY = "relay"
+    HARDWARE_KEY = "hardware-key"
 
 
 class VaultCode(StrEnum):
@@ -137,6 +138,13 @@ class DeviceKeyLostError(DeviceKeyError):
 
     code = Code.DEVICE_KEY_LOST
     dbus_name = DBUS_ERROR_PREFIX + "DeviceKeyLost"
+
+
+class HardwareKeyError(AgentError):
+    """The hardware identity key (secure onboarding) is missing, unusable or its token does not answer."""
+
+    code = Code.HARDWARE_KEY
+    dbus_name = DBUS_ERROR_PREFIX + "HardwareKey"
 
 
 class StoreError(AgentError):

@@ -86,7 +86,7 @@ def test_an_unwritable_state_dir_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_every_subcommand_help_runs_as_a_process() -> None:
     for name in sorted(_subcommands()):
-        done = launcher.run(agent_argv(name, "--help"), timeout=30)
+        done = launcher.run(agent_argv(*name.split(), "--help"), timeout=30)
         assert done.returncode == 0 and "exit status:" in done.stdout and not done.stderr, (name, done.stderr)
 
 

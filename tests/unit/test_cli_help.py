@@ -9,9 +9,17 @@ import pytest
 from agent import cli
 
 
-def subparsers() -> dict[str, argparse.ArgumentParser]:
-    action = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
+def subparsers(parser: argparse.ArgumentParser | None = None, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every command by its words ("status", "hardware-identity init"): a command with actions of its own is
+    the actions, each with its options."""
+    action = next(a for a in (parser or cli.build_parser())._actions if isinstance(a, argparse._SubParsersAction))
+    found: dict[str, argparse.ArgumentParser] = {}
+    for name, sub in action.choices.items():
+        if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+            found.update(subparsers(sub, f"{prefix}{name} "))
+        else:
+            found[prefix + name] = sub
+    return found
 
 
 def test_the_top_level_help_names_the_common_exit_codes() -> None:

@@ -223,3 +223,42 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad = write(tmp_path, "bad.toml", "brand = \n")
     with pytest.raises(ConfigError, match=f"cannot parse configuration {bad}"):
         config.load([bad])
+
+
+def test_the_api_key_files_path_is_kept_resolved_and_inline_keys_have_none(tmp_path: Path) -> None:
+    assert config.load([base(tmp_path)]).vault.api_key_file == str(tmp_path / "api-key")
+    inline = write(tmp_path, "inline.toml", base(tmp_path).read_text().replace('api-key-file = "api-key"',
+                                                                              'api-key = "s3cret-key"'))
+    inline.chmod(0o600)
+    assert config.load([inline]).vault.api_key_file == ""
+
+
+def test_onboarding_defaults_and_values(tmp_path: Path) -> None:
+    assert config.load([base(tmp_path)]).onboarding == config.OnboardingConfig()
+    assert config.OnboardingConfig().hardware_key == "file:/var/lib/factory-agent-identity/hardware-key.pem"
+    cfg = config.load([base(tmp_path, extra='[onboarding]\nhardware-key = "file:/srv/id/k.pem"\nhash = "sha3-384"\n'
+                                            'legacy-digest-field = false\nsignature-encoding = "hex"\n')])
+    assert (cfg.onboarding.hardware_key, cfg.onboarding.hash, cfg.onboarding.legacy_digest_field,
+            cfg.onboarding.signature_encoding) == ("file:/srv/id/k.pem", "sha3-384", False, "hex")
+
+
+@pytest.mark.parametrize("table, message", [
+    ('hash = "sha1"', "'onboarding.hash' must be one of 'sha256', 'sha384', 'sha512', 'sha3-384', not 'sha1'"),
+    ('signature-encoding = "base32"', "'onboarding.signature-encoding' must be one of"),
+    ('hardware-key = "pkcs11:token=t;object=o"', "'onboarding.hardware-key' must be a file:/PATH URI"),
+    ("legacy-digest-field = 1", "'onboarding.legacy-digest-field' must be true or false"),
+    ('method = "hardware-identity"', "method"),
+])
+def test_onboarding_errors_name_the_file_and_the_key(tmp_path: Path, table: str, message: str) -> None:
+    path = base(tmp_path, extra=f"[onboarding]\n{table}\n")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as caught:
+        config.load([path])
+    assert str(path) in str(caught.value)
+
+
+def test_load_onboarding_reads_that_table_alone(tmp_path: Path) -> None:
+    """The factory's tooling runs before the vault is configured: a file with [onboarding] only is enough."""
+    path = write(tmp_path, "id.toml", '[onboarding]\nhash = "sha384"\n')
+    assert config.load_onboarding([path]).hash == "sha384"
+    with pytest.raises(ConfigError, match="'brand' is required"):
+        config.load([path])

@@ -21,6 +21,7 @@ import pytest
 from agent import cli, status, systemd
 from agent.registration import State
 from tests.conftest import DATA, REPO
+from tests.unit.test_cli_help import subparsers
 
 CONTRACT = REPO / "systemd" / "io.factoryagent.Agent1.xml"
 INTERFACE = "io.factoryagent.Agent1"
@@ -148,9 +149,8 @@ def man_synopsis(text: str) -> dict[str, str]:
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    found = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert len(found) == 1
-    return dict(found[0].choices)
+    assert len([a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]) == 1
+    return subparsers(parser)
 
 
 def options(parser: argparse.ArgumentParser, *, with_help: bool) -> dict[str, argparse.Action]:

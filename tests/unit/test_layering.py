@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 AGENT = Path(__file__).resolve().parents[2] / "agent"
-CORE = {"assertions", "openpgp", "registration", "serials", "errors"}
+CORE = {"assertions", "openpgp", "registration", "serials", "errors", "onboarding"}
 FORBIDDEN = {"os", "io", "socket", "subprocess", "requests", "pyudev", "dbus_next", "dbus_fast", "systemd",
              "time", "asyncio", "threading", "pathlib", "shutil", "tempfile"}
 

@@ -1,0 +1,137 @@
+"""`factory-agent hardware-identity`: the factory's tooling for secure device onboarding.
+
+On the device: ``init`` makes the hardware identity key once (never replacing one), ``show`` prints
+its record (the public key and its digest: nothing secret), ``sign-request-id`` signs a request-id
+and prints the registration body. On the factory host: ``assertion`` signs the device's
+hardware-identity assertion with the issuer's key, for import into the Model Service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from . import assertions, config, hwkey, keys, onboarding
+from .errors import ConfigError
+from .onboarding import Record
+
+MAX_RECORD_BYTES = 64 * 1024
+
+
+def settings(files: list[Path], key_uri: str | None) -> config.OnboardingConfig:
+    """[onboarding] of ``files`` (default: the daemon's files that exist, else the defaults), ``key_uri`` over it."""
+    found = files or [f for f in config.default_files() if f.exists()]
+    loaded = config.load_onboarding(found) if found else config.OnboardingConfig()
+    if key_uri is None:
+        return loaded
+    if hwkey.file_path(key_uri) is None:
+        raise ConfigError(f"cannot use hardware key {key_uri!r}: this agent supports file:PATH keys")
+    return dataclasses.replace(loaded, hardware_key=key_uri)
+
+
+def record_of(key: hwkey.HardwareKey) -> Record:
+    return Record.of(key.public_der(), key.key_type, key.uri)
+
+
+def print_record(record: Record, as_json: bool, out: TextIO = sys.stdout) -> None:
+    if as_json:
+        print(json.dumps(record.to_json(), indent=2), file=out)
+        return
+    for name, value in record.to_json().items():
+        print(f"{name + ':':<26}{value}", file=out)
+
+
+def init(cfg: config.OnboardingConfig, key_type: str, as_json: bool) -> int:
+    key, made = hwkey.create_key(cfg.hardware_key, key_type)
+    if made:
+        print(f"factory-agent: made a new {key.key_type} hardware identity key at {key.uri}", file=sys.stderr)
+    else:
+        print(f"factory-agent: kept the existing {key.key_type} hardware identity key at {key.uri} "
+              "(a hardware identity key is never replaced)", file=sys.stderr)
+    print_record(record_of(key), as_json)
+    return 0
+
+
+def show(cfg: config.OnboardingConfig, as_json: bool) -> int:
+    print_record(record_of(hwkey.open_key(cfg.hardware_key)), as_json)
+    return 0
+
+
+def sign_request_id(cfg: config.OnboardingConfig, request_id: str, as_json: bool) -> int:
+    """The registration body for ``request_id``: with --json its exact bytes (what the hook sets)."""
+    body, signature = registration_body(cfg, hwkey.open_key(cfg.hardware_key), request_id)
+    if as_json:
+        sys.stdout.buffer.write(body + b"\n")
+        return 0
+    fields = json.loads(body)
+    for name in ("request-id", *sorted(fields)):
+        print(f"{name + ':':<26}{request_id if name == 'request-id' else fields[name]}")
+    print(f"{'signature-bytes:':<26}{len(signature)}")
+    return 0
+
+
+def registration_body(cfg: config.OnboardingConfig, key: hwkey.HardwareKey, request_id: str) -> tuple[bytes, bytes]:
+    """(the body, the raw signature) for ``request_id``, signed over its exact UTF-8 bytes."""
+    if not request_id or request_id != request_id.strip() or not request_id.isprintable():
+        raise ConfigError(f"cannot sign request-id {request_id!r}: it must be the vault's request-id exactly, "
+                          "without surrounding white space (snapctl get prints a trailing newline: strip it)")
+    signature = key.sign(request_id.encode("utf-8"), cfg.hash)
+    record = record_of(key)
+    text = onboarding.encode_signature(signature, cfg.signature_encoding)
+    return onboarding.registration_body(record.digest, text, cfg.hash, cfg.legacy_digest_field), signature
+
+
+def assertion(issuer_key: Path, issuer_id: str, manufacturer: str, hardware_name: str, hardware_id: str,
+              key_text: str, timestamp: str | None) -> bytes:
+    """A hardware-identity assertion signed with ``issuer_key`` (PEM), checked against its own key."""
+    try:
+        signer = keys.load_key(issuer_key.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read issuer key {issuer_key}: {exc.strerror}") from None
+    stamp = timestamp or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    headers = onboarding.hardware_identity_headers(issuer_id, manufacturer, hardware_name, hardware_id, key_text,
+                                                   stamp)
+    created = int(assertions.check_timestamp(headers, "timestamp").timestamp())
+    signed = assertions.sign(dict(headers), b"", signer.public, signer.sign, created)
+    assertions.verify(assertions.decode(signed.encode()), signer.public)
+    return signed.encode()
+
+
+def key_text_from(record_file: str | None, key_text: str | None, cfg: config.OnboardingConfig) -> str:
+    """The device's hardware-id-key: given, from a record `show --json` wrote, or this device's own key."""
+    if key_text:
+        return key_text
+    if record_file:
+        try:
+            if record_file == "-":
+                data = sys.stdin.buffer.read(MAX_RECORD_BYTES)
+            else:
+                with open(record_file, "rb") as f:
+                    data = f.read(MAX_RECORD_BYTES)
+            value = json.loads(data).get("hardware-id-key")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"cannot read the record {record_file}: {exc}") from None
+        if not isinstance(value, str):
+            raise ConfigError(f"cannot read the record {record_file}: no \"hardware-id-key\" string in it")
+        return value
+    return record_of(hwkey.open_key(cfg.hardware_key)).key
+
+
+def run(args: argparse.Namespace) -> int:
+    """``factory-agent hardware-identity ACTION``, as argparse parsed it."""
+    cfg = settings([Path(f) for f in args.config], args.key)
+    if args.action == "init":
+        return init(cfg, args.type, args.json)
+    if args.action == "show":
+        return show(cfg, args.json)
+    if args.action == "sign-request-id":
+        return sign_request_id(cfg, args.request_id, args.json)
+    text = key_text_from(args.record, args.hardware_id_key, cfg)
+    sys.stdout.buffer.write(assertion(Path(args.issuer_key), args.issuer_id, args.manufacturer, args.hardware_name,
+                                      args.hardware_id, text, args.timestamp))
+    return 0
