@@ -13,9 +13,10 @@ APT_PACKAGES := python3 python3-cryptography python3-requests python3-pyudev pyt
 	python3-systemd python3-pytest python3-pytest-timeout python3-hypothesis \
 	python3-venv python3-pip python3-dev gcc pkg-config libsystemd-dev gnupg \
 	python3-trustme umockdev gir1.2-umockdev-1.0 python3-gi python3-dbus-fast dbus-daemon \
-	dbus-system-bus-common systemd strace shellcheck python3-yaml python3-h11 python3-pytest-xdist
+	dbus-system-bus-common systemd strace shellcheck python3-yaml python3-h11 python3-pytest-xdist \
+	softhsm2 python3-pykcs11 opensc
 # The latest PyPI releases of the same (systemd-python builds against libsystemd-dev), and the linters.
-PYPI_PACKAGES := cryptography requests pyudev dbus-next h11 systemd-python pytest pytest-timeout hypothesis mypy trustme \
+PYPI_PACKAGES := cryptography requests pyudev dbus-next h11 systemd-python pytest pytest-timeout hypothesis mypy trustme PyKCS11 \
 	dbus-fast PyYAML pytest-xdist ruff
 
 # The one way packages get installed: those of the list that are missing, after an apt-get update.
@@ -30,7 +31,7 @@ CHECK_WORKERS ?= 4
 CHECK_ALONE := tests/dbus/test_service.py::test_a_property_read_answers_within_50_ms_during_a_real_keygen \
 	tests/dbus/test_flood.py
 
-.PHONY: all deps check lint test test-clone test-distro test-latest demo bench crash deb qemu-deps qemu-test clean
+.PHONY: all deps check lint test test-clone test-distro test-latest demo bench bench-hwkey crash deb qemu-deps qemu-test clean
 
 all: test
 
@@ -98,9 +99,14 @@ test-latest: $(VENV)/.stamp
 demo: deps
 	PY=$(DISTRO_PY) sh tests/demo.sh
 
-# Time-to-serial against the lab vault on loopback, as JSON (see tests/bench.py).
+# Time-to-serial against the lab vault on loopback, then the hardware identity key's signing time on
+# each backend, as JSON (see tests/bench.py, tests/bench_hwkey.py).
 bench: deps
 	$(DISTRO_PY) tests/bench.py
+	$(DISTRO_PY) tests/bench_hwkey.py
+
+bench-hwkey: deps
+	$(DISTRO_PY) tests/bench_hwkey.py
 
 # Crash injection: the real daemon SIGKILLed at every named point of a registration, then at 200
 # random instants; every restart must finish with the same key and one verified serial. Figures as JSON.

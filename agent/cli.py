@@ -301,7 +301,8 @@ def _add_hardware_identity(sub: argparse._SubParsersAction[argparse.ArgumentPars
         a = actions.add_parser(name, help=text, description=description, epilog=p.epilog)
         a.add_argument("--config", action="append", default=[], metavar="FILE",
                        help="configuration file for [onboarding] (repeatable; default the daemon's files that exist)")
-        a.add_argument("--key", metavar="URI", help="the key's URI, over [onboarding] hardware-key (file:/PATH)")
+        a.add_argument("--key", metavar="URI", help="the key's URI, over [onboarding] hardware-key (file:/PATH, or "
+                                                     "pkcs11:token=T;object=O?pin-source=file:/PATH)")
         return a
 
     a = action("init", "make the key if there is none (never replace one) and print its record",

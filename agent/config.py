@@ -73,7 +73,8 @@ class RelayConfig:
 class OnboardingConfig:
     """Secure device onboarding: where the hardware identity key lives and how the request-id is signed."""
 
-    hardware_key: str = DEFAULT_HARDWARE_KEY  # a URI: file:PATH
+    hardware_key: str = DEFAULT_HARDWARE_KEY  # a URI: file:PATH or pkcs11:... (RFC 7512)
+    pkcs11_module: str = ""  # the PKCS#11 module (a .so) for a pkcs11: key without module-path
     hash: Hash = Hash.SHA256
     legacy_digest_field: bool = True  # also send hardware-id-key-sha384, which snapd 2.74-2.77 require
     signature_encoding: SignatureEncoding = SignatureEncoding.BASE64
@@ -120,6 +121,7 @@ _SCHEMA: dict[str, Any] = {
     "relay": {"listen": ("str", DEFAULT_RELAY_LISTEN)},
     "onboarding": {
         "hardware-key": ("str", DEFAULT_HARDWARE_KEY),
+        "pkcs11-module": ("path", ""),
         "hash": ("str", Hash.SHA256.value),
         "legacy-digest-field": ("bool", True),
         "signature-encoding": ("str", SignatureEncoding.BASE64.value),
@@ -373,9 +375,10 @@ def _build_onboarding(merged: Mapping[str, Any], fail: Any) -> OnboardingConfig:
         if _get(merged, key) not in set(kind):
             raise fail(key, f"must be one of {', '.join(repr(v.value) for v in kind)}, not {_get(merged, key)!r}")
     uri = _get(merged, "onboarding.hardware-key")
-    if not uri.startswith("file:"):
-        raise fail("onboarding.hardware-key", f"must be a file:/PATH URI, not {uri!r}")
-    return OnboardingConfig(hardware_key=uri, hash=Hash(_get(merged, "onboarding.hash")),
+    if not uri.startswith(("file:", "pkcs11:")):
+        raise fail("onboarding.hardware-key", f"must be a file:/PATH or pkcs11: URI, not {uri!r}")
+    return OnboardingConfig(hardware_key=uri, pkcs11_module=_get(merged, "onboarding.pkcs11-module"),
+                            hash=Hash(_get(merged, "onboarding.hash")),
                             legacy_digest_field=_get(merged, "onboarding.legacy-digest-field"),
                             signature_encoding=SignatureEncoding(_get(merged, "onboarding.signature-encoding")))
 

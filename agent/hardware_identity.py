@@ -29,8 +29,8 @@ def settings(files: list[Path], key_uri: str | None) -> config.OnboardingConfig:
     loaded = config.load_onboarding(found) if found else config.OnboardingConfig()
     if key_uri is None:
         return loaded
-    if hwkey.file_path(key_uri) is None:
-        raise ConfigError(f"cannot use hardware key {key_uri!r}: this agent supports file:PATH keys")
+    if not key_uri.startswith(("file:", "pkcs11:")):
+        raise ConfigError(f"cannot use hardware key {key_uri!r}: expected file:/PATH or pkcs11:... (RFC 7512)")
     return dataclasses.replace(loaded, hardware_key=key_uri)
 
 
@@ -47,7 +47,7 @@ def print_record(record: Record, as_json: bool, out: TextIO = sys.stdout) -> Non
 
 
 def init(cfg: config.OnboardingConfig, key_type: str, as_json: bool) -> int:
-    key, made = hwkey.create_key(cfg.hardware_key, key_type)
+    key, made = hwkey.create_key(cfg.hardware_key, key_type, cfg.pkcs11_module)
     if made:
         print(f"factory-agent: made a new {key.key_type} hardware identity key at {key.uri}", file=sys.stderr)
     else:
@@ -58,13 +58,13 @@ def init(cfg: config.OnboardingConfig, key_type: str, as_json: bool) -> int:
 
 
 def show(cfg: config.OnboardingConfig, as_json: bool) -> int:
-    print_record(record_of(hwkey.open_key(cfg.hardware_key)), as_json)
+    print_record(record_of(hwkey.open_key(cfg.hardware_key, cfg.pkcs11_module)), as_json)
     return 0
 
 
 def sign_request_id(cfg: config.OnboardingConfig, request_id: str, as_json: bool) -> int:
     """The registration body for ``request_id``: with --json its exact bytes (what the hook sets)."""
-    body, signature = registration_body(cfg, hwkey.open_key(cfg.hardware_key), request_id)
+    body, signature = registration_body(cfg, hwkey.open_key(cfg.hardware_key, cfg.pkcs11_module), request_id)
     if as_json:
         sys.stdout.buffer.write(body + b"\n")
         return 0
@@ -119,7 +119,7 @@ def key_text_from(record_file: str | None, key_text: str | None, cfg: config.Onb
         if not isinstance(value, str):
             raise ConfigError(f"cannot read the record {record_file}: no \"hardware-id-key\" string in it")
         return value
-    return record_of(hwkey.open_key(cfg.hardware_key)).key
+    return record_of(hwkey.open_key(cfg.hardware_key, cfg.pkcs11_module)).key
 
 
 def run(args: argparse.Namespace) -> int:

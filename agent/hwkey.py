@@ -1,4 +1,5 @@
-"""The hardware identity key behind one interface, chosen by its URI: ``file:PATH`` (PKCS#8 PEM, 0600).
+"""The hardware identity key behind one interface, chosen by its URI: ``file:PATH`` (PKCS#8 PEM, 0600) or
+``pkcs11:...`` (RFC 7512: a token, agent/pkcs11.py).
 
 The key is made once per device, at manufacturing, and never replaced: not on re-image, factory
 reset or the loss of the state directory (it lives apart from it, on storage that survives a
@@ -113,8 +114,14 @@ def file_path(uri: str) -> Path | None:
     return Path(path)
 
 
-def open_key(uri: str) -> HardwareKey:
-    """The key at ``uri``; HardwareKeyError when it is not there or cannot be used (what to run, in the message)."""
+def open_key(uri: str, module: str = "") -> HardwareKey:
+    """The key at ``uri`` (``module``: the PKCS#11 module for a pkcs11: URI without module-path); HardwareKeyError
+    when it is not there or cannot be used, with what to run in the message."""
+    if uri.startswith("pkcs11:"):
+        from . import pkcs11
+
+        parsed = pkcs11.parse_uri(uri)
+        return pkcs11.Pkcs11Key(parsed, _module(parsed, module))
     path = _path(uri)
     try:
         pem = store.read_owned(path, MAX_KEY_BYTES, private=True)
@@ -126,11 +133,16 @@ def open_key(uri: str) -> HardwareKey:
     return FileKey(path, _load_private(pem, path))
 
 
-def create_key(uri: str, key_type: str = DEFAULT_KEY_TYPE) -> tuple[HardwareKey, bool]:
+def create_key(uri: str, key_type: str = DEFAULT_KEY_TYPE, module: str = "") -> tuple[HardwareKey, bool]:
     """The key at ``uri``, made (``key_type``) only if there is none: (key, made). An existing key is never
-    replaced, whatever its type."""
+    replaced, whatever its type; in a token it is made there, and never leaves it."""
     if key_type not in KEY_TYPES:
         raise ConfigError(f"cannot make a {key_type!r} hardware identity key: choose one of {', '.join(KEY_TYPES)}")
+    if uri.startswith("pkcs11:"):
+        from . import pkcs11
+
+        parsed = pkcs11.parse_uri(uri)
+        return pkcs11.create(parsed, _module(parsed, module), key_type)
     path = _path(uri)
     try:
         return open_key(uri), False
@@ -150,8 +162,16 @@ def create_key(uri: str, key_type: str = DEFAULT_KEY_TYPE) -> tuple[HardwareKey,
 def _path(uri: str) -> Path:
     path = file_path(uri)
     if path is None:
-        raise ConfigError(f"cannot use hardware key {uri!r}: this agent supports file:PATH keys")
+        raise ConfigError(f"cannot use hardware key {uri!r}: expected file:/PATH or pkcs11:... (RFC 7512)")
     return path
+
+
+def _module(uri: Any, configured: str) -> str:
+    module = uri.query.get("module-path") or configured
+    if not module:
+        raise ConfigError(f"cannot use hardware key {uri.text!r}: no PKCS#11 module: set [onboarding] "
+                          "pkcs11-module (or module-path= in the URI)")
+    return str(module)
 
 
 def _generate_pem(key_type: str) -> bytes:

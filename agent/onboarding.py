@@ -84,6 +84,26 @@ def _der_length(length: int) -> bytes:
     return bytes([0x80 | len(encoded)]) + encoded
 
 
+# DER DigestInfo prefixes (RFC 8017 §9.2, and NIST's SHA3 OIDs): what PKCS#1 v1.5 signs before the digest.
+# A token's plain CKM_RSA_PKCS mechanism gets DigestInfo || digest, so every hash works on every token.
+_DIGEST_INFO = {
+    Hash.SHA256: bytes.fromhex("3031300d060960864801650304020105000420"),
+    Hash.SHA384: bytes.fromhex("3041300d060960864801650304020205000430"),
+    Hash.SHA512: bytes.fromhex("3051300d060960864801650304020305000440"),
+    Hash.SHA3_384: bytes.fromhex("3041300d060960864801650304020905000430"),
+}
+
+
+def digest(message: bytes, hash_name: Hash) -> bytes:
+    """``message`` hashed once with ``hash_name``: what ECDSA signs, and what PKCS#1 v1.5 wraps."""
+    return hashlib.new(hash_name.replace("-", "_"), message).digest()
+
+
+def digest_info(message: bytes, hash_name: Hash) -> bytes:
+    """The PKCS#1 v1.5 DigestInfo of ``message``: a raw RSA (CKM_RSA_PKCS) signature over it is the standard one."""
+    return _DIGEST_INFO[hash_name] + digest(message, hash_name)
+
+
 def encode_signature(signature: bytes, encoding: SignatureEncoding = SignatureEncoding.BASE64) -> str:
     if encoding is SignatureEncoding.HEX:
         return signature.hex()

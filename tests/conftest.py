@@ -75,3 +75,20 @@ def pytest_report_header() -> list[str]:
         except md.PackageNotFoundError:
             versions.append(f"{name} missing")
     return [f"python {sys.version.split()[0]} at {sys.executable}", "deps: " + ", ".join(versions)]
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory):
+    """A SoftHSM2 token store for the session; SOFTHSM2_CONF is set for this process and its children."""
+    from tests.fakes.softhsm import SoftHsm, missing
+
+    if reason := missing():
+        pytest.skip(reason)
+    hsm = SoftHsm(tmp_path_factory.mktemp("softhsm"))
+    previous = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
+    yield hsm
+    if previous is None:
+        os.environ.pop("SOFTHSM2_CONF", None)
+    else:
+        os.environ["SOFTHSM2_CONF"] = previous

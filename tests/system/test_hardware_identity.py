@@ -111,8 +111,10 @@ def test_errors_are_one_line_with_the_exit_status(tmp_path: Path) -> None:
     missing = hwid("show", "--key", f"file:{tmp_path / 'none.pem'}")
     assert missing.returncode == 1 and "factory-agent hardware-identity init" in missing.stderr
     assert len(missing.stderr.splitlines()) == 1
-    scheme = hwid("show", "--key", "pkcs11:token=t;object=o")
-    assert scheme.returncode == 78 and "supports file:PATH" in scheme.stderr
+    scheme = hwid("show", "--key", "tpm2:handle=0x81000001")
+    assert scheme.returncode == 78 and "expected file:/PATH or pkcs11:" in scheme.stderr
+    module = hwid("show", "--key", "pkcs11:token=t;object=o")
+    assert module.returncode == 78 and "set [onboarding] pkcs11-module" in module.stderr
     config = tmp_path / "agent.toml"
     config.write_text('[onboarding]\nhash = "md5"\n')
     weak = hwid("show", "--config", str(config))

@@ -245,7 +245,7 @@ def test_onboarding_defaults_and_values(tmp_path: Path) -> None:
 @pytest.mark.parametrize("table, message", [
     ('hash = "sha1"', "'onboarding.hash' must be one of 'sha256', 'sha384', 'sha512', 'sha3-384', not 'sha1'"),
     ('signature-encoding = "base32"', "'onboarding.signature-encoding' must be one of"),
-    ('hardware-key = "pkcs11:token=t;object=o"', "'onboarding.hardware-key' must be a file:/PATH URI"),
+    ('hardware-key = "tpm2:handle=1"', "'onboarding.hardware-key' must be a file:/PATH or pkcs11: URI"),
     ("legacy-digest-field = 1", "'onboarding.legacy-digest-field' must be true or false"),
     ('method = "hardware-identity"', "method"),
 ])

@@ -126,9 +126,11 @@ def test_bad_file_uris_are_config_errors(uri: str) -> None:
 
 
 def test_other_schemes_are_refused_by_name() -> None:
-    with pytest.raises(ConfigError, match="supports file:PATH"):
-        hwkey.open_key("pkcs11:token=x;object=y")
+    with pytest.raises(ConfigError, match=r"expected file:/PATH or pkcs11:\.\.\. \(RFC 7512\)"):
+        hwkey.open_key("tpm2:handle=0x81000001")
     assert hwkey.file_path("pkcs11:token=x") is None
+    with pytest.raises(ConfigError, match=r"no PKCS#11 module: set \[onboarding\] pkcs11-module"):
+        hwkey.open_key("pkcs11:token=x;object=y")
 
 
 def test_rsa_signature_is_pkcs1_v15_not_pss(tmp_path: Path) -> None:
