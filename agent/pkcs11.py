@@ -120,11 +120,15 @@ def _library(module: str) -> Any:
             raise HardwareKeyError(f"cannot load PKCS#11 module {module}: no such file")
     except UntrustedFileError as exc:  # a library others can change would run their code as root
         raise HardwareKeyError(f"cannot load PKCS#11 module {module}: {exc}") from None
+    # tpm2-pkcs11 and the TSS under it write their own lines to stderr, which is the journal: the agent says
+    # what failed itself, in one line. Who wants them sets these variables.
+    os.environ.setdefault("TPM2_PKCS11_LOG_LEVEL", "0")
+    os.environ.setdefault("TSS2_LOG", "all+NONE")
     library = p11.PyKCS11Lib()
     try:
         library.load(str(real))
     except p11.PyKCS11Error as exc:
-        raise HardwareKeyError(f"cannot load PKCS#11 module {module}: {exc}") from None
+        raise HardwareKeyError(f"cannot load PKCS#11 module {module}: {exc} (can it reach its token or TPM?)") from None
     return library
 
 

@@ -23,7 +23,7 @@ sys.path[0] = str(REPO)  # not tests/: its http/ package would shadow the stdlib
 
 from agent import hwkey  # noqa: E402
 from agent.onboarding import Hash  # noqa: E402
-from tests.fakes import softhsm  # noqa: E402
+from tests.fakes import softhsm, swtpm  # noqa: E402
 from tests.fakes.launcher import agent_argv, agent_env  # noqa: E402
 
 RUNS = int(os.environ.get("FACTORY_AGENT_BENCH_RUNS", "50"))
@@ -50,6 +50,25 @@ def command_ms(uri: str, env: dict[str, str], runs: int = 5) -> float:
     return round(statistics.median(times), 1)
 
 
+def tpm_figures(directory: Path) -> dict[str, object]:
+    """A software TPM through tpm2-pkcs11 (its keys made by children, as for SoftHSM2), each signature in it."""
+    tpm = swtpm.SoftwareTpm(directory)
+    figures: dict[str, object] = {}
+    try:
+        env = {**agent_env(), **{k: v for k, v in tpm.env.items() if k.startswith("TPM2_PKCS11_")}}
+        os.environ.update({k: v for k, v in env.items() if k.startswith("TPM2_PKCS11_")})
+        uris = {key_type: tpm.uri(key_type) + f"&module-path={tpm.module}" for key_type in ("p256", "rsa2048")}
+        for key_type, uri in uris.items():  # all made before this process loads the module: it lists them once
+            subprocess.run(agent_argv("hardware-identity", "init", "--key", uri, "--type", key_type), env=env,
+                           capture_output=True, check=True)
+        for key_type, uri in uris.items():
+            figures[f"swtpm-{key_type}"] = median_ms(hwkey.open_key(uri))
+        figures["swtpm-p256-command_ms"] = command_ms(tpm.uri("p256") + f"&module-path={tpm.module}", env)
+    finally:
+        tpm.stop()
+    return figures
+
+
 def main() -> int:
     results: dict[str, object] = {"machine": platform.machine(), "python": platform.python_version(), "runs": RUNS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,6 +92,10 @@ def main() -> int:
                 key = hwkey.open_key(token.uri(key_type), token.module)
                 results[f"softhsm2-{key_type}"] = median_ms(key)
             results["softhsm2-p256-command_ms"] = command_ms(token.uri("p256", module_path=token.module), env)
+        if reason := swtpm.missing():
+            results["swtpm"] = f"skipped: {reason}"
+        else:
+            results.update(tpm_figures(base / "swtpm"))
     print(json.dumps(results, indent=2))
     return 0
 
