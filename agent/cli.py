@@ -118,8 +118,8 @@ def _load_config(args: argparse.Namespace, without_api_key: bool = False) -> con
 
 
 def _http_error(text: str) -> int:
-    if not text.isdigit() or not 400 <= int(text) <= 599:
-        raise argparse.ArgumentTypeError(f"must be an HTTP error status from 400 to 599, not {text!r}")
+    if not text.isdigit() or not (400 <= int(text) <= 599 or int(text) == 202):
+        raise argparse.ArgumentTypeError(f"must be 202 or an HTTP error status from 400 to 599, not {text!r}")
     return int(text)
 
 
@@ -263,7 +263,8 @@ def cmd_lab_vault(args: argparse.Namespace) -> int:
                                        retry_after=args.retry_after,
                                        endpoints=tuple(args.endpoint or labserve.DEVICE_ENDPOINTS))
     return labserve.serve(labserve.Options(Path(args.dir), args.listen, args.brand, args.model, args.api_key,
-                                           args.tls_cert, args.tls_key, args.self_signed, rehearsal))
+                                           args.tls_cert, args.tls_key, args.self_signed, rehearsal,
+                                           args.hardware_identity))
 
 
 def cmd_hardware_identity(args: argparse.Namespace) -> int:
@@ -477,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", metavar="KEY", help="default: a random key, kept in DIR/api-key")
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="and this private key (PEM)")
+    p.add_argument("--hardware-identity", action="store_true",
+                   help="a lab Model Service: no api-key; a serial-request's body must carry a request-id "
+                        "signature by a hardware identity whose hardware-identity assertion (signed by the brand "
+                        "key, DIR/brand-key.pem) is in DIR/hardware-identities/")
     p.add_argument("--self-signed", action="store_true",
                    help="serve HTTPS with a private CA made in DIR on first use and kept: point the agent's "
                         "vault.ca-file at DIR/ca.pem")
@@ -485,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "stays healthy, as a vault that is up but failing. Each rehearsed answer is logged on stderr.")
     play = rehearse.add_mutually_exclusive_group()
     play.add_argument("--fail", type=_http_error, metavar="STATUS",
-                      help="answer this HTTP status (400-599, e.g. 503 or 429) instead of the real answer")
+                      help="answer this HTTP status (400-599, e.g. 503 or 429; or 202, accepted: poll later) "
+                           "instead of the real answer")
     play.add_argument("--refuse", type=_vault_code, metavar="CODE",
                       help="answer this vault error code (HTTP 400 with the real vault's JSON body), e.g. "
                            "invalid-api-key, invalid-model, invalid-nonce")

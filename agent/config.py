@@ -22,7 +22,7 @@ from typing import Any
 
 from . import assertions
 from .errors import AssertionFormatError, ConfigError, SecretUnreadableError
-from .onboarding import DEFAULT_HARDWARE_KEY, Hash, SignatureEncoding
+from .onboarding import DEFAULT_HARDWARE_KEY, Hash, Method, SignatureEncoding
 from .registration import Mode
 
 DEFAULT_FILE = Path("/etc/factory-agent/agent.toml")
@@ -73,6 +73,7 @@ class RelayConfig:
 class OnboardingConfig:
     """Secure device onboarding: where the hardware identity key lives and how the request-id is signed."""
 
+    method: Method = Method.API_KEY
     hardware_key: str = DEFAULT_HARDWARE_KEY  # a URI: file:PATH or pkcs11:... (RFC 7512)
     pkcs11_module: str = ""  # the PKCS#11 module (a .so) for a pkcs11: key without module-path
     hash: Hash = Hash.SHA256
@@ -120,6 +121,7 @@ _SCHEMA: dict[str, Any] = {
     },
     "relay": {"listen": ("str", DEFAULT_RELAY_LISTEN)},
     "onboarding": {
+        "method": ("str", Method.API_KEY.value),
         "hardware-key": ("str", DEFAULT_HARDWARE_KEY),
         "pkcs11-module": ("path", ""),
         "hash": ("str", Hash.SHA256.value),
@@ -370,14 +372,16 @@ def _build(merged: Mapping[str, Any], origin: Mapping[str, Path], files: tuple[P
 
 
 def _build_onboarding(merged: Mapping[str, Any], fail: Any) -> OnboardingConfig:
-    vocabularies = {"onboarding.hash": Hash, "onboarding.signature-encoding": SignatureEncoding}
+    vocabularies = {"onboarding.method": Method, "onboarding.hash": Hash,
+                    "onboarding.signature-encoding": SignatureEncoding}
     for key, kind in vocabularies.items():
         if _get(merged, key) not in set(kind):
             raise fail(key, f"must be one of {', '.join(repr(v.value) for v in kind)}, not {_get(merged, key)!r}")
     uri = _get(merged, "onboarding.hardware-key")
     if not uri.startswith(("file:", "pkcs11:")):
         raise fail("onboarding.hardware-key", f"must be a file:/PATH or pkcs11: URI, not {uri!r}")
-    return OnboardingConfig(hardware_key=uri, pkcs11_module=_get(merged, "onboarding.pkcs11-module"),
+    return OnboardingConfig(method=Method(_get(merged, "onboarding.method")), hardware_key=uri,
+                            pkcs11_module=_get(merged, "onboarding.pkcs11-module"),
                             hash=Hash(_get(merged, "onboarding.hash")),
                             legacy_digest_field=_get(merged, "onboarding.legacy-digest-field"),
                             signature_encoding=SignatureEncoding(_get(merged, "onboarding.signature-encoding")))
@@ -433,7 +437,8 @@ def _build_vault(merged: Mapping[str, Any], origin: Mapping[str, Path], fail: An
         _check_ca_file(ca_file, fail)
     return VaultConfig(
         url=url,
-        api_key=_api_key(merged, origin.get("vault.api-key"), fail, without_api_key),
+        api_key=_api_key(merged, origin.get("vault.api-key"), fail, without_api_key,
+                         _get(merged, "onboarding.method") == Method.HARDWARE_IDENTITY),
         ca_file=ca_file,
         allow_insecure_http=_get(merged, "vault.allow-insecure-http"),
         trusted_account_keys=_account_keys(_get(merged, "vault.trusted-account-keys"), fail),
@@ -443,10 +448,17 @@ def _build_vault(merged: Mapping[str, Any], origin: Mapping[str, Path], fail: An
     )
 
 
-def _api_key(merged: Mapping[str, Any], inline_file: Path | None, fail: Any, without_api_key: bool = False) -> str:
+def _api_key(merged: Mapping[str, Any], inline_file: Path | None, fail: Any, without_api_key: bool = False,
+             hardware_identity: bool = False) -> str:
     """The api-key, checked here because it is sent as an HTTP header: a value http.client cannot
-    encode, or requests refuses (and quotes in its error), would fail every exchange, or show the key."""
+    encode, or requests refuses (and quotes in its error), would fail every exchange, or show the key.
+    A device that onboards with its hardware identity has none: "" (and one configured is an error)."""
     inline, path = _get(merged, "vault.api-key"), _get(merged, "vault.api-key-file")
+    if hardware_identity:
+        if inline or path:
+            raise fail("vault.api-key-file" if path else "vault.api-key", "is not used with onboarding.method = "
+                       "'hardware-identity' (the device proves itself with its hardware identity key): remove it")
+        return ""
     if inline and path:
         raise fail("vault.api-key", "and vault.api-key-file are both set: keep one")
     key, where = inline.strip(), "vault.api-key"

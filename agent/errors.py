@@ -93,6 +93,10 @@ class VaultCode(StrEnum):
     LOGGING_ASSERTION = "logging-assertion"  # the vault's own trouble: transient
     SERVER_ERROR = "server-error"  # the vault's own trouble: transient
     TLS_CERTIFICATE = "tls-certificate"  # named by the agent: the vault's certificate is not trusted here
+    # Secure onboarding, as the lab Model Service (lab-vault --hardware-identity) names them: the Model
+    # Service's own codes are not public (shared/reference/secure-onboarding.md §4).
+    UNKNOWN_HARDWARE_IDENTITY = "unknown-hardware-identity"  # no hardware-identity assertion imported for the digest
+    INVALID_REQUEST_ID_SIGNATURE = "invalid-request-id-signature"
 
 
 class AgentError(Exception):

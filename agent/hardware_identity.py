@@ -64,26 +64,15 @@ def show(cfg: config.OnboardingConfig, as_json: bool) -> int:
 
 def sign_request_id(cfg: config.OnboardingConfig, request_id: str, as_json: bool) -> int:
     """The registration body for ``request_id``: with --json its exact bytes (what the hook sets)."""
-    body, signature = registration_body(cfg, hwkey.open_key(cfg.hardware_key, cfg.pkcs11_module), request_id)
+    key = hwkey.open_key(cfg.hardware_key, cfg.pkcs11_module)
+    body = hwkey.registration_body(key, request_id, cfg.hash, cfg.signature_encoding, cfg.legacy_digest_field)
     if as_json:
         sys.stdout.buffer.write(body + b"\n")
         return 0
     fields = json.loads(body)
     for name in ("request-id", *sorted(fields)):
         print(f"{name + ':':<26}{request_id if name == 'request-id' else fields[name]}")
-    print(f"{'signature-bytes:':<26}{len(signature)}")
     return 0
-
-
-def registration_body(cfg: config.OnboardingConfig, key: hwkey.HardwareKey, request_id: str) -> tuple[bytes, bytes]:
-    """(the body, the raw signature) for ``request_id``, signed over its exact UTF-8 bytes."""
-    if not request_id or request_id != request_id.strip() or not request_id.isprintable():
-        raise ConfigError(f"cannot sign request-id {request_id!r}: it must be the vault's request-id exactly, "
-                          "without surrounding white space (snapctl get prints a trailing newline: strip it)")
-    signature = key.sign(request_id.encode("utf-8"), cfg.hash)
-    record = record_of(key)
-    text = onboarding.encode_signature(signature, cfg.signature_encoding)
-    return onboarding.registration_body(record.digest, text, cfg.hash, cfg.legacy_digest_field), signature
 
 
 def assertion(issuer_key: Path, issuer_id: str, manufacturer: str, hardware_name: str, hardware_id: str,

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote
 
-from . import store
+from . import onboarding, store
 from .errors import ConfigError, HardwareKeyError, StoreError
-from .onboarding import Hash
+from .onboarding import Hash, SignatureEncoding
 
 KEY_TYPES = ("p256", "p384", "rsa2048")  # what `hardware-identity init` makes
 DEFAULT_KEY_TYPE = "p256"  # fast on every board, in every TPM, and snapd verifies it with SHA-256
@@ -43,7 +43,8 @@ class HardwareKey(Protocol):
         ...
 
 
-def _hash(hash_name: Hash) -> Any:
+def hash_algorithm(hash_name: Hash) -> Any:
+    """cryptography's hash object for ``hash_name``."""
     from cryptography.hazmat.primitives import hashes
 
     made: dict[Hash, Callable[[], Any]] = {Hash.SHA256: hashes.SHA256, Hash.SHA384: hashes.SHA384,
@@ -94,8 +95,8 @@ class FileKey:
         from cryptography.hazmat.primitives.asymmetric import ec, padding
 
         if self.key_type.startswith("rsa"):
-            return bytes(self.private.sign(message, padding.PKCS1v15(), _hash(hash_name)))
-        return bytes(self.private.sign(message, ec.ECDSA(_hash(hash_name))))  # DER, as snapd wants it
+            return bytes(self.private.sign(message, padding.PKCS1v15(), hash_algorithm(hash_name)))
+        return bytes(self.private.sign(message, ec.ECDSA(hash_algorithm(hash_name))))  # DER, as snapd wants it
 
 
 def file_path(uri: str) -> Path | None:
@@ -198,3 +199,15 @@ def _load_private(pem: bytes, path: Path) -> Any:
     key_type_of(private.public_key())
     return private
 
+
+def registration_body(key: HardwareKey, request_id: str, hash_name: Hash,
+                      encoding: SignatureEncoding = SignatureEncoding.BASE64, legacy_field: bool = True) -> bytes:
+    """The serial-request body for ``request_id``: signed over its exact UTF-8 bytes by ``key``, as snapd 2.77.1
+    sends what a prepare-serial-request hook set."""
+    if not request_id or request_id != request_id.strip() or not request_id.isprintable():
+        raise ConfigError(f"cannot sign request-id {request_id!r}: it must be the vault's request-id exactly, "
+                          "without surrounding white space (snapctl get prints a trailing newline: strip it)")
+    signature = key.sign(request_id.encode("utf-8"), hash_name)
+    digest = onboarding.key_digest(onboarding.hardware_id_key(key.public_der()))
+    text = onboarding.encode_signature(signature, encoding)
+    return onboarding.registration_body(digest, text, hash_name, legacy_field)

@@ -56,6 +56,8 @@ class Rehearsal:
             return refusal_reply(self.refuse)
         if self.fail is None:
             return None
+        if self.fail == 202:  # accepted: poll later, as a vault that signs asynchronously answers
+            return Reply(202, b"", None, (("Retry-After", str(self.retry_after)),) if self.retry_after is not None else ())
         try:
             reason = http.HTTPStatus(self.fail).phrase
         except ValueError:
@@ -248,6 +250,7 @@ class Options:
     keyfile: str | Path | None = None
     self_signed: bool = False
     rehearsal: Rehearsal | None = None
+    hardware_identity: bool = False  # a lab Model Service: no api-key, hardware identities checked
 
 
 def serve(options: Options) -> int:
@@ -286,14 +289,23 @@ def serve(options: Options) -> int:
 
 
 def _make_vault(options: Options) -> LabVault:
+    from .labmodel import ModelServiceVault
+
+    kind: type[LabVault] = ModelServiceVault if options.hardware_identity else LabVault
     if options.rehearsal is None:
-        return LabVault(options.directory, options.brand, options.model, options.api_key)
-    return RehearsalVault(options.directory, options.rehearsal, brand=options.brand, model=options.model,
-                          api_key=options.api_key)
+        return kind(options.directory, brand=options.brand, model=options.model, api_key=options.api_key)
+    rehearsed = type(f"Rehearsal{kind.__name__}", (RehearsalVault, kind), {})  # the rehearsal's respond, then kind's
+    return rehearsed(options.directory, options.rehearsal, brand=options.brand, model=options.model,  # type: ignore[no-any-return]
+                     api_key=options.api_key)
 
 
 def _listening(vault: LabVault, url: str, ca_file: Path | None) -> str:
     where = vault.directory
-    line = (f"lab vault listening on {url} (brand {vault.brand}, model {vault.model}); "
-            f"trust {where / 'brand.account-key'}; api-key in {where / 'api-key'}")
+    line = f"lab vault listening on {url} (brand {vault.brand}, model {vault.model}); trust {where / 'brand.account-key'}"
+    from .labmodel import ModelServiceVault
+
+    if isinstance(vault, ModelServiceVault):
+        line += f"; hardware identity, no api-key: import hardware-identity assertions into {vault.import_dir}"
+    else:
+        line += f"; api-key in {where / 'api-key'}"
     return line + (f"; vault.ca-file {ca_file}" if ca_file else "")

@@ -65,6 +65,11 @@ MESSAGES = {
     "invalid-substore": "Cannot find sub-store mapping for the model",
     "create-assertion": "Error converting the serial-request to a serial assertion",
     "signing-assertion": "Error signing the assertion",
+    # the lab Model Service's own (agent/labmodel.py): the Model Service's codes are not public
+    "unknown-hardware-identity": "No hardware identity is imported for this key",
+    "invalid-request-id-signature": "The request-id signature does not verify",
+    "invalid-body": "The serial-request body is not a secure onboarding body",
+    "serial-required": "A proposed serial is required",
 }
 
 
@@ -78,8 +83,9 @@ class Reply:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-class _Refusal(Exception):
-    """A handled vault error: HTTP 400 with the real JSON body; the message defaults to the real one."""
+class Refusal(Exception):
+    """A handled vault error: HTTP 400 with the real JSON body; the message defaults to the real one. A hook
+    (answer_serial) raises it to refuse."""
 
     def __init__(self, code: str, message: str | None = None) -> None:
         super().__init__(code)
@@ -146,13 +152,15 @@ class LabVault:
     """
 
     def __init__(self, directory: Path, brand: str = "acme", model: str = "acme-gw", api_key: str | None = None,
-                 now: Callable[[], float] = time.time, key_bits: int = keys.DEVICE_KEY_BITS) -> None:
+                 now: Callable[[], float] = time.time, key_bits: int = keys.DEVICE_KEY_BITS,
+                 require_api_key: bool = True) -> None:
         if not _BRAND.fullmatch(brand) or not _MODEL.fullmatch(model):
             raise ConfigError(f"cannot set up lab vault: invalid brand {brand!r} or model {model!r}")
         self.brand, self.model = brand, model
         self._directory, self._now = Path(directory), now
         self._lock = threading.Lock()
         self._nonces: dict[str, float] = {}
+        self.require_api_key = require_api_key  # False: a Model Service model onboarded with hardware identity
         self._revisions: dict[tuple[str, str, str], int] = {}
         self._device_keys: set[str] = set()
         self._server: _Server | None = None
@@ -251,13 +259,15 @@ class LabVault:
             return Reply(405)
         try:
             return handler(api_key, body)
-        except _Refusal as refusal:
+        except Refusal as refusal:
             log.info("lab vault refused %s: %s: %s", endpoint, refusal.code, refusal.message)
             return refusal.reply()
 
     def _check_api_key(self, api_key: str | None) -> None:
+        if not self.require_api_key:
+            return
         if not api_key or not hmac.compare_digest(api_key.encode("utf-8"), self._api_key.encode("utf-8")):
-            raise _Refusal("invalid-api-key")
+            raise Refusal("invalid-api-key")
 
     def _request_id(self, api_key: str | None, body: bytes | None) -> Reply:
         self._check_api_key(api_key)
@@ -267,6 +277,17 @@ class LabVault:
             nonce = hashlib.sha1(f"{secrets.token_hex(32)}{int(now)}".encode("ascii")).hexdigest()
             self._nonces[nonce] = now
         return Reply(200, go_json({"success": True, "message": "", "request-id": nonce}), JSON_TYPE)
+
+    def issued(self, request_id: str) -> bool:
+        """Whether ``request_id`` was issued here, is unspent and not expired (nothing is burned)."""
+        with self._lock:
+            self._purge_nonces(self._now())
+            return request_id in self._nonces
+
+    def spend(self, request_id: str) -> None:
+        """Burn ``request_id`` (a hook refusing a request that used it)."""
+        with self._lock:
+            self._nonces.pop(request_id, None)
 
     def _purge_nonces(self, now: float) -> None:
         for nonce in [n for n, issued in self._nonces.items() if now - issued > NONCE_MAX_AGE]:
@@ -282,12 +303,12 @@ class LabVault:
         with self._lock:
             self._purge_nonces(self._now())
             if self._nonces.pop(request.header("request-id"), None) is None:
-                raise _Refusal("invalid-nonce")
+                raise Refusal("invalid-nonce")
             if (request.header("brand-id"), request.header("model")) != (self.brand, self.model):
-                raise _Refusal("invalid-model")
+                raise Refusal("invalid-model")
             serial = _serial_number(request)
             if not serial:
-                raise _Refusal("create-assertion")
+                raise Refusal("create-assertion")
             signed = self._sign_serial(request, serial)
         return Reply(200, signed.encode(), ASSERTION_TYPE)
 
@@ -309,7 +330,7 @@ class LabVault:
             signed = self.sign_serial(headers, request.body, self._brand_key, int(now))
         except LocalFormatError as exc:
             log.info("lab vault cannot make serial %r: %s", serial, exc)
-            raise _Refusal("create-assertion") from None
+            raise Refusal("create-assertion") from None
         self._revisions[record] = revision
         self._device_keys.add(request.sign_key_id)
         return signed
@@ -387,32 +408,32 @@ def _serial_number(request: Assertion) -> str:
 def _check_stream(body: bytes | None) -> Assertion:
     """Steps 2-9: the serial-request of a well-formed, self-signed, consistent stream."""
     if body is None:
-        raise _Refusal("invalid-assertion", f"request body exceeds {MAX_REQUEST_BODY} bytes")
+        raise Refusal("invalid-assertion", f"request body exceeds {MAX_REQUEST_BODY} bytes")
     if not body:
-        raise _Refusal("empty-data")
+        raise Refusal("empty-data")
     try:
         stream = assertions.decode_stream(body)
     except AssertionFormatError as exc:
-        raise _Refusal("invalid-assertion", str(exc)) from None
+        raise Refusal("invalid-assertion", str(exc)) from None
     request, rest = stream[0], stream[1:]
     if request.type != "serial-request":
-        raise _Refusal("invalid-type")
+        raise Refusal("invalid-type")
     if (rest and rest[0].type != "model") or (len(rest) > 1 and rest[1].type != "serial"):
-        raise _Refusal("invalid-second-type")
+        raise Refusal("invalid-second-type")
     if len(rest) > 2:
-        raise _Refusal("invalid-assertion", UNEXPECTED)
+        raise Refusal("invalid-assertion", UNEXPECTED)
     try:
         assertions.verify(request, openpgp.decode_public_key(request.header("device-key")))
     except AssertionFormatError as exc:
-        raise _Refusal("invalid-assertion", "could not validate serial-request self-signature "
+        raise Refusal("invalid-assertion", "could not validate serial-request self-signature "
                        f"(failed signature verification: openpgp: invalid signature: {exc})") from None
     pair = ("brand-id", "model")
     if rest and [rest[0].headers.get(h) for h in pair] != [request.headers.get(h) for h in pair]:
-        raise _Refusal("mismatched-model")
+        raise Refusal("mismatched-model")
     if all(request.headers.get(h) for h in _REMODEL_HEADERS):
-        raise _Refusal("invalid-substore")  # a remodel needs a sub-store mapping; this vault has none
+        raise Refusal("invalid-substore")  # a remodel needs a sub-store mapping; this vault has none
     if len(rest) > 1:
-        raise _Refusal("invalid-assertion", UNEXPECTED)
+        raise Refusal("invalid-assertion", UNEXPECTED)
     return request
 
 

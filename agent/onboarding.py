@@ -18,6 +18,13 @@ from enum import StrEnum
 from typing import Any
 
 
+class Method(StrEnum):
+    """How the device proves itself to the vault: the model's shared api-key, or its own hardware identity key."""
+
+    API_KEY = "api-key"
+    HARDWARE_IDENTITY = "hardware-identity"
+
+
 class Hash(StrEnum):
     """``signature-hash-algorithm`` values the agent signs with. snapd's verifier takes any hash its binary
     links in, MD5 and SHA-1 included (the vectors' hash matrices): the agent offers only strong ones."""

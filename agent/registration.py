@@ -41,6 +41,7 @@ from .errors import (
     Code,
     ConfigError,
     DeviceKeyLostError,
+    HardwareKeyError,
     IdentityError,
     RelayBadRequest,
     RelayRefusedError,
@@ -115,6 +116,14 @@ ACTIONS: dict[str, str] = {
     "then run: factory-agent retry",
     Code.STORE: "the state directory cannot be used (see LastErrorMessage): fix what it names (a read-only mount, "
     "a full disk, an owner or mode), then run: factory-agent retry",
+    # secure onboarding (onboarding.method = "hardware-identity")
+    Code.HARDWARE_KEY: "the hardware identity key cannot be used (see LastErrorMessage): make it with factory-agent "
+    "hardware-identity init, or fix its token, PIN file or module, then run: factory-agent retry",
+    VaultCode.UNKNOWN_HARDWARE_IDENTITY: "the Model Service does not know this device's hardware identity: import the "
+    "hardware-identity assertion for its hardware-id-key-sha3-384 (factory-agent hardware-identity show), then run: "
+    "factory-agent retry",
+    VaultCode.INVALID_REQUEST_ID_SIGNATURE: "the Model Service refused the request-id signature: check that its "
+    "hardware-identity assertion is for this device's key and [onboarding] hash, then run: factory-agent retry",
 }
 # What each LastError means, for the man page's TROUBLESHOOTING table (tests/gen_troubleshooting.py writes it
 # from this and ACTIONS; tests/unit/test_troubleshooting.py fails on a stale or missing row).
@@ -143,6 +152,11 @@ MEANINGS: dict[str, str] = {
     VaultCode.SERVER_ERROR: "the vault's own trouble (retried with backoff)",
     VaultCode.INVALID_NONCE: "the request-id was spent or expired (a fresh one at once)",
     Code.SERIAL_NOT_PROPOSED: "registered, but the vault signed another serial than the one proposed",
+    Code.HARDWARE_KEY: "the hardware identity key is missing, or its token, PIN or module cannot be used (blocked)",
+    VaultCode.UNKNOWN_HARDWARE_IDENTITY: "the Model Service has no hardware-identity assertion for this device's key "
+    "(the lab's code; blocked)",
+    VaultCode.INVALID_REQUEST_ID_SIGNATURE: "the request-id signature did not verify with the imported key (the lab's "
+    "code; blocked)",
 }
 DEFAULT_REFUSAL_ACTION = "the vault refused the request (see LastErrorMessage): fix the cause, then run: factory-agent retry"
 
@@ -371,7 +385,8 @@ def needs_person(error: AgentError) -> bool:
         return error.error_code not in TRANSIENT_VAULT_CODES and error.error_code != VaultCode.INVALID_NONCE
     if isinstance(error, RelayRefusedError):
         return not isinstance(error, RelayBadRequest)  # garbage is the sender's problem, not the device's
-    return isinstance(error, (SerialRejectedError, IdentityError, DeviceKeyLostError, UntrustedFileError, ConfigError))
+    return isinstance(error, (SerialRejectedError, IdentityError, DeviceKeyLostError, UntrustedFileError, ConfigError,
+                              HardwareKeyError))
 
 
 def error_code(error: AgentError) -> str:

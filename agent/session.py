@@ -172,6 +172,7 @@ class Session:
         self._serial_stat: tuple[int, int, int, int] | None = None  # serial.assertion when it was last seen
         self._serial_note = ""  # set when the vault signed another serial than the one proposed
         self.started_at = now_us()
+        self.hardware_digest = ""  # secure onboarding: this device's hardware-id-key-sha3-384, once signed with
         self._shown: tuple[State, int] = (State.STARTING, self.started_at)  # the State published, and since when
         self._waiting: tuple[tuple[str, ...], float] = ((), 0.0)  # the identity's missing fields, until when
 
@@ -443,12 +444,18 @@ class Session:
             serial=p.serial if p.phase is Phase.REGISTERED else "",
             brand=self.cfg.brand, model=self.cfg.model,
             device_key_id=p.key_id, attempts=p.attempts,
-            last_error=p.last_error, last_error_message=p.last_error_message, action=p.action,
+            last_error=p.last_error, last_error_message=p.last_error_message, action=self._action(p),
             next_retry=int(self.next_retry * 1_000_000),
             identity=self.identity.fields(self.cfg.identity.allow_weak) if self.identity else dict(p.identity),
             state_since=self._shown[1], started_at=self.started_at, last_attempt_at=p.last_attempt_at,
             registered_at=p.registered_at, **self._waited(state),
         )
+
+    def _action(self, p: Progress) -> str:
+        """The action, naming this device's hardware identity digest where it says what to import."""
+        if self.hardware_digest:
+            return p.action.replace("hardware-id-key-sha3-384 (", f"hardware-id-key-sha3-384 {self.hardware_digest} (")
+        return p.action
 
     def _waited(self, state: State) -> dict[str, Any]:
         """What identifying waits for, shown while it is the State (the identity also runs beside requesting)."""

@@ -19,8 +19,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from . import assertions, keys, registration, store
+from . import assertions, keys, onboarding, registration, store
 from .errors import AgentError, DeviceKeyLostError, WrongModeError
+from .onboarding import Method
 from .registration import Phase, Progress, State, Step
 from .session import Session, VaultClient, import_adapters, new_vault
 
@@ -198,7 +199,7 @@ class StandaloneDriver:
             request = session.progress.serial_request.encode()
         else:
             session.set_activity(State.REQUESTING)
-            request = self._serial_request()
+            request = self._serial_request(await self._registration_body())
         from . import vault
 
         await session.record(registration.Posted(), note=f"to {self.session.cfg.vault.url}")
@@ -208,17 +209,38 @@ class StandaloneDriver:
             return registration.Accepted(request.decode(), answer.retry_after)
         return await session.store_serial(session.progress.key_id, request, answer.body)
 
-    def _serial_request(self) -> bytes:
+    async def _registration_body(self) -> bytes:
+        """The serial-request's body: the identity as YAML, or with secure onboarding the request-id signed by the
+        hardware identity key (opened and asked in a thread: a token or a TPM takes its time)."""
+        found, cfg = self.session.identity, self.session.cfg
+        assert found is not None and self.request_id is not None
+        from . import identity
+
+        if cfg.onboarding.method is not Method.HARDWARE_IDENTITY:
+            return identity.registration_body(found, cfg.identity.allow_weak)
+        from . import hwkey
+
+        settings, request_id = cfg.onboarding, self.request_id[0]
+
+        def sign() -> tuple[bytes, str]:
+            key = hwkey.open_key(settings.hardware_key, settings.pkcs11_module)
+            body = hwkey.registration_body(key, request_id, settings.hash, settings.signature_encoding,
+                                           settings.legacy_digest_field)
+            return body, onboarding.key_digest(onboarding.hardware_id_key(key.public_der()))
+
+        body, self.session.hardware_digest = await asyncio.to_thread(sign)
+        return body
+
+    def _serial_request(self, body: bytes) -> bytes:
         found, cfg = self.session.identity, self.session.cfg
         assert self.key is not None and found is not None and self.request_id is not None
         from . import identity
 
-        allow_weak = cfg.identity.allow_weak
         request = assertions.build_serial_request(
             brand=cfg.brand, model=cfg.model, request_id=self.request_id[0],
             device_key=self.key.public, signer=self.key.sign, created=int(time.time()),
-            serial=identity.proposed_serial(found, cfg.serial_template, allow_weak),
-            body=identity.registration_body(found, allow_weak),
+            serial=identity.proposed_serial(found, cfg.serial_template, cfg.identity.allow_weak),
+            body=body,
         )
         return request.encode()
 

@@ -95,8 +95,9 @@ class Vault:
         self.verify = cfg.ca_file or system_ca_bundle()
         # Connection: close, so that every call connects afresh and its deadline knows the socket.
         # Accept-Encoding: identity: nothing to decode, so the size cap counts what is used (see _read_capped).
-        self.session.headers.update({"User-Agent": user_agent, "api-key": cfg.api_key, "Connection": "close",
-                                     "Accept-Encoding": "identity"})
+        self.session.headers.update({"User-Agent": user_agent, "Connection": "close", "Accept-Encoding": "identity"})
+        if cfg.api_key:  # a device onboarding with its hardware identity sends none
+            self.session.headers["api-key"] = cfg.api_key
         self.session.mount("https://", _Adapter(max_retries=0))
         self.session.mount("http://", _Adapter(max_retries=0))
 

@@ -164,3 +164,11 @@ def test_retry_after_http_date() -> None:
 def test_system_trust_store_not_certifi() -> None:
     bundle = vault.system_ca_bundle()
     assert "site-packages" not in bundle and "certifi/" not in bundle and bundle.startswith(("/etc", "/usr"))
+
+
+def test_a_device_onboarding_with_its_hardware_identity_sends_no_api_key(serve) -> None:
+    server = serve(http_reply("200 OK", b'{"success":true,"message":"","request-id":"abc123"}', JSON))
+    cfg = VaultConfig(url=server.url, api_key="", ca_file=None, allow_insecure_http=True, trusted_account_keys=(),
+                      connect_timeout=2.0, timeout=5.0)
+    assert vault.Vault(cfg).fetch_request_id() == "abc123"
+    assert b"api-key" not in server.requests[0].lower()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -247,7 +248,7 @@ def test_onboarding_defaults_and_values(tmp_path: Path) -> None:
     ('signature-encoding = "base32"', "'onboarding.signature-encoding' must be one of"),
     ('hardware-key = "tpm2:handle=1"', "'onboarding.hardware-key' must be a file:/PATH or pkcs11: URI"),
     ("legacy-digest-field = 1", "'onboarding.legacy-digest-field' must be true or false"),
-    ('method = "hardware-identity"', "method"),
+    ('method = "tpm"', "'onboarding.method' must be one of"),
 ])
 def test_onboarding_errors_name_the_file_and_the_key(tmp_path: Path, table: str, message: str) -> None:
     path = base(tmp_path, extra=f"[onboarding]\n{table}\n")
@@ -262,3 +263,16 @@ def test_load_onboarding_reads_that_table_alone(tmp_path: Path) -> None:
     assert config.load_onboarding([path]).hash == "sha384"
     with pytest.raises(ConfigError, match="'brand' is required"):
         config.load([path])
+
+
+def test_hardware_identity_onboarding_needs_no_api_key_and_refuses_one(tmp_path: Path) -> None:
+    text = base(tmp_path, extra='[onboarding]\nmethod = "hardware-identity"\n').read_text()
+    without = write(tmp_path, "hwid.toml", text.replace('api-key-file = "api-key"\n', ""))
+    cfg = config.load([without])
+    assert cfg.onboarding.method == "hardware-identity" and cfg.vault.api_key == "" and cfg.vault.api_key_file == ""
+    with pytest.raises(ConfigError, match=re.escape("'vault.api-key-file' is not used with onboarding.method = "
+                                                    "'hardware-identity'")) as caught:
+        config.load([write(tmp_path, "both.toml", text)])
+    assert str(tmp_path / "both.toml") in str(caught.value)
+    with pytest.raises(ConfigError, match=re.escape("'onboarding.method' must be one of 'api-key', 'hardware-identity'")):
+        config.load([write(tmp_path, "typo.toml", text.replace("hardware-identity", "hardware-id"))])

@@ -1,0 +1,183 @@
+"""Secure onboarding end to end in standalone mode: the real agent (`run --once`) with a hardware identity key,
+against the real `lab-vault --hardware-identity` (a lab Model Service) on 127.0.0.1. No api-key anywhere."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from agent import assertions
+from tests.fakes import launcher
+from tests.fakes.agentconf import seed_key
+from tests.fakes.launcher import agent_argv, run_args
+from tests.http.test_labvault_cli import LabVaultCommand
+
+Start = Callable[..., LabVaultCommand]
+
+
+@pytest.fixture
+def start(lab_dir: Path, tmp_path: Path) -> Iterator[Start]:
+    directory = tmp_path / "vault"
+    directory.mkdir(mode=0o700)
+    for name in ("root-key.pem", "brand-key.pem"):
+        shutil.copy2(lab_dir / name, directory / name)
+    started: list[LabVaultCommand] = []
+
+    def _start(*args: str) -> LabVaultCommand:
+        started.append(LabVaultCommand(directory, "--hardware-identity", *args))
+        return started[-1]
+
+    yield _start
+    for command in started:
+        command.child.stop(check=False)
+
+
+class Device:
+    """A board: its hardware identity key (made with `hardware-identity init`), its config, its state."""
+
+    def __init__(self, tmp: Path, vault: LabVaultCommand, key_type: str = "p256") -> None:
+        self.tmp, self.vault = tmp, vault
+        self.key_uri = f"file:{tmp / 'identity' / 'hardware-key.pem'}"
+        self.config = tmp / "agent.toml"
+        self.config.write_text(f"""
+model-assertion = "{vault.directory / 'model.assert'}"
+[vault]
+url = "{vault.url}"
+allow-insecure-http = true
+trusted-account-keys = ["{vault.directory / 'brand.account-key'}"]
+[serial]
+template = "HW-{{soc_serial}}"
+[identity]
+wait-seconds = 0
+[identity.static]
+soc_serial = "00000000000000h1"
+[onboarding]
+method = "hardware-identity"
+hardware-key = "{self.key_uri}"
+""")
+        self.state = tmp / "state"
+        seed_key(self.state)
+        made = self.hwid("init", "--type", key_type, "--json")
+        assert made.returncode == 0, made.stderr
+        self.record = json.loads(made.stdout)
+
+    def hwid(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return launcher.run(agent_argv("hardware-identity", *args, "--config", str(self.config)), input=stdin, timeout=60)
+
+    def import_identity(self) -> Path:
+        """The factory host's step: the assertion, signed by the brand (the issuer), dropped into the vault."""
+        signed = self.hwid("assertion", "--record", "-", "--issuer-key", str(self.vault.directory / "brand-key.pem"),
+                           "--issuer-id", "acme", "--manufacturer", "ACME Devices Ltd", "--hardware-name",
+                           "acme-gw-board", "--hardware-id", "HW-0001", stdin=json.dumps(self.record))
+        assert signed.returncode == 0, signed.stderr
+        path = self.vault.directory / "hardware-identities" / "HW-0001.assert"
+        path.write_text(signed.stdout)
+        return path
+
+    def run_once(self) -> subprocess.CompletedProcess[str]:
+        done = launcher.run(agent_argv(*run_args(self.config, self.state, once=True), "--timeout", "60"), timeout=90)
+        assert "Traceback" not in done.stderr, done.stderr
+        return done
+
+    def recorded(self) -> dict[str, object]:
+        return json.loads((self.state / "state.json").read_text())
+
+
+@pytest.mark.parametrize("key_type", ["p256", "rsa2048"])
+def test_registers_with_no_api_key(start: Start, tmp_path: Path, key_type: str) -> None:
+    vault = start()
+    device = Device(tmp_path, vault, key_type)
+    device.import_identity()
+    done = device.run_once()
+    assert done.returncode == 0, done.stderr
+    serial = assertions.decode((device.state / "serial.assertion").read_bytes())
+    assert serial.header("serial") == "HW-00000000000000h1"
+    assert "api-key" not in device.config.read_text()
+    assert "invalid-api-key" not in vault.stop()
+
+
+def test_an_identity_not_imported_blocks_with_the_digest_then_the_import_and_a_run_register(start: Start,
+                                                                                           tmp_path: Path) -> None:
+    vault = start()
+    device = Device(tmp_path, vault)
+    digest = device.record["hardware-id-key-sha3-384"]
+    blocked = device.run_once()
+    assert blocked.returncode == 1, blocked.stderr
+    assert "unknown-hardware-identity" in blocked.stderr and digest in blocked.stderr, blocked.stderr
+    assert device.recorded()["blocked-by"] == "unknown-hardware-identity"
+    device.import_identity()  # the factory imports it; the technician runs the agent again
+    done = device.run_once()
+    assert done.returncode == 0, done.stderr
+    assert device.recorded()["phase"] == "registered"
+
+
+def test_a_replayed_request_is_refused(start: Start, tmp_path: Path) -> None:
+    """A serial-request captured on the wire, posted again: its request-id is spent."""
+    vault = start()
+    device = Device(tmp_path, vault)
+    device.import_identity()
+    request_id = requests.post(vault.url + "request-id", timeout=10).json()["request-id"]
+    body = device.hwid("sign-request-id", request_id, "--json").stdout.strip()
+    stream = _serial_request(device, request_id, body)
+    first = requests.post(vault.url + "serial", data=stream, headers=HEADERS, timeout=30)
+    again = requests.post(vault.url + "serial", data=stream, headers=HEADERS, timeout=30)
+    assert first.status_code == 200 and first.content.startswith(b"type: serial\n")
+    assert again.status_code == 400 and again.json()["error_code"] == "invalid-nonce"
+
+
+def test_a_202_then_the_serial(start: Start, tmp_path: Path) -> None:
+    vault = start("--fail", "202", "--endpoint", "serial", "--times", "1", "--retry-after", "1")
+    device = Device(tmp_path, vault)
+    device.import_identity()
+    done = device.run_once()
+    assert done.returncode == 0, done.stderr
+    assert "answered 202 to POST /v1/serial (1 of 1)" in vault.stop()
+    assert device.recorded()["phase"] == "registered"
+
+
+def test_a_signature_by_another_key_is_refused_and_its_request_id_spent(start: Start, tmp_path: Path) -> None:
+    """A body naming the imported digest, its request-id signed by another key (a cloned record)."""
+    vault = start()
+    device = Device(tmp_path, vault)
+    device.import_identity()
+    other = f"file:{tmp_path / 'other' / 'key.pem'}"
+    assert device.hwid("init", "--key", other).returncode == 0
+    request_id = requests.post(vault.url + "request-id", timeout=10).json()["request-id"]
+    forged = json.loads(device.hwid("sign-request-id", request_id, "--json", "--key", other).stdout)
+    digest = device.record["hardware-id-key-sha3-384"]
+    forged.update({"hardware-id-key-sha3-384": digest, "hardware-id-key-sha384": digest})
+    stream = _serial_request(device, request_id, json.dumps(forged, separators=(",", ":"), sort_keys=True))
+    refused = requests.post(vault.url + "serial", data=stream, headers=HEADERS, timeout=30)
+    assert refused.status_code == 400 and refused.json()["error_code"] == "invalid-request-id-signature"
+    honest = _serial_request(device, request_id, device.hwid("sign-request-id", request_id, "--json").stdout.strip())
+    spent = requests.post(vault.url + "serial", data=honest, headers=HEADERS, timeout=30)
+    assert spent.status_code == 400 and spent.json()["error_code"] == "invalid-nonce"
+
+
+def test_the_agent_blocks_on_a_refused_signature_with_the_action(start: Start, tmp_path: Path) -> None:
+    vault = start("--refuse", "invalid-request-id-signature", "--endpoint", "serial", "--times", "1")
+    device = Device(tmp_path, vault)
+    device.import_identity()
+    blocked = device.run_once()
+    assert blocked.returncode == 1 and "invalid-request-id-signature" in blocked.stderr, blocked.stderr
+    assert "[onboarding] hash" in blocked.stderr  # the action
+    assert device.run_once().returncode == 0  # the next run: a fresh request-id, registered
+
+
+HEADERS = {"Content-Type": "application/x.ubuntu.assertion"}
+
+
+def _serial_request(device: Device, request_id: str, body: str) -> bytes:
+    """A serial-request signed by the device key with ``body``, as `factory-agent serial-request` prints it."""
+    (device.tmp / "body.json").write_text(body)
+    made = launcher.run(agent_argv("serial-request", "--state-dir", str(device.state), "--brand", "acme", "--model",
+                                   "acme-gw", "--request-id", request_id, "--serial", "HW-MANUAL", "--body-file",
+                                   str(device.tmp / "body.json")), timeout=60)
+    assert made.returncode == 0, made.stderr
+    return made.stdout.encode()
