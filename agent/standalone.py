@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from . import assertions, keys, onboarding, registration, store
+from . import assertions, keys, registration, store
 from .errors import AgentError, DeviceKeyLostError, WrongModeError
 from .onboarding import Method
 from .registration import Phase, Progress, State, Step
@@ -211,25 +211,20 @@ class StandaloneDriver:
 
     async def _registration_body(self) -> bytes:
         """The serial-request's body: the identity as YAML, or with secure onboarding the request-id signed by the
-        hardware identity key (opened and asked in a thread: a token or a TPM takes its time)."""
+        hardware identity key, in a child process (agent/hwsign.py): a token or a TPM takes its time."""
         found, cfg = self.session.identity, self.session.cfg
         assert found is not None and self.request_id is not None
         from . import identity
 
         if cfg.onboarding.method is not Method.HARDWARE_IDENTITY:
             return identity.registration_body(found, cfg.identity.allow_weak)
-        from . import hwkey
+        from . import hwsign
 
-        settings, request_id = cfg.onboarding, self.request_id[0]
-
-        def sign() -> tuple[bytes, str]:
-            key = hwkey.open_key(settings.hardware_key, settings.pkcs11_module)
-            body = hwkey.registration_body(key, request_id, settings.hash, settings.signature_encoding,
-                                           settings.legacy_digest_field)
-            return body, onboarding.key_digest(onboarding.hardware_id_key(key.public_der()))
-
-        body, self.session.hardware_digest = await asyncio.to_thread(sign)
-        return body
+        settings = cfg.onboarding
+        signed = await hwsign.sign(settings.hardware_key, settings.pkcs11_module, self.request_id[0], settings.hash,
+                                   settings.signature_encoding, settings.legacy_digest_field)
+        self.session.hardware_digest = signed.digest
+        return signed.body
 
     def _serial_request(self, body: bytes) -> bytes:
         found, cfg = self.session.identity, self.session.cfg

@@ -72,6 +72,12 @@ def get_property(address: str, name: str) -> str:
     return done.stdout.strip()
 
 
+def state_of(address: str) -> str:
+    """The State property as busctl prints it (e.g. 's "blocked"'); "" while the daemon is not on the bus yet."""
+    done = busctl(address, "get-property", BUS_NAME, PATH, BUS_NAME, "State")
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def wait_for(predicate: Any, seconds: float = 30.0) -> None:
     deadline = time.monotonic() + seconds
     while not predicate():

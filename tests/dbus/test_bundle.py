@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from tests.dbus.conftest import BUS_NAME, PATH, Daemon, busctl, seed_key, wait_for, write_config
+from tests.dbus.conftest import Daemon, seed_key, state_of, wait_for, write_config
 from tests.fakes import launcher
 from tests.fakes.agentconf import DATA
 from tests.fakes.faultyvault import FaultyVault
@@ -47,11 +47,6 @@ def _members(path: Path) -> dict[str, bytes]:
         tops = {i.name.split("/", 1)[0] for i in infos}
         assert len(tops) == 1 and next(iter(tops)).startswith("factory-agent-support-"), tops
         return {i.name.split("/", 1)[1]: tar.extractfile(i).read() for i in infos if i.isfile()}  # type: ignore[union-attr]
-
-
-def _state(address: str) -> str:
-    done = busctl(address, "get-property", BUS_NAME, PATH, BUS_NAME, "State")
-    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def _key_needles() -> list[tuple[str, bytes]]:
@@ -79,7 +74,7 @@ def test_a_bundle_from_a_registered_daemon_has_every_member_and_no_secret(
     out = tmp_path / "out" / "bundle.tar.gz"
     out.parent.mkdir()
     try:
-        wait_for(lambda: _state(bus_address) == 's "registered"')
+        wait_for(lambda: state_of(bus_address) == 's "registered"')
         done = _bundle(bus_address, backend, "-o", str(out), "--config", str(config), "--state-dir", str(state))
     finally:
         daemon.stop()

@@ -13,7 +13,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests.dbus.conftest import BUS_NAME, PATH, Daemon, busctl, seed_key, wait_for, write_config
+from tests.dbus.conftest import Daemon, seed_key, state_of, wait_for, write_config
 from tests.fakes import launcher
 from tests.fakes.faultyvault import FaultyVault
 from tests.fakes.launcher import agent_argv, agent_env, run_args
@@ -40,12 +40,6 @@ def _retry(address: str, backend: str) -> subprocess.CompletedProcess[str]:
     return launcher.run(agent_argv("retry", "--bus", "session"), env=agent_env(bus_address=address, backend=backend))
 
 
-def _state(address: str) -> str:
-    """The State property as busctl prints it; "" while the daemon is not on the bus yet."""
-    done = busctl(address, "get-property", BUS_NAME, PATH, BUS_NAME, "State")
-    return done.stdout.strip() if done.returncode == 0 else ""
-
-
 def test_wrong_api_key_fixed_then_factory_agent_retry_registers_without_a_restart(
         tmp_path: Path, lab: FaultyVault, bus_address: str, backend: str) -> None:
     key_file = _api_key_file(tmp_path, WRONG)
@@ -53,14 +47,14 @@ def test_wrong_api_key_fixed_then_factory_agent_retry_registers_without_a_restar
     seed_key(state)
     daemon = Daemon(bus_address, backend, config, state)
     try:
-        wait_for(lambda: _state(bus_address) == 's "blocked"')
+        wait_for(lambda: state_of(bus_address) == 's "blocked"')
         blocked = _status(bus_address, backend)
         assert blocked["last-error"] == "invalid-api-key"
         assert "run: factory-agent retry" in str(blocked["action"])
         _api_key_file(tmp_path, lab.api_key)  # the technician fixes the file
         done = _retry(bus_address, backend)
         assert done.returncode == 0 and "fresh attempt" in done.stdout, done.stderr
-        wait_for(lambda: _state(bus_address) == 's "registered"')
+        wait_for(lambda: state_of(bus_address) == 's "registered"')
         registered = _status(bus_address, backend)
         assert (registered["serial"], registered["last-error"], registered["action"]) == (SERIAL, "", "")
         assert daemon.poll() is None  # the same daemon, no restart
@@ -77,7 +71,7 @@ def test_a_configuration_broken_before_the_retry_blocks_with_its_error_and_a_sec
     good = config.read_text()
     daemon = Daemon(bus_address, backend, config, state)
     try:
-        wait_for(lambda: _state(bus_address) == 's "blocked"')
+        wait_for(lambda: state_of(bus_address) == 's "blocked"')
         _api_key_file(tmp_path, lab.api_key)
         config.write_text(good.replace("[serial]", "[serial]\ntemplat = 1"))  # a typo while fixing things
         assert _retry(bus_address, backend).returncode == 0
@@ -89,7 +83,7 @@ def test_a_configuration_broken_before_the_retry_blocks_with_its_error_and_a_sec
         assert daemon.poll() is None  # blocked, not crashed
         config.write_text(good)
         assert _retry(bus_address, backend).returncode == 0
-        wait_for(lambda: _state(bus_address) == 's "registered"')
+        wait_for(lambda: state_of(bus_address) == 's "registered"')
     finally:
         daemon.stop()
     assert "Traceback" not in daemon.stderr

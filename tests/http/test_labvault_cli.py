@@ -228,7 +228,7 @@ def test_progress_lines_while_it_makes_its_keys_and_none_when_it_has_them(start:
 @pytest.mark.parametrize("args, says", [
     (["--times", "2"], "--times and --endpoint need --fail, --refuse or --delay"),
     (["--retry-after", "5", "--refuse", "invalid-nonce"], "--retry-after needs --fail"),
-    (["--fail", "200"], "must be an HTTP error status from 400 to 599"),
+    (["--fail", "200"], "must be 202 or an HTTP error status from 400 to 599"),
     (["--fail", "503", "--times", "0"], "must be a whole number of at least 1"),
     (["--refuse", "no-such-code"], "is not one of the vault's error codes: invalid-api-key"),
     (["--fail", "503", "--refuse", "invalid-nonce"], "not allowed with argument"),

@@ -13,9 +13,10 @@ import pytest
 import requests
 
 from agent import assertions
-from tests.fakes import launcher
+from tests.fakes import launcher, swtpm
 from tests.fakes.agentconf import seed_key
 from tests.fakes.launcher import agent_argv, run_args
+from tests.fakes.softhsm import SoftHsm
 from tests.http.test_labvault_cli import LabVaultCommand
 
 Start = Callable[..., LabVaultCommand]
@@ -41,9 +42,10 @@ def start(lab_dir: Path, tmp_path: Path) -> Iterator[Start]:
 class Device:
     """A board: its hardware identity key (made with `hardware-identity init`), its config, its state."""
 
-    def __init__(self, tmp: Path, vault: LabVaultCommand, key_type: str = "p256") -> None:
-        self.tmp, self.vault = tmp, vault
-        self.key_uri = f"file:{tmp / 'identity' / 'hardware-key.pem'}"
+    def __init__(self, tmp: Path, vault: LabVaultCommand, key_type: str = "p256", key_uri: str = "", module: str = "",
+                 env: dict[str, str] | None = None) -> None:
+        self.tmp, self.vault, self.env = tmp, vault, env
+        self.key_uri = key_uri or f"file:{tmp / 'identity' / 'hardware-key.pem'}"
         self.config = tmp / "agent.toml"
         self.config.write_text(f"""
 model-assertion = "{vault.directory / 'model.assert'}"
@@ -60,6 +62,7 @@ soc_serial = "00000000000000h1"
 [onboarding]
 method = "hardware-identity"
 hardware-key = "{self.key_uri}"
+pkcs11-module = "{module}"
 """)
         self.state = tmp / "state"
         seed_key(self.state)
@@ -68,7 +71,8 @@ hardware-key = "{self.key_uri}"
         self.record = json.loads(made.stdout)
 
     def hwid(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return launcher.run(agent_argv("hardware-identity", *args, "--config", str(self.config)), input=stdin, timeout=60)
+        return launcher.run(agent_argv("hardware-identity", *args, "--config", str(self.config)), input=stdin,
+                            env=self.env, timeout=60)
 
     def import_identity(self) -> Path:
         """The factory host's step: the assertion, signed by the brand (the issuer), dropped into the vault."""
@@ -81,7 +85,8 @@ hardware-key = "{self.key_uri}"
         return path
 
     def run_once(self) -> subprocess.CompletedProcess[str]:
-        done = launcher.run(agent_argv(*run_args(self.config, self.state, once=True), "--timeout", "60"), timeout=90)
+        done = launcher.run(agent_argv(*run_args(self.config, self.state, once=True), "--timeout", "60"),
+                            env=self.env, timeout=90)
         assert "Traceback" not in done.stderr, done.stderr
         return done
 
@@ -100,6 +105,49 @@ def test_registers_with_no_api_key(start: Start, tmp_path: Path, key_type: str) 
     assert serial.header("serial") == "HW-00000000000000h1"
     assert "api-key" not in device.config.read_text()
     assert "invalid-api-key" not in vault.stop()
+
+
+def test_a_key_in_softhsm2_registers(start: Start, tmp_path: Path, softhsm: SoftHsm) -> None:
+    vault = start()
+    token = softhsm.token()
+    device = Device(tmp_path, vault, "p256", key_uri=token.uri(), module=token.module)
+    assert device.record["location"] == token.uri()
+    device.import_identity()
+    done = device.run_once()
+    assert done.returncode == 0, done.stderr
+    assert device.recorded()["phase"] == "registered"
+
+
+def test_a_key_in_a_software_tpm_registers(start: Start, tmp_path: Path,
+                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    if reason := swtpm.missing():
+        pytest.skip(reason)
+    tpm = swtpm.SoftwareTpm(tmp_path_factory.mktemp("swtpm"))
+    try:
+        vault = start()
+        env = launcher.agent_env(**{k: v for k, v in tpm.env.items() if k.startswith("TPM2_PKCS11_")})
+        device = Device(tmp_path, vault, "rsa2048", key_uri=tpm.uri(), module=tpm.module, env=env)
+        assert device.record["key-type"] == "rsa2048"
+        device.import_identity()
+        done = device.run_once()
+    finally:
+        tpm.stop()
+    assert done.returncode == 0, done.stderr
+    assert device.recorded()["phase"] == "registered"
+
+
+def test_a_missing_key_blocks_until_it_is_made(start: Start, tmp_path: Path) -> None:
+    vault = start()
+    device = Device(tmp_path, vault)
+    device.import_identity()
+    key = tmp_path / "identity" / "hardware-key.pem"
+    key.rename(tmp_path / "aside.pem")  # the key's storage not mounted yet, say
+    blocked = device.run_once()
+    assert blocked.returncode == 1 and "hardware-key" in blocked.stderr, blocked.stderr
+    assert "factory-agent hardware-identity init" in blocked.stderr
+    assert device.recorded()["blocked-by"] == "hardware-key"
+    (tmp_path / "aside.pem").rename(key)  # mounted again
+    assert device.run_once().returncode == 0
 
 
 def test_an_identity_not_imported_blocks_with_the_digest_then_the_import_and_a_run_register(start: Start,
