@@ -119,8 +119,29 @@ def check_secrets(ctx: _Context) -> Result:
             if os.stat(path).st_uid != 0:
                 return Result("secrets", title, "error", f"{path} is not owned by root",
                               f"run: chown root:root {path}")
-    return Result("secrets", title, "ok", f"api-key readable by its owner only; {len(keys)} account-key(s) of "
+    how = "api-key readable by its owner only" if ctx.cfg.vault.api_key else "no api-key (hardware identity)"
+    return Result("secrets", title, "ok", f"{how}; {len(keys)} account-key(s) of "
                   f"{ctx.cfg.brand}: {', '.join(k.header('public-key-sha3-384')[:12] for k in keys)}")
+
+
+@_needs_config("hardware-key", "hardware identity key", "error")
+def check_hardware_key(ctx: _Context) -> Result:
+    """Secure onboarding: the key is there, of a type snapd verifies, and signs (a throw-away nonce, sent nowhere)."""
+    from . import hwkey, onboarding
+    from .errors import ConfigError, HardwareKeyError
+
+    title, settings = "hardware identity key", ctx.cfg.onboarding
+    if settings.method is not onboarding.Method.HARDWARE_IDENTITY:
+        return Result("hardware-key", title, "ok", "not used (onboarding.method = api-key)")
+    try:
+        key = hwkey.open_key(settings.hardware_key, settings.pkcs11_module)
+        key.sign(b"factory-agent check", settings.hash)
+    except (HardwareKeyError, ConfigError) as exc:
+        return Result("hardware-key", title, "error", str(exc), "make it with factory-agent hardware-identity init, "
+                      "or fix its token, PIN file or module")
+    digest = onboarding.key_digest(onboarding.hardware_id_key(key.public_der()))
+    return Result("hardware-key", title, "ok", f"{key.key_type} at {key.uri}, signs with {settings.hash}; "
+                  f"hardware-id-key-sha3-384 {digest} (its hardware-identity assertion must be imported)")
 
 
 @_needs_config("model-assertion", "model assertion", "warning")
@@ -303,7 +324,8 @@ def check_api_key(ctx: _Context) -> Result:
         return Result("vault-api-key", title, "error", said, hint)  # the vault's message names its URL once
     finally:
         client.close()
-    return Result("vault-api-key", title, "ok", f"accepted by {ctx.cfg.vault.url}request-id (a request-id was "
+    sent = "accepted by" if ctx.cfg.vault.api_key else "no api-key sent (hardware identity), answered by"
+    return Result("vault-api-key", title, "ok", f"{sent} {ctx.cfg.vault.url}request-id (a request-id was "
                   "issued; nothing registered)")
 
 
@@ -325,7 +347,8 @@ def check_kill_switch(ctx: _Context) -> Result:
 
 
 CHECKS: tuple[Check, ...] = (
-    check_config, check_secrets, check_model, check_identity, check_state_dir, check_device_key, check_dns,
+    check_config, check_secrets, check_hardware_key, check_model, check_identity, check_state_dir, check_device_key,
+    check_dns,
     check_tcp, check_tls, check_clock, check_version, check_api_key, check_installed, check_kill_switch)
 
 

@@ -229,3 +229,22 @@ def _serial_request(device: Device, request_id: str, body: str) -> bytes:
                                    str(device.tmp / "body.json")), timeout=60)
     assert made.returncode == 0, made.stderr
     return made.stdout.encode()
+
+
+def test_check_shows_the_hardware_identity_key_and_its_digest(start: Start, tmp_path: Path) -> None:
+    vault = start()
+    device = Device(tmp_path, vault)
+
+    def checks() -> dict[str, dict[str, str]]:
+        done = launcher.run(agent_argv("check", "--json", "--config", str(device.config), "--state-dir",
+                                       str(device.state)), timeout=60)
+        return {c["id"]: c for c in json.loads(done.stdout)["checks"]}
+
+    found = checks()
+    assert found["hardware-key"]["status"] == "ok"
+    assert device.record["hardware-id-key-sha3-384"] in found["hardware-key"]["detail"]
+    assert found["secrets"]["status"] == "ok" and "no api-key (hardware identity)" in found["secrets"]["detail"]
+    assert found["vault-api-key"]["status"] == "ok" and "no api-key sent" in found["vault-api-key"]["detail"]
+    (tmp_path / "identity" / "hardware-key.pem").unlink()
+    gone = checks()["hardware-key"]
+    assert gone["status"] == "error" and "hardware-identity init" in gone["detail"] + gone["hint"]
