@@ -324,6 +324,9 @@ def _add_hardware_identity(sub: argparse._SubParsersAction[argparse.ArgumentPars
     a.add_argument("request_id", metavar="REQUEST_ID", help="the vault's request-id, exactly (no trailing newline)")
     a.add_argument("--json", action="store_true", help="the body's exact bytes: compact JSON, keys sorted "
                                                        "(what the prepare-serial-request hook sets)")
+    a.add_argument("--bus", choices=["system", "session"],
+                   help="ask the running agent to sign (D-Bus SignRequestId, root only; snapd mode): the key never "
+                        "leaves its process or token; prints the body's exact bytes (exit 69: no agent)")
     a = action("assertion", "sign a hardware-identity assertion with the issuer's key (on the factory host)",
                "Print a hardware-identity assertion for the device's key, signed by the issuer (authority-id = "
                "issuer-id), for import into the Model Service. The key comes from --hardware-id-key, from --record "

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -86,11 +86,12 @@ class Snapshot(Protocol):
     def state(self) -> str: ...
 
 
-def _signature(ret: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Set the D-Bus signature as the return annotation, where both libraries read it."""
+def _signature(ret: str, **args: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Set the D-Bus signatures as the annotations (of the return, and of each argument), where both libraries
+    read them."""
 
     def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
-        fn.__annotations__ = {"return": ret}
+        fn.__annotations__ = {**args, "return": ret}
         return fn
 
     return mark
@@ -107,10 +108,11 @@ class Agent1(_service.ServiceInterface):  # type: ignore[name-defined]
     """The exported interface; each member is a line or two delegating to the daemon."""
 
     def __init__(self, snapshot: Snapshot, get_serial: Callable[[], str], on_retry: Callable[[], None],
-                 get_settings: Callable[[], dict[str, str]], get_history: Callable[[], History]) -> None:
+                 get_settings: Callable[[], dict[str, str]], get_history: Callable[[], History],
+                 sign_request_id: Callable[[str], Awaitable[str]]) -> None:
         super().__init__(INTERFACE)
         self.snapshot, self._get_serial, self._on_retry = snapshot, get_serial, on_retry
-        self._get_settings, self._get_history = get_settings, get_history
+        self._get_settings, self._get_history, self._sign_request_id = get_settings, get_history, sign_request_id
 
     def _value(self, name: str) -> Any:
         return getattr(self.snapshot, PROPERTIES[name][1])
@@ -142,6 +144,14 @@ class Agent1(_service.ServiceInterface):  # type: ignore[name-defined]
     @_signature("a{ss}")
     def GetRegistrationSettings(self) -> dict[str, str]:
         raise _lib.DBusError("org.freedesktop.DBus.Error.AccessDenied", "GetRegistrationSettings() is for root only")
+
+    @_service.method()
+    @_signature("s", request_id="s")
+    def SignRequestId(self, request_id: str) -> str:
+        raise _lib.DBusError("org.freedesktop.DBus.Error.AccessDenied", "SignRequestId() is for root only")
+
+    async def sign(self, request_id: str) -> str:
+        return await self._sign_request_id(request_id)
 
     def retry(self) -> None:
         self._on_retry()
@@ -492,7 +502,7 @@ def _install_writer(bus: Any) -> None:
 
 # Methods only root may call. The project's bus policy already says so on Debian, but on Ubuntu Core the
 # slot's policy is snapd's, which lets anyone send to the name: the agent checks the caller's uid itself.
-ROOT_ONLY = frozenset({"Retry", "GetRegistrationSettings"})
+ROOT_ONLY = {"Retry": "", "GetRegistrationSettings": "", "SignRequestId": "s"}  # member: its argument signature
 MAX_ROOT_CHECKS = 32  # uid look-ups in flight; past that a caller is answered LimitsExceeded at once
 
 
@@ -520,18 +530,21 @@ class _RootOnly:
             log.warning("refused %s from %s: root only", msg.member, msg.sender)
             reply = _lib.Message.new_error(msg, "org.freedesktop.DBus.Error.AccessDenied",
                                            f"{msg.member}() is for root only")
-        elif msg.signature != "":
-            reply = _lib.Message.new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs", f"{msg.member}() takes no arguments")
+        elif msg.signature != ROOT_ONLY[msg.member]:
+            wanted = f"takes ({ROOT_ONLY[msg.member]})" if ROOT_ONLY[msg.member] else "takes no arguments"
+            reply = _lib.Message.new_error(msg, "org.freedesktop.DBus.Error.InvalidArgs", f"{msg.member}() {wanted}")
         else:
-            reply = self._call(msg)
+            reply = await self._call(msg)
         if not msg.flags & _lib.MessageFlag.NO_REPLY_EXPECTED:
             self.bus.send(reply)
 
-    def _call(self, msg: Any) -> Any:
+    async def _call(self, msg: Any) -> Any:
         try:
             if msg.member == "Retry":
                 self.interface.retry()
                 return _lib.Message.new_method_return(msg)
+            if msg.member == "SignRequestId":
+                return _lib.Message.new_method_return(msg, "s", [await self.interface.sign(str(msg.body[0]))])
             return _lib.Message.new_method_return(msg, "a{ss}", [self.interface.settings()])
         except Exception as exc:  # noqa: BLE001 - never a traceback to the caller
             error: Any = _dbus_error(exc)  # a DBusError of the chosen library
@@ -552,10 +565,11 @@ class _RootOnly:
 
 
 async def publish(bus_kind: str, snapshot: Snapshot, get_serial: Callable[[], str], on_retry: Callable[[], None],
-                  get_settings: Callable[[], dict[str, str]], get_history: Callable[[], History]) -> Service:
+                  get_settings: Callable[[], dict[str, str]], get_history: Callable[[], History],
+                  sign_request_id: Callable[[str], Awaitable[str]]) -> Service:
     """Connect to the ``system`` or ``session`` bus, export the object, then own the name (no queueing)."""
     logging.getLogger().addFilter(_ANSWERED_ERRORS)  # dbus-next logs through the root logger
-    interface = Agent1(snapshot, get_serial, on_retry, get_settings, get_history)
+    interface = Agent1(snapshot, get_serial, on_retry, get_settings, get_history, sign_request_id)
     return Service(bus_kind, await _connect(bus_kind, interface), interface)
 
 

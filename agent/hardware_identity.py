@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from . import assertions, config, hwkey, keys, onboarding
 from .errors import ConfigError
@@ -75,6 +75,41 @@ def sign_request_id(cfg: config.OnboardingConfig, request_id: str, as_json: bool
     return 0
 
 
+ASK_TIMEOUT = 120.0  # seconds for the daemon's answer: a TPM signs in well under one, the child is bounded at 60
+
+
+def sign_via_agent(bus_kind: str, request_id: str) -> int:
+    """SignRequestId() on the running agent (snapd mode): the key stays in its process or token. Exit 0 printed
+    (the body's exact bytes), 1 the agent refused (one line saying why), 69 no agent or bus."""
+    import asyncio
+
+    from . import dbus_service, status
+    from .errors import DBUS_ERROR_PREFIX
+
+    async def ask() -> tuple[str | None, list[Any]]:
+        bus = await asyncio.wait_for(status.connect_bus(bus_kind), ASK_TIMEOUT)
+        try:
+            return await asyncio.wait_for(status.call_method(bus, dbus_service.BUS_NAME, dbus_service.OBJECT_PATH,
+                                                             dbus_service.INTERFACE, "SignRequestId", "s",
+                                                             [request_id]), ASK_TIMEOUT)
+        finally:
+            bus.disconnect()
+
+    try:
+        error, body = asyncio.run(ask())
+    except Exception as exc:  # noqa: BLE001 - no bus, or it went away: the libraries share no error base
+        print(f"factory-agent: cannot reach the agent on the {bus_kind} bus: {exc or type(exc).__name__}",
+              file=sys.stderr)
+        return 69
+    if error is not None:
+        said = str(body[0]) if body else ""
+        print(f"factory-agent: the agent did not sign: {error.removeprefix(DBUS_ERROR_PREFIX)}: {said}",
+              file=sys.stderr)
+        return 69 if error.startswith(status.NO_OWNER) else 1
+    sys.stdout.write(str(body[0]) + "\n")
+    return 0
+
+
 def assertion(issuer_key: Path, issuer_id: str, manufacturer: str, hardware_name: str, hardware_id: str,
               key_text: str, timestamp: str | None) -> bytes:
     """A hardware-identity assertion signed with ``issuer_key`` (PEM), checked against its own key."""
@@ -119,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "show":
         return show(cfg, args.json)
     if args.action == "sign-request-id":
+        if args.bus is not None:
+            return sign_via_agent(args.bus, args.request_id)
         return sign_request_id(cfg, args.request_id, args.json)
     text = key_text_from(args.record, args.hardware_id_key, cfg)
     sys.stdout.buffer.write(assertion(Path(args.issuer_key), args.issuer_id, args.manufacturer, args.hardware_name,

@@ -204,10 +204,16 @@ def registration_body(key: HardwareKey, request_id: str, hash_name: Hash,
                       encoding: SignatureEncoding = SignatureEncoding.BASE64, legacy_field: bool = True) -> bytes:
     """The serial-request body for ``request_id``: signed over its exact UTF-8 bytes by ``key``, as snapd 2.77.1
     sends what a prepare-serial-request hook set."""
-    if not request_id or request_id != request_id.strip() or not request_id.isprintable():
-        raise ConfigError(f"cannot sign request-id {request_id!r}: it must be the vault's request-id exactly, "
-                          "without surrounding white space (snapctl get prints a trailing newline: strip it)")
+    check_request_id(request_id)
     signature = key.sign(request_id.encode("utf-8"), hash_name)
     digest = onboarding.key_digest(onboarding.hardware_id_key(key.public_der()))
     text = onboarding.encode_signature(signature, encoding)
     return onboarding.registration_body(digest, text, hash_name, legacy_field)
+
+
+def check_request_id(request_id: str) -> None:
+    """ConfigError unless ``request_id`` looks like a vault's request-id as it was issued: a signature over
+    anything else (snapctl's trailing newline included) is refused by the service."""
+    if not request_id or request_id != request_id.strip() or not request_id.isprintable() or len(request_id) > 1024:
+        raise ConfigError(f"cannot sign request-id {request_id[:80]!r}: it must be the vault's request-id exactly, "
+                          "without surrounding white space (snapctl get prints a trailing newline: strip it)")

@@ -27,6 +27,7 @@ from .errors import DBUS_ERROR_PREFIX, NotReadyError
 
 EXIT_OK, EXIT_REFUSED, EXIT_TIMEOUT, EXIT_UNREACHABLE = 0, 1, 3, 69
 KEYS = ("device-service.url", "device-service.headers", "registration.proposed-serial", "registration.body")
+OPTIONAL = ("registration.body",)  # absent with secure onboarding: the prepare-serial-request hook sets it
 OBJECT_KEYS = ("device-service.headers",)  # a JSON object (as text, on D-Bus); printed as that object
 POLL_SECONDS = 0.5
 # Answers that mean "not yet": no daemon (it may be starting), an activation under way or that failed
@@ -41,13 +42,14 @@ class _Refused(Exception):
 
 def format_lines(settings: dict[str, str]) -> str:
     """The snapctl set arguments, one per line, in KEYS order."""
-    return "".join(f"{key}={settings[key] if key in OBJECT_KEYS else json.dumps(settings[key])}\n" for key in KEYS)
+    return "".join(f"{key}={settings[key] if key in OBJECT_KEYS else json.dumps(settings[key])}\n" for key in KEYS
+                   if key in settings)
 
 
 def check_settings(settings: Any) -> dict[str, str]:
     if not isinstance(settings, dict):
         raise _Refused("the daemon's answer is not a dictionary of settings")
-    missing = [key for key in KEYS if not isinstance(settings.get(key), str) or not settings[key]]
+    missing = [key for key in KEYS if key not in OPTIONAL and (not isinstance(settings.get(key), str) or not settings[key])]
     if missing:
         raise _Refused(f"the daemon's settings lack {', '.join(missing)}")
     for key in OBJECT_KEYS:
@@ -58,7 +60,7 @@ def check_settings(settings: Any) -> dict[str, str]:
         if not (isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
             raise _Refused(f"the daemon's {key} is not a JSON object of strings")
         settings = {**settings, key: json.dumps(value, separators=(",", ":"))}  # one line, whatever came
-    return {key: settings[key] for key in KEYS}
+    return {key: settings[key] for key in KEYS if key in settings}
 
 
 async def _ask(bus: Any) -> Any:

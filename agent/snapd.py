@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import registration, relay, serials
 from .config import VaultConfig
-from .errors import AgentError, Code, IdentityError, NotReadyError, RelayRefusedError, VaultError
+from .errors import AgentError, Code, IdentityError, NotReadyError, RelayRefusedError, VaultError, WrongModeError
+from .onboarding import Method
 from .registration import Phase, Progress, State
 from .session import Session, VaultClient, import_adapters, new_vault
 
@@ -111,12 +112,29 @@ class SnapdDriver:
         from . import identity
 
         allow_weak = cfg.identity.allow_weak
-        return {
+        settings = {
             "device-service.url": self.relay.url,
             "device-service.headers": relay.token_headers(self.relay.token),
             "registration.proposed-serial": identity.proposed_serial(session.identity, cfg.serial_template, allow_weak),
-            "registration.body": identity.registration_body(session.identity, allow_weak).decode("ascii"),
         }
+        if cfg.onboarding.method is Method.HARDWARE_IDENTITY:
+            return settings  # no body: the prepare-serial-request hook sets it, signed, for each request-id
+        return {**settings, "registration.body": identity.registration_body(session.identity, allow_weak).decode("ascii")}
+
+    async def sign_request_id(self, request_id: str) -> str:
+        """SignRequestId(): the body the prepare-serial-request hook sets, signed by the hardware identity key
+        (in a child process, agent/hwsign.py)."""
+        settings = self.session.cfg.onboarding
+        if settings.method is not Method.HARDWARE_IDENTITY:
+            raise WrongModeError("the agent onboards with the api-key (onboarding.method): there is no request-id "
+                                 "to sign; the gadget's prepare-serial-request hook has nothing to do")
+        from . import hwkey, hwsign
+
+        hwkey.check_request_id(request_id)
+        signed = await hwsign.sign(settings.hardware_key, settings.pkcs11_module, request_id, settings.hash,
+                                   settings.signature_encoding, settings.legacy_digest_field)
+        self.session.hardware_digest = signed.digest
+        return signed.body.decode("utf-8")
 
     async def run(self, tg: asyncio.TaskGroup, once: bool) -> Progress:
         session = self.session

@@ -82,6 +82,10 @@ class StandaloneDriver:
         self.retry_requested = True
         self.kick.set()
 
+    async def sign_request_id(self, request_id: str) -> str:
+        raise WrongModeError("the agent runs in standalone mode: it signs its own request-ids, for no hook "
+                             "(set mode = \"snapd\" on Ubuntu Core)")
+
     def registration_settings(self) -> dict[str, str]:
         raise WrongModeError("the agent runs in standalone mode: it registers with its own device key and has no "
                              "settings for snapd (set mode = \"snapd\" on Ubuntu Core)")

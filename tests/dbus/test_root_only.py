@@ -34,10 +34,10 @@ def open_bus() -> Iterator[SystemBus]:
         yield bus
 
 
-def call(address: str, uid: int, member: str) -> subprocess.CompletedProcess[str]:
+def call(address: str, uid: int, member: str, *args: str) -> subprocess.CompletedProcess[str]:
     as_user = [] if uid == 0 else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-    return subprocess.run([*as_user, "busctl", f"--address={address}", "call", BUS_NAME, PATH, BUS_NAME, member],
-                          capture_output=True, text=True, timeout=20, check=False)
+    return subprocess.run([*as_user, "busctl", f"--address={address}", "call", BUS_NAME, PATH, BUS_NAME, member,
+                           *args], capture_output=True, text=True, timeout=20, check=False)
 
 
 def test_nobody_is_refused_by_the_agent_where_the_bus_lets_it_through(tmp_path: Path, open_bus: SystemBus,
@@ -51,14 +51,17 @@ def test_nobody_is_refused_by_the_agent_where_the_bus_lets_it_through(tmp_path: 
         served = call(open_bus.address, NOBODY, "GetSerialAssertion")
         assert served.returncode == 0 and "type: serial" in served.stdout, served.stderr
         # ... the agent does not.
-        for member in ("Retry", "GetRegistrationSettings"):
-            refused = call(open_bus.address, NOBODY, member)  # busctl shows AccessDenied as "Access denied"
+        for member, args in (("Retry", ()), ("GetRegistrationSettings", ()), ("SignRequestId", ("s", "REQ-1"))):
+            refused = call(open_bus.address, NOBODY, member, *args)  # busctl shows AccessDenied as "Access denied"
             assert refused.returncode != 0 and "Access denied" in refused.stderr, refused
             assert f"refused {member} from :" in daemon.stderr()  # the agent's refusal, not the bus's
         assert call(open_bus.address, 0, "Retry").returncode == 0
         as_root = call(open_bus.address, 0, "GetRegistrationSettings")
         assert "the agent runs in standalone mode" in as_root.stderr, as_root  # past the check, to the daemon
+        signing = call(open_bus.address, 0, "SignRequestId", "s", "REQ-1")
+        assert "signs its own request-ids" in signing.stderr, signing
+        assert "takes (s)" in call(open_bus.address, 0, "SignRequestId").stderr  # no argument: refused, not a crash
         daemon.check_alive()
     finally:
         log = daemon.stop()
-    assert log.count("root only") == 2 and "Traceback" not in log
+    assert log.count("root only") == 3 and "Traceback" not in log

@@ -22,6 +22,7 @@ from tests.fakes.launcher import sh_exec
 
 REPO = Path(__file__).resolve().parents[2]
 HOOK = REPO / "hooks" / "prepare-device"
+SERIAL_HOOK = REPO / "hooks" / "prepare-serial-request"
 FAKE_SNAPCTL = REPO / "tests" / "fakes" / "snapctl"
 SOC_SERIAL = "00000000snapd001"
 TEMPLATE = "SNAPD-{soc_serial}"
@@ -65,9 +66,9 @@ class HookRun:
     eof_lag: float  # from exit to EOF on both pipes
 
 
-def run_hook(env: dict[str, str], timeout: float = 60.0) -> HookRun:
+def run_hook(env: dict[str, str], timeout: float = 60.0, hook: Path = HOOK) -> HookRun:
     started = time.monotonic()
-    proc = subprocess.Popen([str(HOOK)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([str(hook)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, cwd="/")
     chunks: dict[str, list[bytes]] = {"out": [], "err": []}
     eof: dict[str, float] = {}

@@ -28,6 +28,10 @@ PROJECT = REPO / "packaging"  # snapcraft's project directory: it finds snap/sna
 GADGET = SNAP / "gadget-example"
 HOOK = REPO / "hooks" / "prepare-device"
 REQUIRED_PLUGS = {"hardware-observe", "network", "network-bind", "network-observe", "daemon-notify"}  # observe: /proc/net/tcp
+# Secure onboarding's: the TPM (the system's slot) and a PKCS#11 token (a provider snap's slot); both deny
+# auto-connection, so the gadget connects them.
+SYSTEM_PLUGS = REQUIRED_PLUGS | {"tpm", "pkcs11"}
+THIRD_PARTY_SLOTS = {"PKCS11-PROVIDER-SNAP-ID": {"pkcs11"}}  # the snap serving the token's p11-kit socket
 
 
 def load(path: Path) -> Any:
@@ -113,7 +117,7 @@ def test_every_interface_an_app_names_is_declared_or_a_system_one(snap: Any, gad
         users = list(spec.get("apps", {}).values()) + list(spec.get("hooks", {}).values())
         for user in users:
             for name in user.get("plugs", []) + user.get("slots", []):
-                assert name in declared or name in REQUIRED_PLUGS, name
+                assert name in declared or name in SYSTEM_PLUGS, name
 
 
 def test_part_sources_exist_and_the_factory_config_is_valid(snap: Any) -> None:
@@ -151,15 +155,31 @@ def test_the_gadget_ships_the_hook_and_the_command_it_runs(gadget: Any) -> None:
     cli.build_parser().parse_args(["registration-settings", "--bus", "system", "--timeout", "300"])
 
 
+def test_the_gadget_ships_the_secure_onboarding_hook_by_its_exact_name(gadget: Any) -> None:
+    """snapd ignores a hook of any other name (prepare-serial, as some docs call it, never runs)."""
+    hook = gadget["hooks"]["prepare-serial-request"]
+    (plug,) = hook["plugs"]
+    assert is_agent_bus(gadget["plugs"][plug])
+    part = gadget["parts"]["prepare-serial-request-hook"]
+    (staged_from,) = part["organize"]
+    assert (GADGET / part["source"] / staged_from).resolve() == (REPO / "hooks" / "prepare-serial-request").resolve()
+    assert part["organize"][staged_from] == part["stage"][0] == "snap/hooks/prepare-serial-request"
+    text = (REPO / "hooks" / "prepare-serial-request").read_text()
+    for name in hook["environment"]:
+        assert re.search(rf"\${{{name}[-:}}]", text), name
+    assert "sign-request-id --bus" in text
+    cli.build_parser().parse_args(["hardware-identity", "sign-request-id", "--bus", "system", "--", "REQ"])
+
+
 def test_gadget_connections_join_declared_plugs_and_slots(snap: Any, gadget: Any) -> None:
     ids = {"GADGET-SNAP-ID": gadget, "FACTORY-AGENT-SNAP-ID": snap}
     connections = load(GADGET / "gadget.yaml")["connections"]
     for connection in connections:
         owner, _, plug = connection["plug"].partition(":")
         spec = ids[owner]
-        assert plug in spec.get("plugs", {}) or plug in REQUIRED_PLUGS, connection
+        assert plug in spec.get("plugs", {}) or plug in SYSTEM_PLUGS, connection
         if "slot" in connection:
             owner, _, slot = connection["slot"].partition(":")
-            assert slot in ids[owner]["slots"], connection
+            assert slot in (ids[owner]["slots"] if owner in ids else THIRD_PARTY_SLOTS[owner]), connection
     plugs = {c["plug"] for c in connections}
     assert "GADGET-SNAP-ID:factory-agent" in plugs and "FACTORY-AGENT-SNAP-ID:agent-dbus-client" in plugs
