@@ -144,6 +144,7 @@ class Refusal(StrEnum):
     NOT_FOUND = "relay-not-found"
     METHOD = "relay-method"
     UNKNOWN_REQUEST_ID = "relay-unknown-request-id"  # a serial-request on a request-id not handed out lately
+    PENDING = "relay-pending"  # secure onboarding: the vault still signs; the agent polls it (snapd.ABSORB_SECONDS)
 
 
 def json_error(status: int, code: str, message: str) -> Response:

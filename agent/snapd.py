@@ -49,6 +49,13 @@ RELAY_VAULT_TIMEOUT = 25.0
 REQUEST_ID_LIFETIME = 600.0
 MAX_ISSUED_IDS = 32  # snapd fetches one per try; older ones are forgotten first
 IDLE = State.WAITING_SNAPD  # between exchanges: settings available, snapd's move
+# Secure onboarding: snapd 2.74-2.77 fail the attempt at their first poll after a 202 once the hook stored a JSON
+# body (shared/reference/secure-onboarding.md §8). The relay polls the vault itself instead, answering snapd's
+# one POST with the serial when it comes within ABSORB_SECONDS (snapd gives an exchange 30 s); past that it
+# goes on polling in the background and serves the serial to snapd's next attempt from memory.
+ABSORB_SECONDS = 15.0  # leaves one exchange's worth of snapd's 30 s for the last poll
+ABSORB_POLL = (1.0, 5.0)  # seconds between polls: the vault's Retry-After, kept within these
+BACKGROUND_POLLS = 120  # at most this many more polls (ABSORB_POLL[1] apart: 10 minutes) before giving up
 
 
 class ForwardPort(Protocol):
@@ -76,6 +83,7 @@ class SnapdDriver:
         self.relay: relay.Relay | None = None
         self.retry_requested = False
         self.issued_ids: dict[str, float] = {}  # request-id handed to snapd -> monotonic time
+        self.pollers: set[asyncio.Task[None]] = set()  # secure onboarding: 202s still being polled
 
     @property
     def vault(self) -> ForwardPort:
@@ -90,7 +98,7 @@ class SnapdDriver:
         self._vault.close()
 
     def background(self) -> list[asyncio.Task[Any]]:
-        return []
+        return list(self.pollers)
 
     async def load(self) -> None:
         await asyncio.to_thread(load_state, self.session)  # a block recorded before this start is tried again
@@ -228,7 +236,7 @@ class SnapdDriver:
             await session.record(registration.Posted(), note=f"snapd's, to {cfg.vault.url}")
             session.raise_if_held()  # an attempt not on record is not made
             answer = await asyncio.to_thread(self.vault.forward, "serial", body, vault.ASSERTION_TYPE, headers)
-            return await self._answered(request.sign_key_id, request.encode(), answer)
+            return await self._answered(request.sign_key_id, request.encode(), answer, body, headers)
         except AgentError as exc:  # refused here, no answer, or an answer that is not this device's serial
             return await self._failed(exc)
 
@@ -254,17 +262,56 @@ class SnapdDriver:
         session.set_activity(IDLE)
         return relay.Response(200, text.encode("utf-8"), vault.ASSERTION_TYPE)
 
-    async def _answered(self, key_id: str, request: bytes, answer: Exchange) -> relay.Response:
+    async def _answered(self, key_id: str, request: bytes, answer: Exchange, body: bytes = b"",
+                        headers: dict[str, str] | None = None) -> relay.Response:
         content_type = answer.headers.get("Content-Type")
         if answer.status in (200, 201):
             await self._record(await self.session.store_serial(key_id, request, answer.body))
             return relay.passed_on(answer.status, content_type, answer.body)
+        if answer.status == 202 and body and self.session.cfg.onboarding.method is Method.HARDWARE_IDENTITY:
+            return await self._absorb_202(key_id, request, answer, body, headers or {})
         if answer.status == 202:
             await self._record(registration.Accepted(request.decode("utf-8"), answer.retry_after))
             return relay.passed_on(answer.status, content_type, answer.body)
         error = answer.refusal()
         await self._record(error)
         return relay.passed_on(answer.status, content_type, answer.body, error)
+
+    async def _absorb_202(self, key_id: str, request: bytes, answer: Exchange, body: bytes,
+                          headers: dict[str, str]) -> relay.Response:
+        """Secure onboarding: a 202 is polled here, not passed on (see ABSORB_SECONDS)."""
+        await self._record(registration.Accepted(request.decode("utf-8"), answer.retry_after))
+        self.session.set_activity(State.POLLING)
+        deadline = time.monotonic() + ABSORB_SECONDS
+        while answer.status == 202:
+            pause = min(max(answer.retry_after or ABSORB_POLL[0], ABSORB_POLL[0]), ABSORB_POLL[1])
+            if time.monotonic() + pause > deadline:
+                poller = asyncio.get_running_loop().create_task(self._poll_on(key_id, request, body, headers, pause))
+                self.pollers.add(poller)
+                poller.add_done_callback(self.pollers.discard)
+                log.info("relay: the vault is still signing after %g s; polling it on, for snapd's next attempt",
+                         ABSORB_SECONDS)
+                return relay.json_error(503, relay.Refusal.PENDING, "the vault accepted the serial-request and is "
+                                        "still signing: the agent polls it, and gives the serial at the next attempt")
+            await asyncio.sleep(pause)
+            answer = await asyncio.to_thread(self.vault.forward, "serial", body, _assertion_type(), headers)
+        return await self._answered(key_id, request, answer)
+
+    async def _poll_on(self, key_id: str, request: bytes, body: bytes, headers: dict[str, str], pause: float) -> None:
+        """Poll in the background until the serial (stored: the next attempt gets it from memory) or a refusal."""
+        for _ in range(BACKGROUND_POLLS):
+            await asyncio.sleep(pause)
+            try:
+                answer = await asyncio.to_thread(self.vault.forward, "serial", body, _assertion_type(), headers)
+                if answer.status != 202:
+                    await self._answered(key_id, request, answer)
+                    return
+            except AgentError as exc:
+                await self._failed(exc)
+                return
+            pause = min(max(answer.retry_after or ABSORB_POLL[0], ABSORB_POLL[0]), ABSORB_POLL[1])
+        log.warning("relay: the vault still answers 202 after %d more polls; snapd's next attempt starts again",
+                    BACKGROUND_POLLS)
 
     async def _begin(self, activity: State) -> None:
         """A new exchange is snapd's retry: it ends a block (but not one on the identity or the configuration:
@@ -299,3 +346,9 @@ def _request_id_in(body: bytes) -> str | None:
         return None
     found = data.get("request-id") if isinstance(data, dict) else None
     return found if isinstance(found, str) else None
+
+
+def _assertion_type() -> str:
+    from .vault import ASSERTION_TYPE  # the vault client loads with the adapters (import_adapters), not at start
+
+    return ASSERTION_TYPE

@@ -13,6 +13,13 @@ whole exchange again after the retry delay (a fresh request-id unless polling).
 Anything else ends the attempt with the message snapd would log: the JSON
 ``message`` only when Content-Type is exactly application/json.
 
+With ``hook`` (snapd 2.74 and later, secure onboarding): after each fresh request-id, the
+gadget's prepare-serial-request hook runs (``hook(request_id)`` returns the JSON body it set) and
+the serial-request carries that body. snapd 2.74-2.77 then fail the attempt at any re-execution of
+the task, a 202 poll or a retry after a status above 500 alike, because they read the stored JSON
+object back as a string (shared/reference/secure-onboarding.md §8, confirmed by snapd 2.77.1's own
+code): this client does the same, so a relay that lets a 202 through fails it as snapd would.
+
 http.client, not requests: nothing shared with the agent's vault client.
 """
 
@@ -22,7 +29,7 @@ import http.client
 import json
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +37,8 @@ from agent import assertions, keys
 from agent.errors import AgentError
 
 USER_AGENT = "snapd/2.57.6 (series 16) ubuntu-core/22 (amd64) linux/6.1.0-test"
+DEFECT = ('internal error: cannot unmarshal snap "gadget" option "registration.body" into *string: json: cannot '
+          'unmarshal object into Go value of type string')  # snapd 2.77.1, snapd-flow/poll-202
 ASSERTION_TYPE = "application/x.ubuntu.assertion"
 
 
@@ -66,7 +75,8 @@ def _decodes_as_error(data: dict[str, object]) -> bool:
 
 class SnapdClient:
     def __init__(self, settings: Mapping[str, Any], key: keys.DeviceKey, model: assertions.Assertion,
-                 brand: str | None = None, poll_delay: float = 0.1, retry_delay: float = 0.1, max_rounds: int = 5) -> None:
+                 brand: str | None = None, poll_delay: float = 0.1, retry_delay: float = 0.1, max_rounds: int = 5,
+                 hook: Callable[[str], str] | None = None) -> None:
         base = settings["device-service.url"]
         self.base = base if base.endswith("/") else base + "/"  # snapd appends the slash
         self.proposed_serial = settings.get("registration.proposed-serial", "")
@@ -79,6 +89,7 @@ class SnapdClient:
         self.brand = brand or model.header("brand-id")
         self.poll_delay, self.retry_delay, self.max_rounds = poll_delay, retry_delay, max_rounds
         self.extra_headers: dict[str, str] = {}  # what snapd never sends, for tests of what the relay passes on
+        self.hook = hook  # prepare-serial-request (snapd >= 2.74): request-id -> the JSON body it set
 
     def _post(self, endpoint: str, body: bytes | None, headers: dict[str, str]) -> Answer:
         url = urllib.parse.urljoin(self.base, endpoint)  # RFC 3986 resolution, as Go's ResolveReference
@@ -136,10 +147,11 @@ class SnapdClient:
                        key: keys.DeviceKey | None = None) -> bytes:
         """The stream snapd posts: serial-request (its device key, the hook's serial and body) + model."""
         key = key or self.key
+        body = self.hook(request_id).encode("utf-8") if self.hook is not None else self.body
         request = assertions.build_serial_request(
             brand=brand or self.brand, model=model or self.model.header("model"), request_id=request_id,
             device_key=key.public, signer=key.sign, created=int(time.time()),
-            serial=self.proposed_serial, body=self.body)
+            serial=self.proposed_serial, body=body)
         return assertions.encode_stream([request, self.model])
 
     def post_serial(self, stream: bytes, attempt: Attempt) -> Answer:
@@ -153,10 +165,15 @@ class SnapdClient:
         key = key or self.key
         attempt = Attempt()
         stream: bytes | None = None  # kept only while polling (snapd saves it after a 202)
+        hooked = False  # the hook stored its JSON body: a re-run of the task (a poll, a retry) reads it back and fails
         for _ in range(self.max_rounds):
+            if hooked:
+                attempt.error = DEFECT
+                return attempt
             try:
                 if stream is None:
                     fresh = self.serial_request(self.request_id(attempt), brand=brand, key=key)
+                    hooked = self.hook is not None
                 answer = self.post_serial(stream or fresh, attempt)
             except Retry:
                 time.sleep(self.retry_delay)
