@@ -17,7 +17,7 @@ from agent import assertions, keys
 from agent.labmodel import ModelServiceVault
 from agent.labserve import Rehearsal, RehearsalVault
 from tests.dbus.conftest import Daemon, owned, state_of, wait_for
-from tests.fakes import launcher
+from tests.fakes import launcher, swtpm
 from tests.fakes.launcher import agent_argv
 from tests.fakes.snapd_client import DEFECT, SnapdClient
 from tests.fakes.snapdmode import SERIAL_HOOK, hook_env, run_hook, set_values, snapctl_calls, write_snapd_config
@@ -39,12 +39,13 @@ def service(lab_dir: Path, tmp_path: Path) -> Iterator[RehearsedModelService]:
     vault.stop()
 
 
-def _agent(tmp: Path, vault: ModelServiceVault) -> Path:
+def _agent(tmp: Path, vault: ModelServiceVault, key_uri: str = "", module: str = "") -> Path:
     """snapd mode, secure onboarding, its key made and its hardware-identity imported into the service."""
     path = write_snapd_config(tmp, vault.url, vault.directory)
     text = "\n".join(line for line in path.read_text().splitlines() if not line.startswith("api-key-file"))
-    path.write_text(f'{text}\n[onboarding]\nmethod = "hardware-identity"\n'
-                    f'hardware-key = "file:{tmp / "identity" / "hardware-key.pem"}"\n')
+    key_uri = key_uri or f"file:{tmp / 'identity' / 'hardware-key.pem'}"
+    path.write_text(f'{text}\n[onboarding]\nmethod = "hardware-identity"\nhardware-key = "{key_uri}"\n'
+                    f'pkcs11-module = "{module}"\n')
     made = launcher.run(agent_argv("hardware-identity", "init", "--json", "--config", str(path)))
     assert made.returncode == 0, made.stderr
     signed = launcher.run(agent_argv("hardware-identity", "assertion", "--record", "-", "--issuer-key",
@@ -56,9 +57,30 @@ def _agent(tmp: Path, vault: ModelServiceVault) -> Path:
     return path
 
 
+@pytest.fixture(params=["file", "softhsm2", "swtpm"])
+def key_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+              monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
+    """(key URI, module): "" for a file key the test makes; a SoftHSM2 token; a software TPM through tpm2-pkcs11."""
+    if request.param == "file":
+        yield "", ""
+    elif request.param == "softhsm2":
+        token = request.getfixturevalue("softhsm").token()
+        yield token.uri(), token.module
+    else:
+        if reason := swtpm.missing():
+            pytest.skip(reason)
+        tpm = swtpm.SoftwareTpm(tmp_path_factory.mktemp("swtpm"))
+        for name, value in tpm.env.items():
+            if name.startswith("TPM2_PKCS11_"):
+                monkeypatch.setenv(name, value)  # the daemon and the commands inherit them
+        yield tpm.uri(), tpm.module
+        tpm.stop()
+
+
 def test_snapd_registers_in_one_attempt_though_the_service_answers_202(
-        tmp_path: Path, bus_address: str, backend: str, service: RehearsedModelService, small_key: keys.DeviceKey) -> None:
-    daemon = Daemon(bus_address, backend, _agent(tmp_path, service), tmp_path / "state")
+        tmp_path: Path, bus_address: str, backend: str, service: RehearsedModelService, small_key: keys.DeviceKey,
+        key_store: tuple[str, str]) -> None:
+    daemon = Daemon(bus_address, backend, _agent(tmp_path, service, *key_store), tmp_path / "state")
     try:
         wait_for(lambda: owned(bus_address))
         device = run_hook(hook_env(tmp_path, bus_address, backend))
