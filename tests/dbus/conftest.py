@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import subprocess
@@ -14,8 +15,9 @@ from typing import Any
 import pytest
 
 from agent.labvault import LabVault
+from tests.fakes import launcher
 from tests.fakes.agentconf import seed_key, write_agent_config
-from tests.fakes.launcher import Agent, agent_env, run_args
+from tests.fakes.launcher import Agent, agent_argv, agent_env, run_args
 
 BUS_NAME = "io.factoryagent.Agent1"
 PATH = "/io/factoryagent/Agent1"
@@ -70,6 +72,14 @@ def get_property(address: str, name: str) -> str:
     done = busctl(address, "get-property", BUS_NAME, PATH, BUS_NAME, name)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
+
+
+def status_json(address: str, backend: str) -> dict[str, Any]:
+    """`factory-agent status --json` on the private bus (the daemon there: 0, 1 or 2)."""
+    done = launcher.run(agent_argv("status", "--json", "--bus", "session"),
+                        env=agent_env(bus_address=address, backend=backend))
+    assert done.returncode in (0, 1, 2), done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
 def state_of(address: str) -> str:

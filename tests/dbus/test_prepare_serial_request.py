@@ -22,10 +22,7 @@ def _hardware_identity_config(tmp: Path, lab: LabVault) -> Path:
     key.parent.mkdir(mode=0o700)
     shutil.copy(SO / "hwid-rsa2048" / "hwid-key.pem", key)
     key.chmod(0o600)
-    path = write_snapd_config(tmp, lab.url, lab.directory)
-    text = "\n".join(line for line in path.read_text().splitlines() if not line.startswith("api-key-file"))
-    path.write_text(f'{text}\n[onboarding]\nmethod = "hardware-identity"\nhardware-key = "file:{key}"\n')
-    return path
+    return write_snapd_config(tmp, lab.url, lab.directory, hardware_key=f"file:{key}")
 
 
 def test_prepare_device_unsets_the_body_and_the_hook_sets_the_signed_one(tmp_path: Path, bus_address: str,

@@ -13,7 +13,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from tests.dbus.conftest import Daemon, seed_key, state_of, wait_for, write_config
+from tests.dbus.conftest import Daemon, seed_key, state_of, status_json, wait_for, write_config
 from tests.fakes import launcher
 from tests.fakes.faultyvault import FaultyVault
 from tests.fakes.launcher import agent_argv, agent_env, run_args
@@ -29,13 +29,6 @@ def _api_key_file(tmp: Path, key: str) -> Path:
     return path
 
 
-def _status(address: str, backend: str) -> dict[str, object]:
-    done = launcher.run(agent_argv("status", "--json", "--bus", "session"),
-                        env=agent_env(bus_address=address, backend=backend))
-    assert done.returncode in (0, 1, 2), done.stderr
-    return json.loads(done.stdout)  # type: ignore[no-any-return]
-
-
 def _retry(address: str, backend: str) -> subprocess.CompletedProcess[str]:
     return launcher.run(agent_argv("retry", "--bus", "session"), env=agent_env(bus_address=address, backend=backend))
 
@@ -48,14 +41,14 @@ def test_wrong_api_key_fixed_then_factory_agent_retry_registers_without_a_restar
     daemon = Daemon(bus_address, backend, config, state)
     try:
         wait_for(lambda: state_of(bus_address) == 's "blocked"')
-        blocked = _status(bus_address, backend)
+        blocked = status_json(bus_address, backend)
         assert blocked["last-error"] == "invalid-api-key"
         assert "run: factory-agent retry" in str(blocked["action"])
         _api_key_file(tmp_path, lab.api_key)  # the technician fixes the file
         done = _retry(bus_address, backend)
         assert done.returncode == 0 and "fresh attempt" in done.stdout, done.stderr
         wait_for(lambda: state_of(bus_address) == 's "registered"')
-        registered = _status(bus_address, backend)
+        registered = status_json(bus_address, backend)
         assert (registered["serial"], registered["last-error"], registered["action"]) == (SERIAL, "", "")
         assert daemon.poll() is None  # the same daemon, no restart
     finally:
@@ -75,8 +68,8 @@ def test_a_configuration_broken_before_the_retry_blocks_with_its_error_and_a_sec
         _api_key_file(tmp_path, lab.api_key)
         config.write_text(good.replace("[serial]", "[serial]\ntemplat = 1"))  # a typo while fixing things
         assert _retry(bus_address, backend).returncode == 0
-        wait_for(lambda: _status(bus_address, backend)["last-error"] == "config")
-        broken = _status(bus_address, backend)
+        wait_for(lambda: status_json(bus_address, backend)["last-error"] == "config")
+        broken = status_json(bus_address, backend)
         assert broken["state"] == "blocked" and "serial.templat" in str(broken["last-error-message"])
         assert str(config) in str(broken["last-error-message"])
         assert "fix the file and key it names" in str(broken["action"])

@@ -8,61 +8,32 @@ no api-key anywhere.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.labmodel import ModelServiceVault
-from tests.dbus.conftest import Daemon, seed_key, state_of, wait_for
+from tests.dbus.conftest import Daemon, seed_key, state_of, status_json, wait_for
 from tests.fakes import launcher
+from tests.fakes.agentconf import copy_lab_keys, write_agent_config
 from tests.fakes.launcher import agent_argv, agent_env
 
 
 @pytest.fixture
 def model_service(lab_dir: Path, tmp_path: Path) -> Iterator[ModelServiceVault]:
-    directory = tmp_path / "model-service"
-    directory.mkdir(mode=0o700)
-    for name in ("root-key.pem", "brand-key.pem"):
-        shutil.copy2(lab_dir / name, directory / name)
-    vault = ModelServiceVault(directory)
+    vault = ModelServiceVault(copy_lab_keys(lab_dir, tmp_path / "model-service"))
     vault.start()
     yield vault
     vault.stop()
 
 
-def _config(tmp: Path, vault: ModelServiceVault) -> Path:
-    path = tmp / "agent.toml"
-    path.write_text(f"""
-model-assertion = "{vault.directory / 'model.assert'}"
-[vault]
-url = "{vault.url}"
-allow-insecure-http = true
-trusted-account-keys = ["{vault.directory / 'brand.account-key'}"]
-[serial]
-template = "SO-{{soc_serial}}"
-[identity]
-wait-seconds = 0
-[identity.static]
-soc_serial = "00000000000000so"
-[onboarding]
-method = "hardware-identity"
-hardware-key = "file:{tmp / 'identity' / 'hardware-key.pem'}"
-""")
-    return path
-
-
-def _status(address: str, backend: str) -> dict[str, object]:
-    done = launcher.run(agent_argv("status", "--json", "--bus", "session"),
-                        env=agent_env(bus_address=address, backend=backend))
-    assert done.returncode in (0, 1, 2), done.stderr
-    return json.loads(done.stdout)  # type: ignore[no-any-return]
-
-
 def test_not_imported_blocked_with_the_digest_then_imported_retry_registered(
         tmp_path: Path, model_service: ModelServiceVault, bus_address: str, backend: str) -> None:
-    config, state = _config(tmp_path, model_service), tmp_path / "state"
+    config = write_agent_config(tmp_path, model_service.url, model_service.directory, template="SO-{soc_serial}",
+                                soc_serial="00000000000000so",
+                                hardware_key=f"file:{tmp_path / 'identity' / 'hardware-key.pem'}")
+    state = tmp_path / "state"
     seed_key(state)
     made = launcher.run(agent_argv("hardware-identity", "init", "--json", "--config", str(config)))
     assert made.returncode == 0, made.stderr
@@ -71,7 +42,7 @@ def test_not_imported_blocked_with_the_digest_then_imported_retry_registered(
     daemon = Daemon(bus_address, backend, config, state)
     try:
         wait_for(lambda: state_of(bus_address) == 's "blocked"')
-        blocked = _status(bus_address, backend)
+        blocked = status_json(bus_address, backend)
         assert blocked["last-error"] == "unknown-hardware-identity"
         assert f"hardware-id-key-sha3-384 {digest} (factory-agent hardware-identity show)" in str(blocked["action"])
         assert "run: factory-agent retry" in str(blocked["action"])
@@ -85,7 +56,7 @@ def test_not_imported_blocked_with_the_digest_then_imported_retry_registered(
                                env=agent_env(bus_address=bus_address, backend=backend))
         assert retried.returncode == 0, retried.stderr
         wait_for(lambda: state_of(bus_address) == 's "registered"')
-        registered = _status(bus_address, backend)
+        registered = status_json(bus_address, backend)
         assert (registered["serial"], registered["last-error"], registered["action"]) == ("SO-00000000000000so", "", "")
         assert daemon.poll() is None
     finally:

@@ -6,7 +6,6 @@ it: the relay polls the service itself and answers snapd's one POST with the ser
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from agent.labmodel import ModelServiceVault
 from agent.labserve import Rehearsal, RehearsalVault
 from tests.dbus.conftest import Daemon, owned, state_of, wait_for
 from tests.fakes import launcher, swtpm
+from tests.fakes.agentconf import copy_lab_keys
 from tests.fakes.launcher import agent_argv
 from tests.fakes.snapd_client import DEFECT, SnapdClient
 from tests.fakes.snapdmode import SERIAL_HOOK, hook_env, run_hook, set_values, snapctl_calls, write_snapd_config
@@ -29,11 +29,8 @@ class RehearsedModelService(RehearsalVault, ModelServiceVault):
 
 @pytest.fixture
 def service(lab_dir: Path, tmp_path: Path) -> Iterator[RehearsedModelService]:
-    directory = tmp_path / "model-service"
-    directory.mkdir(mode=0o700)
-    for name in ("root-key.pem", "brand-key.pem"):
-        shutil.copy2(lab_dir / name, directory / name)
-    vault = RehearsedModelService(directory, Rehearsal(fail=202, times=2, retry_after=1, endpoints=("serial",)))
+    vault = RehearsedModelService(copy_lab_keys(lab_dir, tmp_path / "model-service"),
+                                  Rehearsal(fail=202, times=2, retry_after=1, endpoints=("serial",)))
     vault.start()
     yield vault
     vault.stop()
@@ -41,11 +38,8 @@ def service(lab_dir: Path, tmp_path: Path) -> Iterator[RehearsedModelService]:
 
 def _agent(tmp: Path, vault: ModelServiceVault, key_uri: str = "", module: str = "") -> Path:
     """snapd mode, secure onboarding, its key made and its hardware-identity imported into the service."""
-    path = write_snapd_config(tmp, vault.url, vault.directory)
-    text = "\n".join(line for line in path.read_text().splitlines() if not line.startswith("api-key-file"))
-    key_uri = key_uri or f"file:{tmp / 'identity' / 'hardware-key.pem'}"
-    path.write_text(f'{text}\n[onboarding]\nmethod = "hardware-identity"\nhardware-key = "{key_uri}"\n'
-                    f'pkcs11-module = "{module}"\n')
+    path = write_snapd_config(tmp, vault.url, vault.directory, pkcs11_module=module,
+                              hardware_key=key_uri or f"file:{tmp / 'identity' / 'hardware-key.pem'}")
     made = launcher.run(agent_argv("hardware-identity", "init", "--json", "--config", str(path)))
     assert made.returncode == 0, made.stderr
     signed = launcher.run(agent_argv("hardware-identity", "assertion", "--record", "-", "--issuer-key",
@@ -108,10 +102,7 @@ def test_snapd_registers_in_one_attempt_though_the_service_answers_202(
 
 def test_the_client_fails_as_snapd_does_when_a_202_reaches_it(small_key: keys.DeviceKey, lab_dir: Path) -> None:
     """The defect, modelled: the same client against the service directly (no relay) fails its attempt."""
-    directory = lab_dir.parent / "direct-202"
-    directory.mkdir(mode=0o700, exist_ok=True)
-    for name in ("root-key.pem", "brand-key.pem"):
-        shutil.copy2(lab_dir / name, directory / name)
+    directory = copy_lab_keys(lab_dir, lab_dir.parent / "direct-202")
     vault = RehearsedModelService(directory, Rehearsal(fail=202, times=1, endpoints=("serial",)))
     vault.start()
     try:

@@ -29,9 +29,11 @@ TEMPLATE = "SNAPD-{soc_serial}"
 
 
 def write_snapd_config(directory: Path, url: str, lab_dir: Path, *, api_key_file: Path | None = None,
-                       listen: str = "127.0.0.1:0") -> Path:
-    """agent.toml for snapd mode: the lab vault at ``url`` and a relay on a free loopback port."""
-    path = write_agent_config(directory, url, lab_dir, template=TEMPLATE, soc_serial=SOC_SERIAL, api_key_file=api_key_file)
+                       listen: str = "127.0.0.1:0", hardware_key: str = "", pkcs11_module: str = "") -> Path:
+    """agent.toml for snapd mode: the lab vault at ``url`` and a relay on a free loopback port (with
+    ``hardware_key``: secure onboarding, no api-key)."""
+    path = write_agent_config(directory, url, lab_dir, template=TEMPLATE, soc_serial=SOC_SERIAL, api_key_file=api_key_file,
+                              hardware_key=hardware_key, pkcs11_module=pkcs11_module)
     path.write_text(f'mode = "snapd"\n{path.read_text()}\n[relay]\nlisten = "{listen}"\n')
     return path
 

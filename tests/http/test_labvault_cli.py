@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -26,18 +25,14 @@ from cryptography.x509.oid import ExtensionOID
 from agent import labserve
 from agent.labvault import refusal_reply
 from tests.fakes import launcher
-from tests.fakes.agentconf import seed_key, write_agent_config
+from tests.fakes.agentconf import copy_lab_keys, seed_key, write_agent_config
 from tests.fakes.launcher import Agent, agent_argv, run_args
 
 
 @pytest.fixture
 def vault_dir(lab_dir: Path, tmp_path: Path) -> Path:
     """A fresh lab-vault directory holding the session's root and brand keys (no RSA-4096 to make)."""
-    directory = tmp_path / "vault"
-    directory.mkdir(mode=0o700)
-    for name in ("root-key.pem", "brand-key.pem"):
-        shutil.copy2(lab_dir / name, directory / name)
-    return directory
+    return copy_lab_keys(lab_dir, tmp_path / "vault")
 
 
 class LabVaultCommand:

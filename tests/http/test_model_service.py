@@ -4,7 +4,6 @@ against the real `lab-vault --hardware-identity` (a lab Model Service) on 127.0.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import requests
 
 from agent import assertions
 from tests.fakes import launcher, swtpm
-from tests.fakes.agentconf import seed_key
+from tests.fakes.agentconf import copy_lab_keys, seed_key, write_agent_config
 from tests.fakes.launcher import agent_argv, run_args
 from tests.fakes.softhsm import SoftHsm
 from tests.http.test_labvault_cli import LabVaultCommand
@@ -24,10 +23,7 @@ Start = Callable[..., LabVaultCommand]
 
 @pytest.fixture
 def start(lab_dir: Path, tmp_path: Path) -> Iterator[Start]:
-    directory = tmp_path / "vault"
-    directory.mkdir(mode=0o700)
-    for name in ("root-key.pem", "brand-key.pem"):
-        shutil.copy2(lab_dir / name, directory / name)
+    directory = copy_lab_keys(lab_dir, tmp_path / "vault")
     started: list[LabVaultCommand] = []
 
     def _start(*args: str) -> LabVaultCommand:
@@ -46,24 +42,9 @@ class Device:
                  env: dict[str, str] | None = None) -> None:
         self.tmp, self.vault, self.env = tmp, vault, env
         self.key_uri = key_uri or f"file:{tmp / 'identity' / 'hardware-key.pem'}"
-        self.config = tmp / "agent.toml"
-        self.config.write_text(f"""
-model-assertion = "{vault.directory / 'model.assert'}"
-[vault]
-url = "{vault.url}"
-allow-insecure-http = true
-trusted-account-keys = ["{vault.directory / 'brand.account-key'}"]
-[serial]
-template = "HW-{{soc_serial}}"
-[identity]
-wait-seconds = 0
-[identity.static]
-soc_serial = "00000000000000h1"
-[onboarding]
-method = "hardware-identity"
-hardware-key = "{self.key_uri}"
-pkcs11-module = "{module}"
-""")
+        self.config = write_agent_config(tmp, vault.url, vault.directory, template="HW-{soc_serial}",
+                                         soc_serial="00000000000000h1", hardware_key=self.key_uri,
+                                         pkcs11_module=module)
         self.state = tmp / "state"
         seed_key(self.state)
         made = self.hwid("init", "--type", key_type, "--json")
