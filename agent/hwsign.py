@@ -35,8 +35,9 @@ async def sign(uri: str, module: str, request_id: str, hash_name: Hash, encoding
     order = json.dumps({"key": uri, "module": module, "request-id": request_id, "hash": str(hash_name),
                         "encoding": str(encoding), "legacy-field": legacy_field}).encode()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "agent.hwsign"]
     try:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "agent.hwsign", env=env,
+        proc = await asyncio.create_subprocess_exec(*command, env=env,
                                                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.PIPE)
     except OSError as exc:

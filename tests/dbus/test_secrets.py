@@ -476,6 +476,7 @@ def test_agent_never_involves_a_shell() -> None:
     # the places that start a program, each looked at: keys (the keygen interpreter, the daemon's one child) and
     # absent (`status` with no daemon asks systemctl and journalctl: the CLI only, never the daemon, argv
     # lists with a fixed environment) and bundle (`support-bundle`, the CLI only: this agent's own status, check
-    # and identity as `python -m agent`, journalctl and systemctl, argv lists, stdin closed, each with a timeout);
-    # a new one needs a look, then a line here
-    assert set(spawners) == {"keys", "absent", "bundle"}, spawners
+    # and identity as `python -m agent`, journalctl and systemctl, argv lists, stdin closed, each with a timeout)
+    # and hwsign (secure onboarding: this interpreter as `-m agent.hwsign`, an argv list, the order as JSON on
+    # stdin, bounded by SIGN_TIMEOUT and killed when cancelled); a new one needs a look, then a line here
+    assert set(spawners) == {"keys", "absent", "bundle", "hwsign"}, spawners

@@ -230,8 +230,20 @@ def test_settings_whose_headers_are_not_an_object_of_strings_are_refused(headers
 
 
 def test_settings_missing_a_key_are_refused() -> None:
-    with pytest.raises(settings._Refused, match=r"registration\.body"):
-        settings.check_settings({"device-service.url": "u", "registration.proposed-serial": "s"})
+    with pytest.raises(settings._Refused, match=r"lack device-service\.headers$"):
+        settings.check_settings({"device-service.url": "u", "registration.proposed-serial": "s",
+                                 "registration.body": "b"})
+    with pytest.raises(settings._Refused, match=r"lack device-service\.url, registration\.proposed-serial"):
+        settings.check_settings({"device-service.headers": "{}"})
+
+
+def test_settings_without_a_body_are_secure_onboardings() -> None:
+    """No registration.body: the prepare-serial-request hook sets it; the lines then hold the other three."""
+    checked = settings.check_settings({"device-service.url": "u", "device-service.headers": '{"T": "t"}',
+                                       "registration.proposed-serial": "s"})
+    assert "registration.body" not in checked
+    assert settings.format_lines(checked).splitlines() == ['device-service.url="u"', 'device-service.headers={"T":"t"}',
+                                                           'registration.proposed-serial="s"']
 
 
 def test_the_settings_command_reuses_the_status_clients_bus_code() -> None:
