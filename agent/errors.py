@@ -77,6 +77,7 @@ class Code(StrEnum):
     RELAY_OTHER_DEVICE_KEY = "relay-other-device-key"
     RELAY = "relay"
     HARDWARE_KEY = "hardware-key"
+    RELAY_SNAPD_TOO_OLD = "relay-snapd-too-old"
 
 
 class VaultCode(StrEnum):
@@ -308,6 +309,12 @@ class RelayWrongModel(RelayRefusedError):
     """A serial-request for another brand or model than the configured ones."""
 
     code = Code.RELAY_WRONG_MODEL
+
+
+class RelaySnapdTooOld(RelayRefusedError):
+    """Secure onboarding through a snapd older than 2.74, which never runs the prepare-serial-request hook."""
+
+    code = Code.RELAY_SNAPD_TOO_OLD
 
 
 class RelayOtherDeviceKey(RelayRefusedError):

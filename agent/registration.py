@@ -122,6 +122,8 @@ ACTIONS: dict[str, str] = {
     VaultCode.UNKNOWN_HARDWARE_IDENTITY: "the Model Service does not know this device's hardware identity: import the "
     "hardware-identity assertion for its hardware-id-key-sha3-384 (factory-agent hardware-identity show), then run: "
     "factory-agent retry",
+    Code.RELAY_SNAPD_TOO_OLD: "this snapd runs no prepare-serial-request hook: secure onboarding needs snapd 2.74 or "
+    "later (refresh snapd, or the core snap that carries it); snapd's next attempt goes on",
     VaultCode.INVALID_REQUEST_ID_SIGNATURE: "the Model Service refused the request-id signature: check that its "
     "hardware-identity assertion is for this device's key and [onboarding] hash, then run: factory-agent retry",
 }
@@ -153,6 +155,7 @@ MEANINGS: dict[str, str] = {
     VaultCode.INVALID_NONCE: "the request-id was spent or expired (a fresh one at once)",
     Code.SERIAL_NOT_PROPOSED: "registered, but the vault signed another serial than the one proposed",
     Code.HARDWARE_KEY: "the hardware identity key is missing, or its token, PIN or module cannot be used (blocked)",
+    Code.RELAY_SNAPD_TOO_OLD: "snapd is older than 2.74, which secure onboarding needs (snapd mode, blocked)",
     VaultCode.UNKNOWN_HARDWARE_IDENTITY: "the Model Service has no hardware-identity assertion for this device's key "
     "(the lab's code; blocked)",
     VaultCode.INVALID_REQUEST_ID_SIGNATURE: "the request-id signature did not verify with the imported key (the lab's "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import time
 from dataclasses import replace
@@ -31,7 +32,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import registration, relay, serials
 from .config import VaultConfig
-from .errors import AgentError, Code, IdentityError, NotReadyError, RelayRefusedError, VaultError, WrongModeError
+from .errors import (
+    AgentError,
+    Code,
+    IdentityError,
+    NotReadyError,
+    RelayRefusedError,
+    RelaySnapdTooOld,
+    VaultError,
+    WrongModeError,
+)
 from .onboarding import Method
 from .registration import Phase, Progress, State
 from .session import Session, VaultClient, import_adapters, new_vault
@@ -53,6 +63,7 @@ IDLE = State.WAITING_SNAPD  # between exchanges: settings available, snapd's mov
 # body (shared/reference/secure-onboarding.md §8). The relay polls the vault itself instead, answering snapd's
 # one POST with the serial when it comes within ABSORB_SECONDS (snapd gives an exchange 30 s); past that it
 # goes on polling in the background and serves the serial to snapd's next attempt from memory.
+MIN_SNAPD_FOR_ONBOARDING = (2, 74)  # the first snapd with the prepare-serial-request hook
 ABSORB_SECONDS = 15.0  # leaves one exchange's worth of snapd's 30 s for the last poll
 ABSORB_POLL = (1.0, 5.0)  # seconds between polls: the vault's Retry-After, kept within these
 BACKGROUND_POLLS = 120  # at most this many more polls (ABSORB_POLL[1] apart: 10 minutes) before giving up
@@ -195,6 +206,8 @@ class SnapdDriver:
             self._issued(local)
             return relay.Response(200, json.dumps({"request-id": local}).encode(), relay.JSON_TYPE)
         await self._begin(State.REQUESTING)
+        if (too_old := self._too_old_for_onboarding(headers.get("User-Agent", ""))) is not None:
+            return await self._failed(too_old)
         try:
             answer = await asyncio.to_thread(self.vault.forward, "request-id", None, None, headers)
         except VaultError as exc:
@@ -204,6 +217,18 @@ class SnapdDriver:
             self._issued(_request_id_in(answer.body))
         await self._record(error or registration.GotRequestId())
         return relay.passed_on(answer.status, answer.headers.get("Content-Type"), answer.body, error)
+
+    def _too_old_for_onboarding(self, user_agent: str) -> RelaySnapdTooOld | None:
+        """Secure onboarding needs snapd 2.74's prepare-serial-request hook: an older snapd (by its User-Agent,
+        "snapd/2.73.1 (...)") would post a serial-request without the signed body, which the service refuses."""
+        if self.session.cfg.onboarding.method is not Method.HARDWARE_IDENTITY:
+            return None
+        found = re.match(r"snapd/(\d+)\.(\d+)", user_agent)
+        if found is None or (int(found[1]), int(found[2])) >= MIN_SNAPD_FOR_ONBOARDING:
+            return None  # an unknown client is not judged by a header
+        return RelaySnapdTooOld(f"snapd {found[1]}.{found[2]} runs no prepare-serial-request hook: secure onboarding "
+                                f"(onboarding.method = hardware-identity) needs snapd "
+                                f"{'.'.join(map(str, MIN_SNAPD_FOR_ONBOARDING))} or later")
 
     def _issued(self, request_id: str | None) -> None:
         """Remember a request-id handed to snapd, so that its serial-request may bind a key (relay_serial)."""

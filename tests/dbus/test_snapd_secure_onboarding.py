@@ -15,7 +15,7 @@ import pytest
 from agent import assertions, keys
 from agent.labmodel import ModelServiceVault
 from agent.labserve import Rehearsal, RehearsalVault
-from tests.dbus.conftest import Daemon, owned, state_of, wait_for
+from tests.dbus.conftest import Daemon, owned, state_of, status_json, wait_for
 from tests.fakes import launcher, swtpm
 from tests.fakes.agentconf import copy_lab_keys
 from tests.fakes.launcher import agent_argv
@@ -113,3 +113,26 @@ def test_the_client_fails_as_snapd_does_when_a_202_reaches_it(small_key: keys.De
     finally:
         vault.stop()
     assert attempt.error == DEFECT and [a.status for _, a in attempt.answers] == [200, 202]
+
+
+def test_a_snapd_older_than_2_74_is_refused_with_what_to_do(
+        tmp_path: Path, bus_address: str, backend: str, service: RehearsedModelService, small_key: keys.DeviceKey) -> None:
+    """snapd 2.73 never runs the hook: its serial-request would carry no signed body. The relay says so at the
+    request-id, blocked with the action, instead of letting the service refuse an unsigned request."""
+    daemon = Daemon(bus_address, backend, _agent(tmp_path, service), tmp_path / "state")
+    try:
+        wait_for(lambda: owned(bus_address))
+        assert run_hook(hook_env(tmp_path, bus_address, backend)).returncode == 0
+        settings: dict[str, Any] = {k: v if isinstance(v, dict) else str(v)
+                                    for k, v in set_values(snapctl_calls(tmp_path)[0]).items()}
+        model = assertions.decode((service.directory / "model.assert").read_bytes())
+        client = SnapdClient(settings, small_key, model)
+        client.user_agent = "snapd/2.73.2 (series 16) ubuntu-core/24 (amd64) linux/6.8.0-test"
+        attempt = client.register()
+        wait_for(lambda: state_of(bus_address) == 's "blocked"')
+        status = status_json(bus_address, backend)
+    finally:
+        daemon.stop()
+    assert "snapd 2.73 runs no prepare-serial-request hook" in attempt.error, attempt.error
+    assert [endpoint for endpoint, _ in attempt.answers] == ["request-id"]  # nothing reached the service
+    assert status["last-error"] == "relay-snapd-too-old" and "snapd 2.74 or later" in str(status["action"])

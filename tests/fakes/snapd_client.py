@@ -37,6 +37,7 @@ from agent import assertions, keys
 from agent.errors import AgentError
 
 USER_AGENT = "snapd/2.57.6 (series 16) ubuntu-core/22 (amd64) linux/6.1.0-test"
+USER_AGENT_2_77 = "snapd/2.77.1 (series 16) ubuntu-core/24 (amd64) linux/6.8.0-test"  # the 2.74+ flow's (hook=)
 DEFECT = ('internal error: cannot unmarshal snap "gadget" option "registration.body" into *string: json: cannot '
           'unmarshal object into Go value of type string')  # snapd 2.77.1, snapd-flow/poll-202
 ASSERTION_TYPE = "application/x.ubuntu.assertion"
@@ -90,6 +91,7 @@ class SnapdClient:
         self.poll_delay, self.retry_delay, self.max_rounds = poll_delay, retry_delay, max_rounds
         self.extra_headers: dict[str, str] = {}  # what snapd never sends, for tests of what the relay passes on
         self.hook = hook  # prepare-serial-request (snapd >= 2.74): request-id -> the JSON body it set
+        self.user_agent = USER_AGENT_2_77 if hook is not None else USER_AGENT
 
     def _post(self, endpoint: str, body: bytes | None, headers: dict[str, str]) -> Answer:
         url = urllib.parse.urljoin(self.base, endpoint)  # RFC 3986 resolution, as Go's ResolveReference
@@ -97,7 +99,7 @@ class SnapdClient:
         conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)  # snapd's 30 s
         try:
             content_type = {k: v for k, v in headers.items() if k == "Content-Type"}
-            sent = {"User-Agent": USER_AGENT, **self.extra_headers,
+            sent = {"User-Agent": self.user_agent, **self.extra_headers,
                     **{k: v for k, v in headers.items() if k != "Content-Type"}, **self.service_headers,
                     **content_type, "Content-Length": str(len(body or b""))}
             conn.request("POST", parts.path, body=body or b"", headers=sent)
