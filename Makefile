@@ -14,7 +14,7 @@ APT_PACKAGES := python3 python3-cryptography python3-requests python3-pyudev pyt
 	python3-venv python3-pip python3-dev gcc pkg-config libsystemd-dev gnupg \
 	python3-trustme umockdev gir1.2-umockdev-1.0 python3-gi python3-dbus-fast dbus-daemon \
 	dbus-system-bus-common systemd strace shellcheck python3-yaml python3-h11 python3-pytest-xdist \
-	softhsm2 python3-pykcs11 opensc swtpm libtss2-tcti-swtpm0 libtpm2-pkcs11-1
+	softhsm2 python3-pykcs11 opensc swtpm libtss2-tcti-swtpm0/libtss2-tcti-swtpm0t64 libtpm2-pkcs11-1/libtpm2-pkcs11-1t64
 # The latest PyPI releases of the same (systemd-python builds against libsystemd-dev), and the linters.
 PYPI_PACKAGES := cryptography requests pyudev dbus-next h11 systemd-python pytest pytest-timeout hypothesis mypy trustme PyKCS11 \
 	dbus-fast PyYAML pytest-xdist ruff
