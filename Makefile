@@ -145,13 +145,16 @@ qemu-test: qemu-deps deb
 	FACTORY_AGENT_QEMU=1 $(DISTRO_PY) -m pytest $(PYTEST_ARGS) -p no:cacheprovider -v tests/qemu
 
 # The Debian package (arch: all) into dist/, from a copy of the tree with packaging/debian as debian/.
-DEB_BUILD_PACKAGES := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+DEB_BUILD_PACKAGES := build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
 	python3-build python3-installer python3-wheel fakeroot dpkg-dev lintian
 deb:
 	@$(APT_INSTALL) $(DEB_BUILD_PACKAGES)
 	rm -rf build/deb && mkdir -p build/deb/factory-agent dist
 	$(call copy_tree,build/deb/factory-agent)  # the working tree, as a developer has it
 	cp -r packaging/debian build/deb/factory-agent/debian
+	# The unit as debian/factory-agent.service: dh_installsystemd installs and enables it where each suite wants
+	# it (Debian 12: lib/systemd/system; 13: usr/lib/systemd/system, which lintian's aliased-location demands).
+	cp systemd/factory-agent.service build/deb/factory-agent/debian/factory-agent.service
 	cd build/deb/factory-agent && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b  # Debian's python3, not a pyenv one
 	cp build/deb/factory-agent_*_all.deb dist/
 	lintian --fail-on error,warning --info dist/factory-agent_*_all.deb

@@ -29,7 +29,10 @@ def test_the_package_ships_the_docs_the_unit_the_policy_and_the_man_page() -> No
     # dh_installdocs may compress the larger ones: either name is the document
     missing = [d for d in sorted(docs) if d not in files and f"{d}.gz" not in files]
     assert missing == [], missing
-    for path in ("/lib/systemd/system/factory-agent.service", "/usr/share/dbus-1/system.d/io.factoryagent.Agent1.conf",
+    units = {"/lib/systemd/system/factory-agent.service", "/usr/lib/systemd/system/factory-agent.service"}
+    assert len(units & set(files)) == 1, units & set(files)  # where the suite's dh_installsystemd puts it
+    for path in ("/usr/share/factory-agent/hooks/prepare-serial-request",
+                 "/usr/share/dbus-1/system.d/io.factoryagent.Agent1.conf",
                  "/usr/share/dbus-1/interfaces/io.factoryagent.Agent1.xml", "/usr/share/man/man1/factory-agent.1.gz",
                  "/usr/bin/factory-agent"):
         assert path in files, path
