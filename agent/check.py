@@ -139,7 +139,7 @@ def check_hardware_key(ctx: _Context) -> Result:
     except (HardwareKeyError, ConfigError) as exc:
         return Result("hardware-key", title, "error", str(exc), "make it with factory-agent hardware-identity init, "
                       "or fix its token, PIN file or module")
-    digest = onboarding.key_digest(onboarding.hardware_id_key(key.public_der()))
+    digest = onboarding.spki_digest(key.public_der())
     return Result("hardware-key", title, "ok", f"{key.key_type} at {key.uri}, signs with {settings.hash}; "
                   f"hardware-id-key-sha3-384 {digest} (its hardware-identity assertion must be imported)")
 

@@ -206,7 +206,7 @@ def registration_body(key: HardwareKey, request_id: str, hash_name: Hash,
     sends what a prepare-serial-request hook set."""
     check_request_id(request_id)
     signature = key.sign(request_id.encode("utf-8"), hash_name)
-    digest = onboarding.key_digest(onboarding.hardware_id_key(key.public_der()))
+    digest = onboarding.spki_digest(key.public_der())
     text = onboarding.encode_signature(signature, encoding)
     return onboarding.registration_body(digest, text, hash_name, legacy_field)
 

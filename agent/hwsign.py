@@ -15,9 +15,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import AgentError, HardwareKeyError
 from .onboarding import Hash, SignatureEncoding
+
+if TYPE_CHECKING:
+    from .config import OnboardingConfig
 
 SIGN_TIMEOUT = 60.0  # seconds: a TPM signs in well under one; a token that has not answered by then will not
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -29,11 +33,12 @@ class Signed:
     digest: str  # the key's hardware-id-key-sha3-384
 
 
-async def sign(uri: str, module: str, request_id: str, hash_name: Hash, encoding: SignatureEncoding,
-               legacy_field: bool, timeout: float = SIGN_TIMEOUT) -> Signed:
-    """The body for ``request_id``, signed by the key at ``uri`` in a child; HardwareKeyError with its reason."""
-    order = json.dumps({"key": uri, "module": module, "request-id": request_id, "hash": str(hash_name),
-                        "encoding": str(encoding), "legacy-field": legacy_field}).encode()
+async def sign(settings: OnboardingConfig, request_id: str, timeout: float = SIGN_TIMEOUT) -> Signed:
+    """The body for ``request_id``, signed in a child by the key ``settings`` name; HardwareKeyError with its reason."""
+    uri = settings.hardware_key
+    order = json.dumps({"key": uri, "module": settings.pkcs11_module, "request-id": request_id,
+                        "hash": str(settings.hash), "encoding": str(settings.signature_encoding),
+                        "legacy-field": settings.legacy_digest_field}).encode()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "agent.hwsign"]
     try:
@@ -71,7 +76,7 @@ def main() -> int:
         key = hwkey.open_key(order["key"], order["module"])
         body = hwkey.registration_body(key, order["request-id"], Hash(order["hash"]),
                                        SignatureEncoding(order["encoding"]), bool(order["legacy-field"]))
-        digest = onboarding.key_digest(onboarding.hardware_id_key(key.public_der()))
+        digest = onboarding.spki_digest(key.public_der())
     except AgentError as exc:
         print(f"{_PREFIX}{exc}", file=sys.stderr)
         return 1

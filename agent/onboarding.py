@@ -67,6 +67,11 @@ def key_digest(key_text: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
+def spki_digest(spki_der: bytes) -> str:
+    """The ``hardware-id-key-sha3-384`` of a DER SubjectPublicKeyInfo: the digest of its one-line text."""
+    return key_digest(hardware_id_key(spki_der))
+
+
 def der_ecdsa(raw: bytes) -> bytes:
     """An ECDSA signature as DER ``SEQUENCE {INTEGER r, INTEGER s}`` from the raw ``r || s`` a PKCS#11 token or
     a TPM returns (snapd refuses the raw form: "asn1: structure error")."""

@@ -150,8 +150,7 @@ class SnapdDriver:
         from . import hwkey, hwsign
 
         hwkey.check_request_id(request_id)
-        signed = await hwsign.sign(settings.hardware_key, settings.pkcs11_module, request_id, settings.hash,
-                                   settings.signature_encoding, settings.legacy_digest_field)
+        signed = await hwsign.sign(settings, request_id)
         self.session.hardware_digest = signed.digest
         return signed.body.decode("utf-8")
 

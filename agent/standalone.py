@@ -224,9 +224,7 @@ class StandaloneDriver:
             return identity.registration_body(found, cfg.identity.allow_weak)
         from . import hwsign
 
-        settings = cfg.onboarding
-        signed = await hwsign.sign(settings.hardware_key, settings.pkcs11_module, self.request_id[0], settings.hash,
-                                   settings.signature_encoding, settings.legacy_digest_field)
+        signed = await hwsign.sign(cfg.onboarding, self.request_id[0])
         self.session.hardware_digest = signed.digest
         return signed.body
 
