@@ -1,12 +1,13 @@
 # mypy: allow-untyped-decorators, allow-subclassing-any, allow-untyped-calls
 """io.factoryagent.Agent1 on D-Bus: the technician's live view, Retry(), and the hook's settings.
 
-The only module that imports dbus-next, which Debian 12 ships but which has
-had no release since 2021; it runs unchanged on dbus-fast, its maintained
-fork ($FACTORY_AGENT_DBUS=dbus_fast|dbus_next picks one; default: dbus-next
-if installed). Handlers answer at once and never let a traceback reach a
-caller: AgentErrors map to io.factoryagent.Agent1.Error.<Name>, anything
-else to ...Error.Internal, with the traceback in the journal only.
+The only module that imports a D-Bus library: dbus-fast, the maintained fork
+of dbus-next, where it is installed (Debian 12 and 13 ship both); dbus-next
+otherwise, which has had no release since 2021 and which Python 3.13 warns
+about ($FACTORY_AGENT_DBUS=dbus_fast|dbus_next picks one). Handlers answer
+at once and never let a traceback reach a caller: AgentErrors map to
+io.factoryagent.Agent1.Error.<Name>, anything else to ...Error.Internal,
+with the traceback in the journal only.
 
 No caller can stop the daemon (issue 11): our own writer replaces the
 libraries' (which die on a full socket, see _Writer), replies that would
@@ -66,7 +67,7 @@ RECONNECT_FIRST, RECONNECT_CAP = 0.5, 30.0
 def backend() -> tuple[ModuleType, ModuleType, ModuleType]:
     """(package, package.service, package.aio) of the chosen D-Bus library."""
     wanted = os.environ.get("FACTORY_AGENT_DBUS", "")
-    names = [wanted] if wanted else ["dbus_next", "dbus_fast"]
+    names = [wanted] if wanted else ["dbus_fast", "dbus_next"]
     for name in names:
         try:
             return (importlib.import_module(name), importlib.import_module(f"{name}.service"),
