@@ -96,7 +96,12 @@ def wait_for(predicate: Any, seconds: float = 30.0) -> None:
 
 
 def owned(address: str) -> bool:
-    return busctl(address, "status", BUS_NAME).returncode == 0
+    """Whether the agent's name has an owner on the bus: asked of dbus-daemon itself (`busctl status NAME`
+    also reads the owner's cgroup, and fails on every call where no cgroup tree is mounted)."""
+    done = busctl(address, "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                  "NameHasOwner", "s", BUS_NAME)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip() == "b true"
 
 
 class Recorder:

@@ -11,14 +11,11 @@ the test sees a mount. They need root and util-linux.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.dbus.conftest import BUS_NAME, PATH, Daemon, busctl, seed_key, wait_for, write_config
+from tests.environment import need_private_mounts
 from tests.fakes import launcher
 from tests.fakes.faultyvault import FaultyVault
 from tests.fakes.launcher import agent_argv, agent_env
@@ -29,12 +26,7 @@ WRONG = "wrong-api-key-0123456789"
 BIND = 'mount --bind "$1" "$1" && { [ "$2" = rw ] || mount -o remount,bind,ro "$1"; } && shift 2 && exec "$@"'
 
 
-def need_mounts() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (a bind mount in a private mount namespace)")
-    missing = [tool for tool in ("unshare", "nsenter", "mount") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)} (util-linux)")
+need_mounts = need_private_mounts
 
 
 def in_namespace(state: Path, mode: str) -> list[str]:
@@ -43,7 +35,7 @@ def in_namespace(state: Path, mode: str) -> list[str]:
 
 def remount(daemon: Daemon, state: Path, mode: str) -> None:
     """What the technician's fix (or the fault) does to the mount the daemon sees."""
-    done = subprocess.run(["nsenter", "-t", str(daemon.pid), "-m", "mount", "-o", f"remount,bind,{mode}", str(state)],
+    done = subprocess.run(["nsenter", "-t", str(daemon.pid), "-m", "-r", "mount", "-o", f"remount,bind,{mode}", str(state)],
                           capture_output=True, text=True, timeout=10, check=False)
     assert done.returncode == 0, done.stderr
 

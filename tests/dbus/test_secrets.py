@@ -47,6 +47,7 @@ from agent import vault
 from agent.config import VaultConfig
 from tests.conftest import REPO
 from tests.dbus.conftest import Recorder, seed_key
+from tests.environment import need_private_mounts
 from tests.fakes import launcher
 from tests.fakes.agentconf import write_agent_config
 from tests.fakes.faultyvault import FaultyVault, Forced
@@ -129,7 +130,8 @@ while True:
 with open(out, "w") as f:
     json.dump({"returncode": child.returncode, "datagrams": datagrams}, f)
 """
-PRIVATE_RUN = 'mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/journal && exec "$0" "$@"'
+# A private /run (not /run/systemd, which a root without systemd lacks) with journald's socket directory.
+PRIVATE_RUN = 'mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && exec "$0" "$@"'
 
 
 class Run:
@@ -175,7 +177,8 @@ def _children(pid: int) -> list[int]:
 
 async def observe(run: Run, rec: Recorder, done: Any, exposure: Exposure, seconds: float = 240) -> dict[str, Any]:
     """Wait until ``done(signals)``, then read everything a client can: GetAll, GetSerialAssertion, status."""
-    await rec.until(lambda: done(rec.signals), seconds)
+    await rec.until(lambda: done(rec.signals) or run.proc.poll() is not None, seconds)
+    assert done(rec.signals), f"the daemon ended ({run.proc.poll()}) first; stderr:\n{run.proc.stderr}"
     props = await rec.get_all()
     exposure.add("D-Bus GetAll", props)
     reply = await rec.call("GetSerialAssertion")
@@ -289,8 +292,7 @@ def execve_calls(log: str) -> list[tuple[str, list[str]]]:
 def test_a_refused_api_key_leaks_nothing_not_even_to_the_journal(
         tmp_path: Path, bus_address: str, secret_lab: FaultyVault) -> None:
     """The vault refuses the agent's key (invalid-api-key): blocked, with the journal as the log."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare(1) for a private /run/systemd")
+    need_private_mounts()  # for a private /run/systemd
     from agent import systemd
 
     if systemd._python_systemd("journal") is None:

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from agent import store
 from agent.registration import Phase, Progress
+from tests.environment import need_private_mounts
 from tests.fakes import launcher
 from tests.fakes.agentconf import write_agent_config
 from tests.fakes.launcher import agent_argv, agent_env
@@ -89,8 +87,8 @@ def test_a_state_file_the_agent_would_not_trust_is_reported_not_read(tmp_path: P
     assert set(recorded) == {"unreadable"} and "state.json" in recorded["unreadable"]
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) is not installed")
 def test_the_kill_switch_is_named(tmp_path: Path, lab_dir: Path, bus_address: str, backend: str) -> None:
+    need_private_mounts()
     state = _state_dir(tmp_path, Progress())
     config = _good_config(tmp_path, lab_dir)
     status = " ".join(shlex.quote(word) for word in agent_argv("status", "--json", "--bus", "session", "--state-dir", str(state),

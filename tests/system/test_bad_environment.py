@@ -24,6 +24,7 @@ import pytest
 
 from agent.labvault import LabVault
 from tests.conftest import DATA
+from tests.environment import need_private_mounts
 from tests.fakes import launcher
 from tests.fakes.agentconf import seed_key, write_agent_config
 from tests.fakes.launcher import User, agent_argv, agent_env, as_user, run_args
@@ -307,7 +308,7 @@ READ_ONLY = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift &&
 @pytest.mark.parametrize("kind", ["registered", "partial"])
 def test_a_read_only_state_dir(kind: str, templates: dict[str, Path], tmp_path: Path, vault: LabVault) -> None:
     """A read-only bind mount of the state directory: the cause named is the read-only file system."""
-    need("unshare", "mount")
+    need_private_mounts()
     state = copy_state(templates[kind], tmp_path / "state")
     before = snapshot(state)
     done = run_agent(lab_config(tmp_path, vault), state, prefix=in_private_namespace(READ_ONLY, str(state)))
@@ -316,7 +317,7 @@ def test_a_read_only_state_dir(kind: str, templates: dict[str, Path], tmp_path: 
 
 
 def test_a_state_dir_to_create_on_a_read_only_file_system(tmp_path: Path, vault: LabVault) -> None:
-    need("unshare", "mount")
+    need_private_mounts()
     parent = tmp_path / "ro"
     parent.mkdir()
     done = run_agent(lab_config(tmp_path, vault), parent / "state", prefix=in_private_namespace(READ_ONLY, str(parent)))
@@ -340,7 +341,8 @@ exit $rc
 
 
 def run_on_full_disk(tmp_path: Path, config: Path, seed: Path | None) -> tuple[subprocess.CompletedProcess[str], Path]:
-    need("unshare", "mount", "dd", "df")
+    need_private_mounts()
+    need("dd", "df")
     disk, out = tmp_path / "disk", tmp_path / "after"
     disk.mkdir()
     out.mkdir()

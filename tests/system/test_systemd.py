@@ -32,6 +32,7 @@ import pytest
 
 from agent import systemd
 from tests.conftest import REPO
+from tests.environment import need_private_mounts
 
 UNITS = REPO / "systemd"
 UNIT = UNITS / "factory-agent.service"
@@ -337,15 +338,15 @@ def parse_native(data: bytes) -> dict[str, str]:
 def journal_run(tmp_path: Path, prelude: str, journal_stream: str) -> tuple[dict[str, object], list[bytes], str]:
     """JOURNAL_CHILD in a private mount namespace with its own journald socket; its stderr is a
     file, and $JOURNAL_STREAM names that file ("stderr"), another one, or is unset ("")."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare(1) for a private /run/systemd")
+    need_private_mounts()  # for a private /run/systemd
     err = tmp_path / "stderr"
     with err.open("w") as stderr:
         st = os.fstat(stderr.fileno())
         stream = {"stderr": f"{st.st_dev}:{st.st_ino}", "other": f"{st.st_dev}:{st.st_ino + 1}"}.get(journal_stream)
         env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
         env.update({"PYTHONPATH": str(REPO), **({"JOURNAL_STREAM": stream} if stream else {})})
-        script = 'mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/journal && exec "$0" -c "$1"'
+        # a private /run (a root without systemd has no /run/systemd to mount on)
+        script = 'mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && exec "$0" -c "$1"'
         done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
                                sys.executable, prelude + JOURNAL_CHILD], env=env, stdout=subprocess.PIPE,
                               stderr=stderr, text=True, timeout=30, check=False)
