@@ -17,8 +17,8 @@
 # when it ends. Inside: /proc of its own, the host's /sys (cgroup tree included: systemd 257's
 # busctl reads it) and /dev, tmpfs /run and /tmp, / a mount point (unshare --propagation needs
 # one), the host's network and resolv.conf (for apt), DIR's ancestors with DIR's ancestors' modes,
-# and the directories $FACTORY_AGENT_ROOT_SHARE names (space-separated: a cache to share with the
-# host, say) at their own paths. The exit status is CMD's.
+# and the directories $FACTORY_AGENT_ROOT_SHARE names (space-separated HOST_DIR[:ROOT_DIR], at
+# ROOT_DIR or their own path: a cache to keep across runs, say). The exit status is CMD's.
 set -eu
 
 REVISION=1  # bump when the recipe below (or apt-install.sh's choice of packages) changes
@@ -104,8 +104,9 @@ if [ "$dir" != / ]; then
     mount --bind "$dir" "$r$dir"
 fi
 for shared in $share; do
-    mkdir -p "$shared" "$r$shared"
-    mount --bind "$shared" "$r$shared"
+    from=${shared%%:*} to=${shared#*:}
+    mkdir -p "$from" "$r$to"
+    mount --bind "$from" "$r$to"
 done
 exec chroot "$r" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" \

@@ -1,4 +1,7 @@
-"""An emulated armhf board: QEMU ``-M virt`` booting the test image with a chosen identity.
+"""An emulated ARM board: QEMU ``-M virt`` booting the test image with a chosen identity.
+
+Two architectures (:data:`ARCHES`): armhf (Debian 12, qemu-system-arm, cortex-a15) and arm64
+(Debian 13, qemu-system-aarch64, cortex-a53), both TCG with the console on ttyAMA0 (PL011).
 
 A :class:`Board` owns a copy-on-write overlay of the cached image (so its disk survives its own
 reboots and power cuts), a device tree carrying its serial number and model, a MAC, a disk
@@ -28,21 +31,40 @@ CPUS = 2
 
 
 @dataclass(frozen=True)
+class Arch:
+    """How QEMU emulates one Debian architecture's board (build-image.sh --arch NAME makes its image)."""
+
+    name: str  # the Debian architecture
+    qemu: str
+    machine: str  # -M
+    cpu: str
+    uname: str  # `uname -m` in the guest
+
+
+ARCHES = {arch.name: arch for arch in (
+    Arch("armhf", "qemu-system-arm", "virt,highmem=off", "cortex-a15", "armv7l"),
+    Arch("arm64", "qemu-system-aarch64", "virt", "cortex-a53", "aarch64"),
+)}
+
+
+@dataclass(frozen=True)
 class Image:
     """The cached image with the package installed, and the kernel and initrd that boot it."""
 
     image: Path
     kernel: Path
     initrd: Path
+    arch: Arch = ARCHES["armhf"]
 
 
-def build_image(deb: Path) -> tuple[Image, float]:
+def build_image(deb: Path, arch: Arch) -> tuple[Image, float]:
     """Run build-image.sh (cached layers make this seconds when nothing changed); its duration."""
     started = time.monotonic()
-    done = subprocess.run(["sh", str(HERE / "build-image.sh"), str(deb)], stdout=subprocess.PIPE,
-                          text=True, check=True, timeout=3600)
+    done = subprocess.run(["sh", str(HERE / "build-image.sh"), "--arch", arch.name, str(deb)],
+                          stdout=subprocess.PIPE, text=True, check=True, timeout=3600)
     paths = dict(line.split("=", 1) for line in done.stdout.split())
-    return Image(Path(paths["image"]), Path(paths["kernel"]), Path(paths["initrd"])), time.monotonic() - started
+    image = Image(Path(paths["image"]), Path(paths["kernel"]), Path(paths["initrd"]), arch)
+    return image, time.monotonic() - started
 
 
 @dataclass
@@ -82,11 +104,15 @@ class Board:
         path.chmod(mode)
         return path
 
+    @property
+    def arch(self) -> Arch:
+        return self.image.arch
+
     def _args(self, vault_port: int) -> list[str]:
         relay = f"{sys.executable} {HERE / 'fwd_relay.py'} 127.0.0.1 {vault_port}"
         append = f"console=ttyAMA0 root=/dev/vda rw panic=-1 systemd.machine_id={self.machine_id}"
         return [
-            "qemu-system-arm", "-M", "virt,highmem=off", "-cpu", "cortex-a15", "-smp", str(CPUS),
+            self.arch.qemu, "-M", self.arch.machine, "-cpu", self.arch.cpu, "-smp", str(CPUS),
             "-m", str(MEMORY_MB),
             "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd), "-append", append,
             # writeback (not unsafe): a guest fsync reaches the host file, so SIGKILL is a power cut
@@ -111,7 +137,7 @@ class Board:
         raw = self.root / "virt.dtb"
         args = list(args)
         index = args.index("-M")
-        args[index + 1] = f"virt,highmem=off,dumpdtb={raw}"
+        args[index + 1] = f"{self.arch.machine},dumpdtb={raw}"
         subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
         dts = subprocess.run(["dtc", "-q", "-I", "dtb", "-O", "dts", str(raw)], check=True, stdout=subprocess.PIPE,
                              text=True).stdout

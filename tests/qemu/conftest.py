@@ -1,7 +1,7 @@
-"""Fixtures for the QEMU armhf runs: the image built from dist/'s .deb, and a lab vault on loopback.
+"""Fixtures for the QEMU runs: each architecture's image built from dist/'s .deb, and a lab vault on loopback.
 
 These tests run only from `make qemu-test` (FACTORY_AGENT_QEMU=1; tests/conftest.py leaves this
-folder out otherwise): each boot is an emulated armhf board generating an RSA-4096 key.
+folder out otherwise): each boot is an emulated armhf or arm64 board generating an RSA-4096 key.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.labvault import Reply
 from tests.fakes.faultyvault import FaultyVault
-from tests.qemu.board import Board, Image, build_image
+from tests.qemu.board import ARCHES, Board, Image, build_image
 
 REPO = Path(__file__).resolve().parents[2]
 TIMINGS = Path(os.environ.get("FACTORY_AGENT_QEMU_TIMINGS", REPO / "build" / "qemu-timings.json"))
@@ -56,37 +56,64 @@ class HoldingVault(FaultyVault):
         super().stop()
 
 
+FIGURES: dict[str, object] = {}  # what the `timings` fixture collects, for the terminal summary too
+
+
 @pytest.fixture(scope="session")
 def timings() -> Iterator[dict[str, object]]:
-    """Figures the runs measure, written to build/qemu-timings.json for the docs and the note."""
-    figures: dict[str, object] = {}
-    yield figures
+    """Figures the runs measure (keys start with the board's architecture), written to
+    build/qemu-timings.json for the docs and the note, and printed at the end of the run."""
+    yield FIGURES
     TIMINGS.parent.mkdir(parents=True, exist_ok=True)
-    TIMINGS.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
-    print("\nqemu timings:", json.dumps(figures, sort_keys=True))
+    TIMINGS.write_text(json.dumps(FIGURES, indent=2, sort_keys=True) + "\n")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if FIGURES:
+        terminalreporter.write_sep("-", f"qemu timings ({TIMINGS})")
+        for name, value in sorted(FIGURES.items()):
+            terminalreporter.write_line(f"{name}: {json.dumps(value, sort_keys=True)}")
 
 
 @pytest.fixture(scope="session")
-def image(timings: dict[str, object]) -> Image:
-    """The board image: built from the .deb, or a gadget team's own (see README, QEMU test runs).
+def images(timings: dict[str, object]) -> Callable[[str], Image]:
+    """Each architecture's board image, built once a session when a test first asks for it: from the
+    .deb, or a gadget team's own (see README, QEMU test runs).
 
     FACTORY_AGENT_QEMU_DEB: another .deb of the agent to install (default: dist/'s newest).
-    FACTORY_AGENT_QEMU_IMAGE, _KERNEL, _INITRD: boot this qcow2 as it is; it must have the agent
-    installed and enabled, and the harness units of tests/qemu/guest/ enabled.
+    FACTORY_AGENT_QEMU_IMAGE, _KERNEL, _INITRD (armhf) or FACTORY_AGENT_QEMU_ARM64_IMAGE, ... (arm64):
+    boot this qcow2 as it is; it must have the agent installed and enabled, and the harness units of
+    tests/qemu/guest/ enabled.
     """
-    own = {name: os.environ.get(f"FACTORY_AGENT_QEMU_{name.upper()}", "") for name in ("image", "kernel", "initrd")}
-    if any(own.values()):
-        missing = [f"FACTORY_AGENT_QEMU_{name.upper()}" for name, value in own.items() if not value]
-        if missing:
-            pytest.fail(f"an own image needs its kernel and initrd too: set {', '.join(missing)}")
-        return Image(*(Path(own[name]).resolve() for name in ("image", "kernel", "initrd")))
+    built: dict[str, Image] = {}
+
+    def image(arch: str) -> Image:
+        if arch not in built:
+            built[arch] = _own_image(arch) or _built_image(arch, timings)
+        return built[arch]
+
+    return image
+
+
+def _own_image(arch: str) -> Image | None:
+    prefix = "FACTORY_AGENT_QEMU_" + ("" if arch == "armhf" else f"{arch.upper()}_")
+    own = {name: os.environ.get(f"{prefix}{name.upper()}", "") for name in ("image", "kernel", "initrd")}
+    if not any(own.values()):
+        return None
+    missing = [f"{prefix}{name.upper()}" for name, value in own.items() if not value]
+    if missing:
+        pytest.fail(f"an own image needs its kernel and initrd too: set {', '.join(missing)}")
+    return Image(*(Path(own[name]).resolve() for name in ("image", "kernel", "initrd")), ARCHES[arch])
+
+
+def _built_image(arch: str, timings: dict[str, object]) -> Image:
     deb = os.environ.get("FACTORY_AGENT_QEMU_DEB") or max(glob.glob(str(REPO / "dist" / "factory-agent_*_all.deb")),
                                                           default="", key=os.path.getmtime)
     if not deb:
         pytest.fail("no dist/factory-agent_*_all.deb: run `make deb` (make qemu-test does)")
-    built, seconds = build_image(Path(deb))
-    timings["image_build_s"] = round(seconds, 1)
-    return built
+    image, seconds = build_image(Path(deb), ARCHES[arch])
+    timings[f"{arch}_image_build_s"] = round(seconds, 1)
+    return image
 
 
 @pytest.fixture(scope="session")
@@ -98,11 +125,13 @@ def vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HoldingVault]:
 
 
 @pytest.fixture
-def make_board(tmp_path: Path, image: Image, vault: HoldingVault):
-    """A board with its identity, provisioned with the agent's config for the lab vault."""
+def make_board(tmp_path: Path, images: Callable[[str], Image], vault: HoldingVault):
+    """A board of an architecture (armhf unless named) with its identity, provisioned with the agent's
+    config for the lab vault."""
 
-    def make(name: str, dt_serial: str, mac: str, disk_serial: str, api_key: str | None = None) -> Board:
-        board = Board(name, tmp_path / name, image, dt_serial=dt_serial, mac=mac, disk_serial=disk_serial,
+    def make(name: str, dt_serial: str, mac: str, disk_serial: str, api_key: str | None = None,
+             arch: str = "armhf") -> Board:
+        board = Board(name, tmp_path / name, images(arch), dt_serial=dt_serial, mac=mac, disk_serial=disk_serial,
                       machine_id=os.urandom(16).hex())
         board.write("etc/factory-agent/agent.toml", AGENT_TOML.format(address="10.0.2.100"))
         board.write("etc/factory-agent/api-key", (api_key or vault.api_key) + "\n", mode=0o600)
@@ -158,5 +187,6 @@ python3 -c 'import socket,sys; socket.create_connection(("10.0.2.2", int(sys.arg
 cat /proc/device-tree/serial-number > $out/dt-serial.txt 2>&1
 grep -i '^Serial' /proc/cpuinfo > $out/cpuinfo-serial.txt 2>&1
 uname -m > $out/uname-m.txt
+systemctl --failed --no-legend --plain > $out/failed-units.txt 2>&1
 exit 0
 """
