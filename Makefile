@@ -1,14 +1,15 @@
 # factory-agent: every set-up step lives here, so a fresh Debian 12 or 13 machine
 # (as root) needs only `make demo`, `make check` and `make test`.
 #   make check   lint, then the unit, HTTP and D-Bus tests on the distro python: a few minutes, for every edit
-#   make test    lint and both legs from a copy of the tree in a 0700 directory, then the QEMU boards: the CI gate
-#   make lint    ruff, mypy --strict on agent/, shellcheck on every shell script
+#   make test    lint and the three legs from a copy of the tree in a 0700 directory, then the QEMU boards: the CI gate
+#   make lint    ruff, mypy --strict on agent/ (Python 3.11 and 3.13), shellcheck on every shell script
 
 SHELL := /bin/bash
 DISTRO_PY := /usr/bin/python3
 VENV := .venv/latest
 
-# What a device has (Debian 12's own packages), plus the test tools.
+# What a device has (the host Debian's own packages), plus the test tools; the same list makes the other
+# Debian's root (tests/debian-root.sh).
 APT_PACKAGES := python3 python3-cryptography python3-requests python3-pyudev python3-dbus-next \
 	python3-systemd python3-pytest python3-pytest-timeout python3-hypothesis \
 	python3-venv python3-pip python3-dev gcc pkg-config libsystemd-dev gnupg \
@@ -31,7 +32,7 @@ CHECK_WORKERS ?= 4
 CHECK_ALONE := tests/dbus/test_service.py::test_a_property_read_answers_within_50_ms_during_a_real_keygen \
 	tests/dbus/test_flood.py
 
-.PHONY: all deps check lint test test-clone test-distro test-latest demo bench bench-hwkey crash deb qemu-deps qemu-test clean
+.PHONY: all deps check lint test test-clone test-distro test-other test-latest deb-other test-on-other-host demo bench bench-hwkey crash deb qemu-deps qemu-test clean
 
 all: test
 
@@ -56,10 +57,13 @@ SHELL_SCRIPTS = $(shell find . \( -name .git -o -name .venv -o -name build -o -n
 	-o -name .pytest_cache -o -name __pycache__ \) -prune -o -type f -size -256k -print0 \
 	| xargs -0 awk 'FNR == 1 && /^\#! *\/(usr\/)?bin\/(env +)?(ba|da)?sh( |$$)/ { print FILENAME } { nextfile }' | sort)
 
+# The oldest and newest Python a device runs (Debian 12, Debian 13; Ubuntu Core 24's 3.12 lies between).
+MYPY_PYTHONS := 3.11 3.13
 lint: $(VENV)/.stamp deps
 	@failed=0; \
 	echo "=== ruff"; $(VENV)/bin/ruff check . || failed=1; \
-	echo "=== mypy --strict agent"; $(VENV)/bin/python -m mypy --strict agent || failed=1; \
+	for version in $(MYPY_PYTHONS); do echo "=== mypy --strict --python-version $$version agent"; \
+		$(VENV)/bin/python -m mypy --strict --python-version $$version agent || failed=1; done; \
 	echo "=== shellcheck" $(SHELL_SCRIPTS); shellcheck $(SHELL_SCRIPTS) || failed=1; \
 	exit $$failed
 
@@ -69,31 +73,80 @@ check: lint
 		$(addprefix --deselect ,$(CHECK_ALONE)) tests/unit tests/http tests/dbus
 	$(DISTRO_PY) -m pytest $(PYTEST_ARGS) -p no:cacheprovider -q $(CHECK_ALONE)
 
-# The CI gate. Lint and both legs run from a copy of the tree (what git would clone, with the
+# The CI gate. Lint and the three legs run from a copy of the tree (what git would clone, with the
 # uncommitted edits) in a 0700 directory, as a clone under a home directory or in a mktemp -d is: no
 # test may depend on the permissions of the directories above the checkout. The copy builds its own
 # venv there, and is removed at the end.
-test: test-clone qemu-test
+test: test-clone deb-other qemu-test
 
 test-clone:
 	@dir=$$(mktemp -d) && trap 'rm -rf "$$dir"' EXIT && chmod 700 "$$dir" && mkdir "$$dir/factory-agent" \
 		&& $(call copy_tree,"$$dir/factory-agent") \
-		&& echo "=== lint and both legs from a copy of the tree in $$dir (mode 0700)" \
-		&& $(MAKE) -C "$$dir/factory-agent" lint test-distro test-latest
+		&& echo "=== lint and the three legs from a copy of the tree in $$dir (mode 0700)" \
+		&& $(MAKE) -C "$$dir/factory-agent" lint test-distro test-other test-latest
 
 # Copies the working tree as a developer has it (tracked and untracked files, not the ignored ones) into $(1).
 copy_tree = git ls-files -z -co --exclude-standard | while IFS= read -r -d '' f; do [ -e "$$f" ] && printf '%s\0' "$$f"; done \
 	| xargs -0 cp --parents -t $(1)
 
-# Leg 1: Debian's python3 with its distro packages, as on a device.
-test-distro: deps
-	@echo "=== leg 1/2: Debian python3 + distro packages, in $(CURDIR)"
-	$(DISTRO_PY) -m pytest $(PYTEST_ARGS)
+# The legs: the host's Debian (its python3 and python3-* packages, as on a device), the other Debian
+# of the two a device runs (12 "bookworm", 13 "trixie") in a root of its own made by debootstrap and
+# cached in /var/cache/factory-agent-roots, and a venv with the latest PyPI releases. Each prints what
+# it runs on (tests/versions.py), then runs the suite as make check does: in xdist workers, then the
+# timing-bound tests alone (make check's, and those of the wider suite: a uevent's 0.5 s lower bound,
+# the vault started 2 s after the agent, a 202 answered within the client's timeout); two pytest
+# summary lines.
+LEG_ALONE := $(CHECK_ALONE) tests/system/test_identity_umockdev.py::test_hotplugged_nic_is_found_by_its_uevent \
+	tests/system/test_run.py::test_vault_down_then_up \
+	"tests/faults/test_fault_matrix.py::test_202_three_times_then_200_reposts_the_same_request[202-three-times]"
+HOST_SUITE := $(shell . /etc/os-release 2>/dev/null; echo "$$VERSION_CODENAME")
+OTHER_SUITE := $(if $(filter trixie,$(HOST_SUITE)),bookworm,trixie)
+suite_name = $(if $(filter trixie,$(1)),Debian 13,$(if $(filter bookworm,$(1)),Debian 12,$(1)))
+# A deprecation is an error, in pytest, its workers and every agent the tests start (the environment
+# passes it on): the project's own code must raise none, on 3.13 too. Except these, raised by a
+# library's own code (a later entry wins; a module is named exactly, a message by its start):
+#   dbus_next.service: dbus-next 0.2.3 (its last release, 2021) decorates with
+#   typing.no_type_check_decorator, deprecated in Python 3.13; the agent prefers dbus-fast, and every
+#   D-Bus test runs on dbus-next too.
+#   "builtin type swig...": PyKCS11's SWIG wrapper (Debian 13's 1.5.17) declares types without a
+#   __module__, which Python 3.12+ warns of while importing it; made an error, it crashes the
+#   interpreter (SIGSEGV in SWIG's module init).
+STRICT_WARNINGS := error::DeprecationWarning,ignore::DeprecationWarning:dbus_next.service,ignore:builtin type swig:DeprecationWarning
+LEG_PYTEST = $(PYTEST_ARGS) -p no:cacheprovider
+# leg PYTHON, NAME: the shell commands of one leg.
+leg = export PYTHONWARNINGS="$(STRICT_WARNINGS)" && $(1) -m tests.versions "$(2)" \
+	&& $(1) -m pytest $(LEG_PYTEST) -q -n $(CHECK_WORKERS) $(addprefix --deselect ,$(LEG_ALONE)) \
+	&& $(1) -m pytest $(LEG_PYTEST) -q $(LEG_ALONE)
 
-# Leg 2: a venv with the latest PyPI releases of every dependency.
+# Leg 1: the host's python3 with its Debian packages.
+test-distro: deps
+	@echo "=== leg 1/3: $(call suite_name,$(HOST_SUITE)) python3 + its packages, in $(CURDIR)"
+	$(call leg,$(DISTRO_PY),leg 1/3)
+
+# Leg 2: the other Debian's python3 and packages, in its root (the tree bind-mounted at its own path).
+# The root has what the host gets: the test tools, what builds and checks the package, make and git
+# (enough to run the whole `make test` in it, as on a host of that suite: see README).
+OTHER_ROOT = sh tests/debian-root.sh build $(OTHER_SUITE) $(APT_PACKAGES) $(DEB_BUILD_PACKAGES) make git
+test-other: deps
+	@$(APT_INSTALL) debootstrap
+	@echo "=== leg 2/3: $(call suite_name,$(OTHER_SUITE)) python3 + its packages, in a $(OTHER_SUITE) root"
+	@root=$$($(OTHER_ROOT)) && sh tests/debian-root.sh run "$$root" $(CURDIR) sh -c '$(call leg,/usr/bin/python3,leg 2/3)'
+
+# `make demo` and the whole `make test` as on a host of the other Debian: a clone of HEAD in a 0700
+# directory, run in that suite's root. Not part of make test (it runs make test). Its QEMU cache is kept
+# beside this host's (not shared: each deletes the images of older packages) and reused by the next run.
+test-on-other-host: deps
+	@$(APT_INSTALL) debootstrap
+	@echo "=== make test on a $(call suite_name,$(OTHER_SUITE)) host: a clone of HEAD in a $(OTHER_SUITE) root"
+	@dir=$$(mktemp -d) && trap 'rm -rf "$$dir"' EXIT && chmod 700 "$$dir" && git clone -q . "$$dir/factory-agent" \
+		&& root=$$($(OTHER_ROOT)) \
+		&& FACTORY_AGENT_ROOT_SHARE="/var/cache/factory-agent-qemu-on-$(OTHER_SUITE):/var/cache/factory-agent-qemu" \
+		sh tests/debian-root.sh run "$$root" "$$dir/factory-agent" sh -c 'make demo && make test'
+
+# Leg 3: a venv with the latest PyPI releases of every dependency.
 test-latest: $(VENV)/.stamp
-	@echo "=== leg 2/2: venv with the latest PyPI releases, in $(CURDIR)"
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	@echo "=== leg 3/3: venv with the latest PyPI releases, in $(CURDIR)"
+	$(call leg,$(VENV)/bin/python,leg 3/3)
 
 # A lab vault on a free loopback port and the agent registering this machine with it.
 demo: deps
@@ -128,20 +181,21 @@ fuzz: deps
 		echo "=== $$test: $$(( $$(date +%s) - start )) s"; \
 	done; exit $$failed
 
-# Host tools for the emulated armhf boards (tests/qemu), and armhf in apt's lists for the kernel
-# and busybox packages. `apt-get update` may exit non-zero on the security archive's armhf index.
+# Host tools for the emulated boards (tests/qemu), on a Debian 12 or 13 host: qemu-system-arm holds
+# qemu-system-arm and qemu-system-aarch64 on both (on 13 qemu-user-static is the transitional package
+# for qemu-user and qemu-user-binfmt). The guests' kernel and busybox come from their own suite's
+# archive (build-image.sh), not from the host's apt lists.
 QEMU_PACKAGES := qemu-system-arm qemu-user-static debootstrap kmod cpio device-tree-compiler \
-	qemu-utils zstd e2fsprogs
+	qemu-utils zstd xz-utils e2fsprogs
 qemu-deps: deps
 	@$(APT_INSTALL) $(QEMU_PACKAGES)
-	@if ! dpkg --print-foreign-architectures | grep -qx armhf || ! apt-cache show linux-image-armmp:armhf >/dev/null 2>&1; then \
-		dpkg --add-architecture armhf; apt-get update -q || true; fi
 
-# The package on emulated armhf boards (Debian 12, systemd as PID 1, qemu-system-arm -M virt): first
-# boot, a second board, power cuts, a refusing vault. The image is cached in
+# The package on emulated boards, systemd as PID 1: Debian 12 armhf (qemu-system-arm -M virt) for the
+# first boot, a second board, power cuts and a refusing vault; Debian 13 arm64 (qemu-system-aarch64
+# -M virt) for the first boot. The images are cached in
 # $${FACTORY_AGENT_QEMU_CACHE:-/var/cache/factory-agent-qemu}; figures land in build/qemu-timings.json.
 qemu-test: qemu-deps deb
-	@echo "=== qemu: the .deb on emulated armhf boards"
+	@echo "=== qemu: the .deb on emulated armhf and arm64 boards"
 	FACTORY_AGENT_QEMU=1 $(DISTRO_PY) -m pytest $(PYTEST_ARGS) -p no:cacheprovider -v tests/qemu
 
 # The Debian package (arch: all) into dist/, from a copy of the tree with packaging/debian as debian/.
@@ -152,13 +206,25 @@ deb:
 	rm -rf build/deb && mkdir -p build/deb/factory-agent dist
 	$(call copy_tree,build/deb/factory-agent)  # the working tree, as a developer has it
 	cp -r packaging/debian build/deb/factory-agent/debian
-	# The unit as debian/factory-agent.service: dh_installsystemd installs and enables it where each suite wants
-	# it (Debian 12: lib/systemd/system; 13: usr/lib/systemd/system, which lintian's aliased-location demands).
+	# The unit as debian/factory-agent.service: dh_installsystemd installs and enables it (rules moves it to
+	# usr/lib/systemd/system, which Debian 13's lintian demands, when Debian 12's debhelper puts it in lib/).
 	cp systemd/factory-agent.service build/deb/factory-agent/debian/factory-agent.service
 	cd build/deb/factory-agent && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b  # Debian's python3, not a pyenv one
 	cp build/deb/factory-agent_*_all.deb dist/
 	lintian --fail-on error,warning --info dist/factory-agent_*_all.deb
 	@ls -l dist/*.deb
+
+# The same package on the other Debian, in its root (a throwaway overlay): that suite's lintian, then
+# installed from the file by apt (dpkg; Depends resolved from that suite's archive), the unit enabled.
+deb-other: deb
+	@$(APT_INSTALL) debootstrap
+	@echo "=== the package on $(call suite_name,$(OTHER_SUITE)): its lintian, installed by dpkg, the unit enabled"
+	@root=$$($(OTHER_ROOT)) && sh tests/debian-root.sh run "$$root" $(CURDIR) sh -c '\
+		lintian --version && lintian --fail-on error,warning --info dist/factory-agent_*_all.deb \
+		&& { apt-get update -qq || true; } && apt-get install -q -y --no-install-recommends ./dist/factory-agent_*_all.deb \
+		&& test -L /etc/systemd/system/multi-user.target.wants/factory-agent.service \
+		&& echo "enabled: $$(readlink /etc/systemd/system/multi-user.target.wants/factory-agent.service)" \
+		&& factory-agent --version'
 
 clean:
 	rm -rf .venv build dist *.egg-info .pytest_cache .hypothesis
