@@ -16,9 +16,10 @@
 # tmpfs), in private mount and PID namespaces: every mount and every process CMD leaves behind goes
 # when it ends. Inside: /proc of its own, the host's /sys (cgroup tree included: systemd 257's
 # busctl reads it) and /dev, tmpfs /run and /tmp, / a mount point (unshare --propagation needs
-# one), the host's network and resolv.conf (for apt), DIR's ancestors with DIR's ancestors' modes,
-# and the directories $FACTORY_AGENT_ROOT_SHARE names (space-separated HOST_DIR[:ROOT_DIR], at
-# ROOT_DIR or their own path: a cache to keep across runs, say). The exit status is CMD's.
+# one), the host's network, resolv.conf, CA bundle and /etc/pip.conf (for apt and pip), DIR's
+# ancestors with their modes, and the directories $FACTORY_AGENT_ROOT_SHARE names (space-separated
+# HOST_DIR[:ROOT_DIR], at ROOT_DIR or their own path: a cache to keep across runs, say). The exit
+# status is CMD's.
 set -eu
 
 REVISION=1  # bump when the recipe below (or apt-install.sh's choice of packages) changes
@@ -93,6 +94,12 @@ mount --rbind /dev "$r/dev"
 mount -t tmpfs -o mode=0755 tmpfs "$r/run"
 mount -t tmpfs -o mode=1777 tmpfs "$r/tmp"
 cp -L /etc/resolv.conf "$r/etc/resolv.conf" 2>/dev/null || true
+if [ "$overlay" = 1 ]; then
+    # The host's trust for its network (a proxy's CA in its bundle, pip told to use that bundle).
+    for f in /etc/ssl/certs/ca-certificates.crt /etc/pip.conf; do
+        if [ -f "$f" ]; then mkdir -p "$r$(dirname "$f")" && cp -L "$f" "$r$f"; fi
+    done
+fi
 if [ "$dir" != / ]; then
     # DIR's ancestors with their modes (a clone in a 0700 directory stays in one), then DIR itself.
     p=

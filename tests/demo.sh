@@ -61,7 +61,7 @@ $PY -m agent run --bus session --config "$demo/agent.toml" --state-dir "$demo/st
 daemon_pid=$!
 $PY -m agent status --bus session --wait --timeout 300
 end=$(date +%s.%N)
-echo "registered in $(echo "$end - $start" | bc) s"
+echo "registered in $(awk -v start="$start" -v end="$end" 'BEGIN { printf "%.1f", end - start }') s"  # awk: bc is not in every Debian
 echo; echo "factory-agent status:"
 $PY -m agent status --bus session
 kill "$daemon_pid"; wait "$daemon_pid" || true
