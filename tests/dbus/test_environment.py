@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 from tests.dbus.conftest import BUS_NAME, PATH, Daemon, busctl, seed_key, wait_for, write_config
@@ -94,6 +95,19 @@ def test_a_read_only_state_dir_at_start_keeps_the_daemon_up_blocked_until_fixed_
     assert len(blocked) == 1 and "Read-only file system" in blocked[0], daemon.stderr
 
 
+def settled(path: Path, quiet: float = 1.0) -> bytes:
+    """The file once it has not changed for ``quiet`` seconds: a blocked daemon's last write may follow the
+    first one that shows it blocked (seen once, in the Debian 13 leg of a make test)."""
+    deadline, last = time.monotonic() + 30, path.read_bytes()
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = path.read_bytes()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"{path} kept changing for 30 s")
+
+
 def test_a_state_dir_turned_read_only_under_the_daemon_blocks_it_and_state_json_stays_as_it_was(
         tmp_path: Path, lab: FaultyVault, bus_address: str, backend: str) -> None:
     need_mounts()
@@ -104,7 +118,7 @@ def test_a_state_dir_turned_read_only_under_the_daemon_blocks_it_and_state_json_
     try:
         wait_for(lambda: state_is(bus_address, "blocked") and (state / "state.json").exists())
         wait_for(lambda: json.loads((state / "state.json").read_text())["blocked-by"] == "invalid-api-key")
-        recorded = (state / "state.json").read_bytes()
+        recorded = settled(state / "state.json")
         remount(daemon, state, "ro")
         api_key_file(tmp_path, lab.api_key)  # one fix made, the next write fails
         retry(bus_address, backend)
