@@ -27,9 +27,6 @@ WRONG = "wrong-api-key-0123456789"
 BIND = 'mount --bind "$1" "$1" && { [ "$2" = rw ] || mount -o remount,bind,ro "$1"; } && shift 2 && exec "$@"'
 
 
-need_mounts = need_private_mounts
-
-
 def in_namespace(state: Path, mode: str) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", BIND, "sh", str(state), mode]
 
@@ -74,7 +71,7 @@ def assert_blocked_on(found: dict[str, object], code: str, *parts: str) -> None:
 
 def test_a_read_only_state_dir_at_start_keeps_the_daemon_up_blocked_until_fixed_and_retried(
         tmp_path: Path, lab: FaultyVault, bus_address: str, backend: str) -> None:
-    need_mounts()
+    need_private_mounts()
     config, state = write_config(tmp_path, lab), tmp_path / "state"
     seed_key(state)
     before = sorted(p.name for p in state.iterdir())
@@ -110,7 +107,7 @@ def settled(path: Path, quiet: float = 1.0) -> bytes:
 
 def test_a_state_dir_turned_read_only_under_the_daemon_blocks_it_and_state_json_stays_as_it_was(
         tmp_path: Path, lab: FaultyVault, bus_address: str, backend: str) -> None:
-    need_mounts()
+    need_private_mounts()
     key_file = api_key_file(tmp_path, WRONG)
     config, state = write_config(tmp_path, lab, api_key_file=key_file), tmp_path / "state"
     seed_key(state)
