@@ -198,6 +198,17 @@ def process_state(pid: int) -> str:
         return "gone"
 
 
+def ended(pid: int, within: float) -> bool:
+    """Whether ``pid`` is gone or a zombie within ``within`` seconds: the SIGKILL that PDEATHSIG sends when
+    the parent dies is delivered asynchronously, later still on a loaded machine."""
+    deadline = time.monotonic() + within
+    while process_state(pid) not in ("gone", "Z"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 @dataclass
 class Kill:
     """One SIGKILL of a live daemon, and what the state directory held right after it."""
@@ -529,7 +540,7 @@ class Harness:
                 raise
             child = info["pid"] if info["pid"] != proc.pid else None
             orphans = self.kill(proc)
-            if child is not None and process_state(child) not in ("gone", "Z"):
+            if child is not None and not ended(child, 5.0):
                 trial.problems.append(f"the keygen child {child} outlived the daemon")
                 os.kill(child, signal.SIGKILL)
         _, pinned = self._after_kill(trial, state, point, time.monotonic() - started, orphans, None, requests_mark, trial_mark)
