@@ -32,7 +32,7 @@ CHECK_WORKERS ?= 4
 CHECK_ALONE := tests/dbus/test_service.py::test_a_property_read_answers_within_50_ms_during_a_real_keygen \
 	tests/dbus/test_flood.py
 
-.PHONY: all deps check lint test test-clone test-distro test-other test-latest deb-other test-on-other-host demo bench bench-hwkey crash deb qemu-deps qemu-test clean
+.PHONY: all deps check lint test test-clone test-distro test-other test-latest deb-other test-on-other-host demo bench bench-hwkey fleet-sim crash deb qemu-deps qemu-test clean
 
 all: test
 
@@ -147,6 +147,13 @@ test-on-other-host: deps
 test-latest: $(VENV)/.stamp
 	@echo "=== leg 3/3: venv with the latest PyPI releases, in $(CURDIR)"
 	$(call leg,$(VENV)/bin/python,leg 3/3)
+
+# A factory line in simulated time: 10,000 and 100,000 devices running agent/registration.py, and a model of
+# snapd's policy, against a vault capped at 50 registrations a second; figures as JSON, a table and a plot
+# (build/fleet-sim/). matplotlib draws the plot.
+fleet-sim: deps
+	@$(APT_INSTALL) python3-matplotlib
+	$(DISTRO_PY) tests/fleet_sim.py
 
 # A lab vault on a free loopback port and the agent registering this machine with it.
 demo: deps

@@ -241,9 +241,10 @@ class VaultTransient(VaultError):
     code = Code.VAULT_TRANSIENT
     dbus_name = DBUS_ERROR_PREFIX + "VaultTransient"
 
-    def __init__(self, message: str, retry_after: float | None = None, error_code: str = "") -> None:
+    def __init__(self, message: str, retry_after: float | None = None, error_code: str = "", status: int = 0) -> None:
         super().__init__(message, retry_after)
         self.error_code = error_code
+        self.status = status  # the HTTP status when the vault answered one (429: too many requests), else 0
 
 
 class VaultRejected(VaultError):

@@ -58,8 +58,13 @@ from .errors import (
 # The vault's request-ids die after 600 s; fetch a new one when ours is
 # this old, leaving a margin for the serial call itself.
 REQUEST_ID_MAX_AGE = 600.0 - 60.0
-# No network is not the vault's fault: retry soon, do not count it.
+# No connection is not the vault's answer and is not counted as an attempt. The network may still be coming
+# up: the first UNREACHABLE_QUICK tries come NO_NETWORK_DELAY apart. Past them the vault may be down for the
+# whole line at once, and every device retrying every 5 s would meet its return as one burst (the line's
+# backlog within 5 s): the wait doubles from NO_NETWORK_DELAY to UNREACHABLE_CAP, with equal jitter.
 NO_NETWORK_DELAY = 5.0
+UNREACHABLE_QUICK = 3
+UNREACHABLE_CAP = 120.0
 # Transient failures: full-jitter exponential backoff, 2 s doubling to a
 # 5 min cap. snapd waits up to 24 h between attempts; a device on a factory
 # line is watched by a person, so we stay responsive and let Retry-After
@@ -68,6 +73,16 @@ BACKOFF_BASE = 2.0
 BACKOFF_CAP = 300.0
 BACKOFF_FLOOR = 1.0
 RETRY_AFTER_CAP = 3600.0
+# A 429 means the vault is pacing a crowd: a factory line asks all at once, and a rate-limiting front tells
+# every device "Retry-After: 1"; honoured to the second, the crowd comes back as one herd (measured with 40
+# agents: 25 requests per device, 9x the vault's capacity offered). Retry-After is then a floor: the device
+# waits at least that, spread over a window that doubles with each refusal from CROWD_BASE to CROWD_CAP, in
+# its upper half (equal jitter: no retry lands in the next second's crowd). The cap bounds how long the last
+# devices wait after the vault has room again. A longer Retry-After (a vault that paces by its backlog) is
+# honoured as it is, and so is a 5xx's (the vault's own estimate of when its trouble is over). make fleet-sim
+# (tests/fleet_sim.py) drives this module for 10,000 and 100,000 devices against a capped vault.
+CROWD_BASE = 16.0
+CROWD_CAP = 90.0
 # The vault said 202: ask again with the same serial-request.
 POLL_DELAY = 30.0
 # A clock that fails TLS may be fixed by NTP at any time: snapd's stepped
@@ -254,6 +269,7 @@ class Progress:
     failures: int = 0  # consecutive counted failures: the backoff exponent
     clock_tries: int = 0  # consecutive TLS clock failures: the clock schedule position
     nonce_retries: int = 0  # consecutive invalid-nonce answers
+    unreachable: int = 0  # consecutive attempts that reached no vault (not counted in failures)
     blocked_by: str = ""  # error code of a refusal that needs a person; cleared by unblock()
     last_error: str = ""
     last_error_message: str = ""
@@ -340,7 +356,7 @@ def apply(p: Progress, outcome: Outcome, rng: Random) -> Decision:
         phase = Phase.KEY_READY if p.phase is Phase.UNREGISTERED else p.phase
         return Decision(replace(p, phase=phase, key_id=outcome.key_id), 0.0, False)
     if isinstance(outcome, GotRequestId):
-        return Decision(p, 0.0, False)
+        return Decision(replace(p, unreachable=0) if p.unreachable else p, 0.0, False)
     if isinstance(outcome, Posted):
         return Decision(replace(p, attempts=p.attempts + 1), 0.0, False)
     if isinstance(outcome, Accepted):
@@ -352,25 +368,37 @@ def apply(p: Progress, outcome: Outcome, rng: Random) -> Decision:
 
 
 def _succeeded(p: Progress, **changes: object) -> Progress:
-    return replace(p, failures=0, clock_tries=0, nonce_retries=0,
+    return replace(p, failures=0, clock_tries=0, nonce_retries=0, unreachable=0,
                    last_error="", last_error_message="", **changes)  # type: ignore[arg-type]
 
 
 def _failed(p: Progress, error: AgentError, rng: Random) -> Decision:
-    failed = replace(p, last_error=error_code(error), last_error_message=str(error))
+    # One replace() per decision: a fleet simulation makes millions of them.
+    said: dict[str, object] = {"last_error": error_code(error), "last_error_message": str(error)}
     spent = isinstance(error, (VaultError, AssertionFormatError, SerialRejectedError))
     if isinstance(error, VaultUnavailable):
-        return Decision(failed, NO_NETWORK_DELAY * rng.uniform(0.8, 1.2), spent)
+        tries = p.unreachable + 1
+        if tries <= UNREACHABLE_QUICK:
+            delay = NO_NETWORK_DELAY * rng.uniform(0.8, 1.2)
+        else:
+            delay = _equal_jitter(NO_NETWORK_DELAY * 2.0 ** min(tries - UNREACHABLE_QUICK, 32), UNREACHABLE_CAP, rng)
+        return Decision(replace(p, unreachable=tries, **said), delay, spent)  # type: ignore[arg-type]
+    if p.unreachable and isinstance(error, VaultError):  # the vault answered
+        said["unreachable"] = 0
     if isinstance(error, VaultClockSkew):
         step = CLOCK_SCHEDULE[min(p.clock_tries, len(CLOCK_SCHEDULE) - 1)]
-        return Decision(replace(failed, clock_tries=p.clock_tries + 1), step, spent)
+        return Decision(replace(p, clock_tries=p.clock_tries + 1, **said), step, spent)  # type: ignore[arg-type]
     if isinstance(error, VaultRejected) and error.error_code == VaultCode.INVALID_NONCE and p.nonce_retries < MAX_NONCE_RETRIES:
-        fresh = replace(failed, nonce_retries=p.nonce_retries + 1)
+        fresh = replace(p, nonce_retries=p.nonce_retries + 1, **said)  # type: ignore[arg-type]
         return Decision(_drop_serial_request(fresh), 0.0, True)
     if needs_person(error):
-        return Decision(replace(failed, blocked_by=error_code(error)), math.inf, spent)
-    backoff = _capped(error.retry_after if isinstance(error, VaultError) else None) or _jitter(p.failures, rng)
-    retry = replace(failed, failures=p.failures + 1)
+        return Decision(replace(p, blocked_by=error_code(error), **said), math.inf, spent)  # type: ignore[arg-type]
+    retry_after = _capped(error.retry_after if isinstance(error, VaultError) else None)
+    if crowded(error):
+        backoff = max(retry_after or 0.0, _equal_jitter(CROWD_BASE * 2.0 ** min(p.failures, 32), CROWD_CAP, rng))
+    else:
+        backoff = retry_after or _jitter(p.failures, rng)
+    retry = replace(p, failures=p.failures + 1, **said)  # type: ignore[arg-type]
     if isinstance(error, VaultRejected):  # invalid-nonce past its retries: start over, slowly
         retry = _drop_serial_request(retry)
     return Decision(retry, backoff, spent)
@@ -390,6 +418,11 @@ def needs_person(error: AgentError) -> bool:
         return not isinstance(error, RelayBadRequest)  # garbage is the sender's problem, not the device's
     return isinstance(error, (SerialRejectedError, IdentityError, DeviceKeyLostError, UntrustedFileError, ConfigError,
                               HardwareKeyError))
+
+
+def crowded(error: AgentError) -> bool:
+    """The vault is pacing a crowd: it answered 429 (Too Many Requests)."""
+    return isinstance(error, VaultTransient) and error.status == 429
 
 
 def error_code(error: AgentError) -> str:
@@ -415,12 +448,19 @@ def _jitter(failures: int, rng: Random) -> float:
     return max(BACKOFF_FLOOR, rng.uniform(0.0, ceiling))
 
 
+def _equal_jitter(window: float, cap: float, rng: Random) -> float:
+    """Equal jitter: uniform in the upper half of min(cap, window)."""
+    ceiling = min(cap, window)
+    return rng.uniform(ceiling / 2.0, ceiling)
+
+
 def unblock(p: Progress) -> Progress:
     """Retry(), or a restart: a person says the cause is fixed; start the counters afresh.
 
     The last error goes with the block (its story stays in the history): a fresh attempt shows its own.
     """
-    return replace(p, blocked_by="", failures=0, clock_tries=0, nonce_retries=0, last_error="", last_error_message="")
+    return replace(p, blocked_by="", failures=0, clock_tries=0, nonce_retries=0, unreachable=0, last_error="",
+                   last_error_message="")
 
 
 def reconcile(p: Progress, key_id_on_disk: str | None, serial_on_disk: str | None) -> Progress:

@@ -360,6 +360,7 @@ _FIELDS = {
     "nonce-retries": "nonce_retries", "blocked-by": "blocked_by", "last-error": "last_error",
     "last-error-message": "last_error_message", "mode": "mode",  # absent in older files: "standalone"
     "last-attempt-at": "last_attempt_at", "registered-at": "registered_at",  # absent in older files: 0
+    "unreachable": "unreachable",  # absent in older files: 0
 }
 _VOCABULARIES: dict[str, type[StrEnum]] = {"phase": registration.Phase, "mode": registration.Mode}
 

@@ -331,7 +331,7 @@ def _status_error(
         if status >= 500:
             text += (f"; the trouble is on the vault's side, the agent retries on its own; if it lasts past "
                      f"{OPERATOR_AFTER_MINUTES} minutes, call the vault's operator")
-        return VaultTransient(text, retry_after, code)
+        return VaultTransient(text, retry_after, code, status)
     if code:
         refusal = f"the vault refused: {code}: {message}" if message else f"the vault refused: {code}"
         return VaultRejected(f"{where}{refusal}", code, retry_after)

@@ -22,7 +22,7 @@ Expected outcomes follow the retry policy table of README.md and serial-vault-ap
 | an answer that is not HTTP                     | vault-transient            | waiting-retry                        | registers |
 | HTTP 500 / 502                                 | vault-transient            | waiting-retry                        | registers |
 | 503 + Retry-After: seconds / HTTP date         | vault-transient            | waiting-retry until that time        | registers no earlier |
-| 429 + Retry-After                              | vault-transient            | waiting-retry                        | registers |
+| 429 + Retry-After                              | vault-transient            | waiting-retry past it (crowd window) | registers |
 | 202 three times, then 200                      | (none)                     | polling, same serial-request re-posted | registers |
 | truncated serial assertion                     | vault-transient            | waiting-retry, nothing stored        | registers |
 | oversized body (Content-Length / chunked)      | vault-transient            | waiting-retry, nothing stored        | registers |
@@ -85,6 +85,7 @@ import pytest
 
 from agent import assertions, keys, serials
 from agent.labvault import ASSERTION_TYPE, JSON_TYPE, MESSAGES, go_json, rfc3339
+from agent.registration import CROWD_BASE
 from tests.fakes.agentconf import seed_key, write_agent_config
 from tests.fakes.faultyvault import FaultyVault, Forced
 from tests.fakes.pki import make_pki
@@ -494,7 +495,7 @@ TROUBLE = {
     "503-retry-after-seconds": TroubleCase("request-id", lambda: Forced(503, retry_after="3"), "vault-transient",
                                            "the vault answered HTTP 503", 2.95),  # backoff alone: 1-2 s
     "429": TroubleCase("request-id", lambda: Forced(429, retry_after="1"), "vault-transient",
-                       "the vault answered HTTP 429", 0.95),
+                       "the vault answered HTTP 429", CROWD_BASE / 2 - 0.05),  # a crowd: past its Retry-After
     "generate-nonce": TroubleCase("request-id", lambda: "generate-nonce", "generate-nonce",
                                   f"the vault refused: generate-nonce: {MESSAGES['generate-nonce']}"),
     "logging-assertion": TroubleCase("serial", lambda: Forced(400, body=refusal("logging-assertion", "pq: connection reset"),

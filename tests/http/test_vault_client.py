@@ -56,6 +56,7 @@ def test_server_trouble_is_transient(serve, status) -> None:
     with pytest.raises(VaultTransient) as info:
         client(server.url).fetch_request_id()
     assert info.value.retry_after == 3.0 and status.split()[0] in str(info.value)
+    assert info.value.status == int(status.split()[0])  # a 429 is a crowd (registration.crowded)
 
 
 def test_json_refusal_carries_the_vaults_code_and_message(serve) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import assertions, serials
+from agent import assertions, registration, serials
 from tests.conftest import DATA
 from tests.fakes import launcher
 from tests.fakes.agentconf import seed_key, write_agent_config
@@ -103,13 +103,14 @@ def test_5xx_then_200(tmp_path: Path, lab: FaultyVault, status: int) -> None:
     assert f"HTTP {status}" in done.stderr and "state waiting-retry" in done.stderr
 
 
-def test_429_with_retry_after_is_honoured(tmp_path: Path, lab: FaultyVault) -> None:
+def test_429_waits_past_its_retry_after_in_the_crowd_window(tmp_path: Path, lab: FaultyVault) -> None:
+    """A 429's Retry-After is a floor: the device spreads itself over the crowd window (registration.crowded)."""
     state = tmp_path / "state"
     seed_key(state)
     lab.faults.status["request-id"] = [Forced(429, retry_after="2")]
     started = time.monotonic()
     assert_registered(run_once(write_config(tmp_path, lab.url, lab.directory), state), state, lab)
-    assert time.monotonic() - started >= 2
+    assert time.monotonic() - started >= registration.CROWD_BASE / 2
 
 
 def test_invalid_nonce_then_success(tmp_path: Path, lab: FaultyVault) -> None:

@@ -85,8 +85,37 @@ def test_successes(progress, outcome, phase, delay, forget, changes) -> None:
 def test_no_network_is_short_and_not_counted() -> None:
     d = apply(READY, VaultUnavailable("down"))
     assert 0.8 * r.NO_NETWORK_DELAY <= d.delay <= 1.2 * r.NO_NETWORK_DELAY
-    assert (d.progress.attempts, d.progress.failures) == (0, 0)
+    assert (d.progress.attempts, d.progress.failures, d.progress.unreachable) == (0, 0, 1)
     assert d.progress.last_error == "vault-unavailable" and d.progress.action
+
+
+def test_a_vault_down_for_long_is_retried_ever_more_spread_out_up_to_a_cap() -> None:
+    """The network coming up: a few quick tries. A vault down for the whole line: a doubling window, equal jitter,
+    so that the line's backlog does not return in one burst when the vault is back."""
+    p, windows = READY, []
+    for n in range(1, 12):
+        d = apply(p, VaultUnavailable("connection refused"))
+        if n <= r.UNREACHABLE_QUICK:
+            assert 0.8 * r.NO_NETWORK_DELAY <= d.delay <= 1.2 * r.NO_NETWORK_DELAY
+        else:
+            window = min(r.UNREACHABLE_CAP, r.NO_NETWORK_DELAY * 2 ** (n - r.UNREACHABLE_QUICK))
+            assert window / 2 <= d.delay <= window
+            windows.append(window)
+        p = d.progress
+    assert windows[0] == 2 * r.NO_NETWORK_DELAY and windows[-1] == r.UNREACHABLE_CAP
+    assert (p.unreachable, p.failures, p.attempts) == (11, 0, 0)
+    late = replace(READY, unreachable=9)
+    assert len({r.apply(late, VaultUnavailable("x"), Random(seed)).delay for seed in range(20)}) > 10
+
+
+@pytest.mark.parametrize("answer", [r.GotRequestId(), VaultTransient("503"), VaultRejected("stale", "invalid-nonce"),
+                                    r.Registered("S1")])
+def test_any_answer_from_the_vault_ends_the_unreachable_count(answer) -> None:
+    assert apply(replace(READY, unreachable=6), answer).progress.unreachable == 0
+
+
+def test_unblock_ends_the_unreachable_count() -> None:
+    assert r.unblock(replace(READY, unreachable=6, blocked_by="invalid-api-key")).unreachable == 0
 
 
 def test_transient_backoff_grows_with_full_jitter_and_is_capped() -> None:
@@ -102,9 +131,45 @@ def test_transient_backoff_grows_with_full_jitter_and_is_capped() -> None:
     assert len(delays) > 10  # jittered: devices that failed together do not retry together
 
 
-@pytest.mark.parametrize(("retry_after", "delay"), [(7.0, 7.0), (0.0, r.BACKOFF_FLOOR), (10**6, r.RETRY_AFTER_CAP)])
-def test_retry_after_is_honoured_within_bounds(retry_after, delay) -> None:
-    assert apply(READY, VaultTransient("429", retry_after=retry_after)).delay == delay
+@pytest.mark.parametrize(("retry_after", "delay"), [(600.0, 600.0), (10**6, r.RETRY_AFTER_CAP)])
+def test_a_long_retry_after_is_honoured_within_bounds(retry_after, delay) -> None:
+    assert apply(READY, VaultTransient("429", retry_after=retry_after, status=429)).delay == delay
+    assert apply(READY, VaultTransient("503", retry_after=retry_after, status=503)).delay == delay
+
+
+@pytest.mark.parametrize("retry_after", [1.0, 0.0, 7.0, None])
+def test_a_crowd_told_a_short_retry_after_spreads_itself(retry_after) -> None:
+    """A rate-limiting front tells every device of the line "Retry-After: 1": honoured to the second, the line
+    comes back as one herd. Retry-After is a floor; the device spreads over a window of its own."""
+    error = VaultTransient("429", retry_after=retry_after, status=429)
+    assert r.crowded(error)
+    delays = [r.apply(READY, error, Random(seed)).delay for seed in range(50)]
+    assert all(max(retry_after or 0, r.CROWD_BASE / 2) <= d <= r.CROWD_BASE for d in delays)
+    assert len(set(delays)) == 50
+
+
+def test_the_crowd_window_doubles_with_each_refusal_up_to_its_cap() -> None:
+    p, windows = READY, []
+    for n in range(8):
+        d = apply(p, VaultTransient("429", retry_after=1.0, status=429))
+        window = min(r.CROWD_CAP, r.CROWD_BASE * 2**n)
+        assert window / 2 <= d.delay <= window
+        windows.append(window)
+        p = d.progress
+    assert windows[-1] == r.CROWD_CAP and p.failures == 8 and p.attempts == 0
+
+
+def test_a_lone_transient_failure_keeps_the_short_backoff() -> None:
+    """A 502 or a timeout without Retry-After is not a crowd: the first retry comes within BACKOFF_BASE."""
+    for error in (VaultTransient("502", status=502), VaultTransient("timed out")):
+        assert not r.crowded(error)
+        assert apply(READY, error).delay <= r.BACKOFF_BASE
+
+
+@pytest.mark.parametrize(("retry_after", "delay"), [(7.0, 7.0), (0.0, r.BACKOFF_FLOOR)])
+def test_a_5xx_retry_after_is_the_vaults_own_estimate_and_honoured(retry_after, delay) -> None:
+    error = VaultTransient("503", retry_after=retry_after, status=503)
+    assert not r.crowded(error) and apply(READY, error).delay == delay
 
 
 def test_invalid_nonce_gets_a_fresh_request_id_at_once_then_backs_off() -> None:
