@@ -13,7 +13,7 @@ from agent.errors import StoreError
 
 FULL = registration.Progress(
     phase=registration.Phase.POLLING, key_id="k" * 64, serial_request="type: serial-request\n...",
-    identity={"soc_serial": "00000000c0ffee01"}, attempts=3, failures=1, clock_tries=0, nonce_retries=1,
+    identity={"soc_serial": "00000000c0ffee01"}, attempts=3, failures=1, clock_tries=0, nonce_retries=1, unreachable=4,
     last_error="vault-transient", last_error_message="the vault answered HTTP 503",
     history=(registration.Event(1_700_000_000_000_000, registration.EventKind.STARTED, "factory-agent 1"),
              registration.Event(1_700_000_001_000_000, registration.EventKind.ERROR, "vault-transient: 503", 4,
@@ -27,6 +27,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert st.load_progress() == (FULL, None)
     data = json.loads((tmp_path / "state.json").read_text())
     assert data["schema"] == store.SCHEMA and data["phase"] == "polling" and data["key-id"] == "k" * 64
+    assert data["unreachable"] == 4
     assert data["history"] == [{"at": 1_700_000_000_000_000, "step": "started", "detail": "factory-agent 1"},
                                {"at": 1_700_000_001_000_000, "step": "error", "detail": "vault-transient: 503",
                                 "count": 4, "last-at": 1_700_000_009_000_000}]
