@@ -157,6 +157,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1e6:
+        raise argparse.ArgumentTypeError(f"must be a positive number of registrations a second, not {text!r}")
+    return value
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -264,7 +274,7 @@ def cmd_lab_vault(args: argparse.Namespace) -> int:
                                        endpoints=tuple(args.endpoint or labserve.DEVICE_ENDPOINTS))
     return labserve.serve(labserve.Options(Path(args.dir), args.listen, args.brand, args.model, args.api_key,
                                            args.tls_cert, args.tls_key, args.self_signed, rehearsal,
-                                           args.hardware_identity))
+                                           args.hardware_identity, args.rate))
 
 
 def cmd_hardware_identity(args: argparse.Namespace) -> int:
@@ -507,6 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="answer every device request SECONDS late (default 0)")
     rehearse.add_argument("--endpoint", action="append", choices=["request-id", "serial"],
                           help="play only on this endpoint (repeatable; default both)")
+    rehearse.add_argument("--rate", type=_rate, metavar="R",
+                          help="a vault at capacity: at most R registrations a second (a token bucket holding R); "
+                               "request-ids over it are answered 429 with Retry-After, and each busy second is "
+                               "logged (admitted, refused, serial-requests)")
     p.set_defaults(func=cmd_lab_vault)
 
     _add_hardware_identity(sub)

@@ -2,8 +2,8 @@
 
 A factory rehearses its line against this before it meets the real vault: the vault's
 outage (``--fail 503 --times 3``), a refusal that needs a person (``--refuse invalid-api-key``),
-a slow vault (``--delay 5``), and TLS with a private CA (``--self-signed``) exactly as
-the agent's ``vault.ca-file`` will see it in production.
+a slow vault (``--delay 5``), a vault at its capacity (``--rate 5``), and TLS with a private CA
+(``--self-signed``) exactly as the agent's ``vault.ca-file`` will see it in production.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import datetime
 import http
 import ipaddress
 import logging
+import math
 import signal
 import socket
 import ssl
@@ -107,6 +108,73 @@ class RehearsalVault(LabVault):
                 return None
             self._played += 1
             return self._played
+
+
+class RateLimit:
+    """A token bucket: ``rate`` tokens a second, holding as many (at least one): a burst of one second's worth."""
+
+    def __init__(self, rate: float, clock: Any = time.monotonic) -> None:
+        self.rate, self.capacity, self.clock = rate, max(1.0, rate), clock
+        self.tokens, self.stamp = self.capacity, clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> float | None:
+        """None when a token was taken; else the seconds until the next one."""
+        with self._lock:
+            now = self.clock()
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= 1.0:
+                self.tokens -= 1.0
+                return None
+            return (1.0 - self.tokens) / self.rate
+
+
+class RateLimitedVault(LabVault):
+    """The lab vault at a capacity of ``rate`` registrations a second, as a loaded vault's front answers.
+
+    The request-id is the admission: over the cap it is answered 429 with Retry-After (the whole seconds
+    until the next token, at least 1). A serial-request is never refused for load: it carries a request-id
+    the vault admitted, and refusing it would waste that nonce. Each second with device requests is logged
+    as one line: admitted, refused and serial-requests, with the cap.
+    """
+
+    def __init__(self, *args: Any, rate: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limit = RateLimit(rate)
+        self._tally: list[int] = [0, 0, 0, 0]  # the second (unix time), admitted, refused, serial-requests
+        self._tallying = threading.Lock()
+
+    def respond(self, method: str, path: str, api_key: str | None, body: bytes | None) -> Reply:
+        endpoint = path.partition("?")[0].removeprefix(API_PREFIX)
+        if endpoint not in DEVICE_ENDPOINTS or method != "POST":
+            return super().respond(method, path, api_key, body)
+        wait = self.limit.take() if endpoint == "request-id" else None
+        self._count(1 if endpoint == "serial" else 2 if wait is not None else 0)
+        if wait is None:
+            return super().respond(method, path, api_key, body)
+        return Reply(429, b"429 Too Many Requests\n", PLAIN_TYPE, (("Retry-After", str(max(1, math.ceil(wait)))),))
+
+    def _count(self, kind: int) -> None:
+        """One device request: 0 admitted, 1 a serial-request, 2 refused."""
+        second = int(time.time())
+        with self._tallying:
+            if second != self._tally[0]:
+                self._flush()
+                self._tally = [second, 0, 0, 0]
+            self._tally[{0: 1, 2: 2, 1: 3}[kind]] += 1
+
+    def _flush(self) -> None:
+        second, admitted, refused, serials = self._tally
+        if admitted or refused or serials:
+            log.info("lab vault rate: second %d: %d admitted, %d refused, %d serial-requests (cap %g/s)",
+                     second, admitted, refused, serials, self.limit.rate)
+
+    def stop(self) -> None:
+        super().stop()
+        with self._tallying:
+            self._flush()
+            self._tally = [0, 0, 0, 0]
 
 
 # --- a private CA for an HTTPS lab ---------------------------------------------
@@ -251,6 +319,7 @@ class Options:
     self_signed: bool = False
     rehearsal: Rehearsal | None = None
     hardware_identity: bool = False  # a lab Model Service: no api-key, hardware identities checked
+    rate: float | None = None  # registrations a second before the vault answers 429 (RateLimitedVault)
 
 
 def serve(options: Options) -> int:
@@ -279,6 +348,9 @@ def serve(options: Options) -> int:
         print(_listening(vault, url, ca_file), flush=True)
         if options.rehearsal is not None:
             log.info("lab vault rehearsal: %s", options.rehearsal.describe())
+        if options.rate is not None:
+            log.info("lab vault rate: %g registrations a second; request-ids over it answered 429 with Retry-After",
+                     options.rate)
         while not stopped.wait(1.0):
             pass
     finally:
@@ -292,11 +364,15 @@ def _make_vault(options: Options) -> LabVault:
     from .labmodel import ModelServiceVault
 
     kind: type[LabVault] = ModelServiceVault if options.hardware_identity else LabVault
-    if options.rehearsal is None:
-        return kind(options.directory, brand=options.brand, model=options.model, api_key=options.api_key)
-    rehearsed = type(f"Rehearsal{kind.__name__}", (RehearsalVault, kind), {})  # the rehearsal's respond, then kind's
-    return rehearsed(options.directory, options.rehearsal, brand=options.brand, model=options.model,  # type: ignore[no-any-return]
-                     api_key=options.api_key)
+    args: tuple[Any, ...] = (options.directory,)
+    kwargs: dict[str, Any] = {"brand": options.brand, "model": options.model, "api_key": options.api_key}
+    if options.rehearsal is not None:  # the rehearsal's respond, then kind's
+        kind = type(f"Rehearsal{kind.__name__}", (RehearsalVault, kind), {})
+        args += (options.rehearsal,)
+    if options.rate is not None:  # the cap first: a refused request plays no rehearsal
+        kind = type(f"RateLimited{kind.__name__}", (RateLimitedVault, kind), {})
+        kwargs["rate"] = options.rate
+    return kind(*args, **kwargs)
 
 
 def _listening(vault: LabVault, url: str, ca_file: Path | None) -> str:

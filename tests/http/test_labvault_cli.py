@@ -3,6 +3,7 @@ and the real agent (`run --once`) registering through each rehearsed failure.
 
 - ``--fail STATUS --times N [--retry-after S]``, ``--refuse CODE``, ``--delay S``, ``--endpoint E``:
   what the vault answers, what it logs, and what the agent then does;
+- ``--rate R``: a vault at capacity, 429 with Retry-After past it, each busy second logged;
 - ``--self-signed``: a private CA the agent trusts through vault.ca-file, kept across restarts;
 - the progress lines while it makes its keys, and the usage errors.
 """
@@ -108,6 +109,51 @@ def test_the_agent_rides_out_a_rehearsed_outage_and_registers(start: Start, tmp_
     # What the agent said while it waited: the vault's side, and the URL it called.
     said = [line for line in done.stderr.splitlines() if "503" in line]
     assert said and all(vault.url in line for line in said), done.stderr
+
+
+# --- --rate -------------------------------------------------------------------
+
+
+def test_rate_admits_its_capacity_a_second_and_answers_429_with_retry_after_past_it(start: Start) -> None:
+    vault = start("--rate", "3")
+    answers = [vault.post("request-id") for _ in range(8)]  # well within a second: the bucket holds 3
+    codes = [a.status_code for a in answers]
+    assert codes[:3] == [200, 200, 200] and 429 in codes[3:], codes
+    refused = [a for a in answers if a.status_code == 429]
+    assert all(a.headers["Retry-After"] == "1" and a.text == "429 Too Many Requests\n" for a in refused)
+    nonce = answers[0].json()["request-id"]
+    time.sleep(1.1)  # three tokens again; a serial-request is never refused for load, even past the cap
+    serials = [vault.post("serial", data=f"type: serial-request\nrequest-id: {nonce}\n".encode()) for _ in range(5)]
+    assert 429 not in [a.status_code for a in serials]
+    assert vault.post("request-id").status_code == 200
+    assert requests.get(vault.url + "version", timeout=10).status_code == 200
+    stderr = vault.stop()
+    assert "lab vault rate: 3 registrations a second; request-ids over it answered 429 with Retry-After" in stderr
+    tallies = [line.split("second ", 1)[1] for line in stderr.splitlines() if "lab vault rate: second " in line]
+    counted = [tuple(int(word) for word in t.replace(",", "").split()[1:7:2]) for t in tallies]  # admitted refused serials
+    assert sum(c[0] for c in counted) == 3 + 1 and sum(c[1] for c in counted) == len(refused)
+    assert sum(c[2] for c in counted) == 5 and all("(cap 3/s)" in t for t in tallies)
+    assert vault.api_key not in stderr
+
+
+def test_a_line_of_agents_registers_through_a_capped_vault(start: Start, tmp_path: Path) -> None:
+    """Three agents at once against a vault that admits one a second: each registers, the late ones after a 429
+    (their wait is the crowd window of registration.crowded, not the vault's Retry-After: 1)."""
+    vault = start("--rate", "1")
+    runs = []
+    for n in range(3):
+        state = tmp_path / f"state{n}"
+        seed_key(state)
+        (tmp_path / f"d{n}").mkdir()
+        config = write_agent_config(tmp_path / f"d{n}", vault.url, vault.directory, template="R-{soc_serial}",
+                                    soc_serial=f"00000000000000r{n}")
+        runs.append(Agent(*run_args(config, state, once=True)))
+    codes = [run.wait_exit(timeout=120) for run in runs]
+    assert codes == [0, 0, 0], [run.stderr for run in runs]
+    stderr = vault.stop()
+    refused = sum(int(line.split(" refused")[0].rsplit(" ", 1)[1]) for line in stderr.splitlines()
+                  if "lab vault rate: second " in line)
+    assert refused >= 1 and sum("HTTP 429" in run.stderr for run in runs) >= 1
 
 
 def test_fail_on_the_serial_endpoint_only(start: Start) -> None:
