@@ -32,7 +32,7 @@ CHECK_WORKERS ?= 4
 CHECK_ALONE := tests/dbus/test_service.py::test_a_property_read_answers_within_50_ms_during_a_real_keygen \
 	tests/dbus/test_flood.py
 
-.PHONY: all deps check lint test test-clone test-distro test-other test-latest deb-other test-on-other-host demo bench bench-hwkey fleet-sim crash deb qemu-deps qemu-test clean
+.PHONY: all deps check lint test test-clone test-distro test-other test-latest deb-other test-on-other-host demo bench bench-hwkey fleet-sim crowd crash deb qemu-deps qemu-test clean
 
 all: test
 
@@ -154,6 +154,11 @@ test-latest: $(VENV)/.stamp
 fleet-sim: deps
 	@$(APT_INSTALL) python3-matplotlib
 	$(DISTRO_PY) tests/fleet_sim.py
+
+# 200 real agents (run --once, each its own RSA-4096 key, made once into /var/cache/factory-agent-crowd) at once
+# against one lab vault capped at 5 registrations a second and down for 60 s in the middle of the wave.
+crowd: deps
+	$(DISTRO_PY) tests/crowd.py
 
 # A lab vault on a free loopback port and the agent registering this machine with it.
 demo: deps

@@ -34,7 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from random import Random
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if not __package__:  # run as a script: the tree, not tests/ (its http/ package would shadow the stdlib's)
+    sys.path[0] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 from agent import registration
 from agent.errors import VaultTransient, VaultUnavailable
