@@ -188,7 +188,7 @@ def main() -> int:
                       if code == 0 and (procs[pid][1] / "state" / "serial.assertion").exists()]
         failures = len(procs) - len(registered)
         failed = []
-        for pid, (proc, home) in procs.items():
+        for pid, (_proc, home) in procs.items():
             if pid not in registered:
                 lines = (home / "stderr").read_text(errors="replace").splitlines()
                 failed.append({"agent": home.name, "exit": ended[pid][0] if pid in ended else "killed at the limit",
