@@ -4,7 +4,7 @@ It runs in its own interpreter because RSA-4096 takes from seconds to minutes
 on armhf, and older cryptography releases hold the GIL while generating,
 which would freeze the daemon's event loop. It writes nothing to disk: the
 parent stores the key durably, so a killed parent never leaves a key behind
-that nobody recorded.
+that nobody recorded. The key is made with every core (agent/rsakey.py).
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ import os
 import signal
 import sys
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-
+from agent import rsakey
 from agent.secrecy import no_core_dumps
 
-PUBLIC_EXPONENT = 65537
 _PR_SET_PDEATHSIG = 1
 
 
@@ -38,7 +35,9 @@ def main(argv: list[str]) -> int:
     bits, parent = int(argv[0]), int(argv[1])
     no_core_dumps()  # before the key exists: a crash must not write it to disk
     _die_with_parent(parent)
-    key = rsa.generate_private_key(PUBLIC_EXPONENT, bits)
+    key = rsakey.generate(bits)
+    from cryptography.hazmat.primitives import serialization
+
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

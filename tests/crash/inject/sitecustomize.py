@@ -210,28 +210,35 @@ class _CrashFinder(importlib.abc.MetaPathFinder):
 
 
 def _block_keygen(point: _Point) -> None:
-    """In the key generation child: stop inside the generation until the harness kills our parent."""
+    """In the key generation child: stop inside the generation until the harness kills our parent. With
+    several CPUs that is inside the real parallel search, once two primes are in and the searchers it
+    forked are still searching; on one CPU, inside cryptography's generation."""
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    generate = rsa.generate_private_key
+    from agent import rsakey
 
-    @functools.wraps(generate)
-    def generating(*args, **kwargs):  # type: ignore[no-untyped-def]
-        if point.reached("keygen"):
-            point.announce()
-            deadline = time.monotonic() + KEYGEN_BLOCK_SECONDS
-            while time.monotonic() < deadline:  # PR_SET_PDEATHSIG is armed by now: our parent's death ends us
-                time.sleep(0.05)
-            raise SystemExit("crash harness: nobody killed the daemon")
-        return generate(*args, **kwargs)
+    def blocking(real):  # type: ignore[no-untyped-def]
+        @functools.wraps(real)
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            if point.reached("keygen"):
+                point.announce()
+                deadline = time.monotonic() + KEYGEN_BLOCK_SECONDS
+                while time.monotonic() < deadline:  # PR_SET_PDEATHSIG is armed by now: our parent's death ends us
+                    time.sleep(0.05)
+                raise SystemExit("crash harness: nobody killed the daemon")
+            return real(*args, **kwargs)
 
-    rsa.generate_private_key = generating
+        return wrapper
+
+    rsakey._pair_ok = blocking(rsakey._pair_ok)
+    rsa.generate_private_key = blocking(rsa.generate_private_key)
 
 
 def _canned_keygen(path: str) -> None:
     """In the key generation child: "generate" the key in ``path``."""
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from agent import rsakey
 
     with open(path, "rb") as f:
         pem = f.read()
@@ -239,7 +246,7 @@ def _canned_keygen(path: str) -> None:
     def canned(*args, **kwargs):  # type: ignore[no-untyped-def]
         return serialization.load_pem_private_key(pem, password=None)
 
-    rsa.generate_private_key = canned
+    rsakey.generate = canned
 
 
 def _install() -> None:
