@@ -7,11 +7,14 @@ in a thread. Nothing here logs, prints or puts key material into an error.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -121,12 +124,54 @@ def load_key(pem: bytes) -> DeviceKey:
 
 
 def _load_pem(pem: bytes) -> object:
-    """Skip the RSA consistency check where cryptography allows it (>= 39): it costs ~250 ms for
-    RSA-4096 on x86 and seconds on armhf, and DeviceKey.sign verifies every signature anyway."""
+    """The key, without OpenSSL's RSA_check_key, and with what that check guards checked here instead.
+
+    RSA_check_key's cost is its primality tests of p and q: ~250 ms for RSA-4096 on x86, seconds on
+    armhf, on every start. What it guards against is a key whose parts do not fit together (a bit flip on
+    the disk, a truncated write), which would make CRT signatures wrong, and a wrong CRT signature, once
+    published, reveals a factor of n. Both are covered without it: _consistent checks every relation
+    between n, e, d, p, q and the CRT values in microseconds, and DeviceKey.sign verifies each signature
+    before it leaves (composite "primes" make signatures that do not verify). cryptography >= 39 takes
+    unsafe_skip_rsa_key_validation; 38 (Debian 12) has the backend's own switch, set only around this load.
+    """
+    key: object
     try:
-        return serialization.load_pem_private_key(pem, password=None, unsafe_skip_rsa_key_validation=True)
+        key = serialization.load_pem_private_key(pem, password=None, unsafe_skip_rsa_key_validation=True)
     except TypeError:  # cryptography 38 (Debian 12) has no such argument
-        return serialization.load_pem_private_key(pem, password=None)
+        key = _load_pem_38(pem)
+    if isinstance(key, rsa.RSAPrivateKey):
+        _consistent(key)
+    return key
+
+
+_BACKEND_SWITCH = threading.Lock()
+
+
+def _load_pem_38(pem: bytes) -> object:
+    from cryptography.hazmat.backends.openssl.backend import backend as loaded
+
+    backend: Any = loaded  # 38's switch is not in the newer releases' type stubs
+    with _BACKEND_SWITCH:
+        before = getattr(backend, "_rsa_skip_check_key", None)
+        if not isinstance(before, bool):  # not the 38 we know: its full check
+            return serialization.load_pem_private_key(pem, password=None)
+        backend._rsa_skip_check_key = True
+        try:
+            return serialization.load_pem_private_key(pem, password=None)
+        finally:
+            backend._rsa_skip_check_key = before
+
+
+def _consistent(key: rsa.RSAPrivateKey) -> None:
+    """Every relation of an RSA private key's numbers; ValueError when one fails."""
+    numbers = key.private_numbers()
+    p, q, d, n, e = numbers.p, numbers.q, numbers.d, numbers.public_numbers.n, numbers.public_numbers.e
+    if not (p > 2 and q > 2 and p % 2 == q % 2 == 1 and p * q == n and 1 < e < n and 1 < d < n):
+        raise ValueError("RSA key numbers do not fit together")
+    lam = (p - 1) * (q - 1) // math.gcd(p - 1, q - 1)
+    if (e * d) % lam != 1 or numbers.dmp1 != d % (p - 1) or numbers.dmq1 != d % (q - 1) \
+            or (numbers.iqmp * q) % p != 1:
+        raise ValueError("RSA key numbers do not fit together")
 
 
 def key_to_pem(key: DeviceKey) -> bytes:

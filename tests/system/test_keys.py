@@ -75,6 +75,51 @@ def test_a_corrupt_key_never_signs_silently_and_errors_show_no_key_material(pos:
     public.verify(signature, b"message", padding.PKCS1v15(), hashes.SHA512())
 
 
+def _der_int(value: int) -> bytes:
+    body = value.to_bytes(value.bit_length() // 8 + 1, "big")
+    return b"\x02" + _der_len(len(body)) + body
+
+
+def _der_len(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
+
+
+def _pkcs1_pem(numbers: list[int]) -> bytes:
+    """A PKCS#1 RSAPrivateKey of exactly these numbers, whatever they are (cryptography would refuse to build it)."""
+    import base64
+
+    body = b"".join(_der_int(v) for v in [0, *numbers])
+    der = b"\x30" + _der_len(len(body)) + body
+    lines = [base64.b64encode(der)[i:i + 64] for i in range(0, len(base64.b64encode(der)), 64)]
+    return b"-----BEGIN RSA PRIVATE KEY-----\n" + b"\n".join(lines) + b"\n-----END RSA PRIVATE KEY-----\n"
+
+
+@pytest.mark.parametrize("field", ["d", "p", "dmp1", "dmq1", "iqmp"])
+def test_a_key_whose_numbers_do_not_fit_together_is_refused_on_load(field: str) -> None:
+    """OpenSSL's RSA_check_key is skipped on load (its primality tests cost ~250 ms on every start); every
+    relation it checks between the numbers is checked by the agent instead."""
+    n = keys.load_key((DATA / "device" / "device-key.pem").read_bytes()).private.private_numbers()
+    values = {"n": n.public_numbers.n, "e": n.public_numbers.e, "d": n.d, "p": n.p, "q": n.q, "dmp1": n.dmp1,
+              "dmq1": n.dmq1, "iqmp": n.iqmp}
+    values[field] += 2
+    pem = _pkcs1_pem([values[k] for k in ("n", "e", "d", "p", "q", "dmp1", "dmq1", "iqmp")])
+    with pytest.raises(DeviceKeyError, match="cannot load device key: ValueError"):
+        keys.load_key(pem)
+    good = _pkcs1_pem([{**values, field: values[field] - 2}[k] for k in ("n", "e", "d", "p", "q", "dmp1", "dmq1", "iqmp")])
+    assert keys.load_key(good).key_id == (DATA / "device" / "device-key.id").read_text().strip()
+
+
+def test_the_load_leaves_cryptographys_own_key_check_on() -> None:
+    """cryptography 38's switch is set only around the agent's own load: any other load still checks."""
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    keys.load_key((DATA / "device" / "device-key.pem").read_bytes())
+    assert getattr(backend, "_rsa_skip_check_key", False) is False
+
+
 def test_repr_shows_no_key_material(device_key) -> None:
     assert "DeviceKey(key_id=" in repr(device_key) and "n=" not in repr(device_key)
 
