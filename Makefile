@@ -12,7 +12,7 @@ VENV := .venv/latest
 # Debian's root (tests/debian-root.sh).
 APT_PACKAGES := python3 python3-cryptography python3-requests python3-pyudev python3-dbus-next \
 	python3-systemd python3-pytest python3-pytest-timeout python3-hypothesis \
-	python3-venv python3-pip python3-dev gcc pkg-config libsystemd-dev gnupg \
+	python3-venv python3-pip python3-dev gcc pkg-config libsystemd-dev gnupg openssl \
 	python3-trustme umockdev gir1.2-umockdev-1.0 python3-gi python3-dbus-fast dbus-daemon \
 	dbus-system-bus-common systemd strace shellcheck python3-yaml python3-h11 python3-pytest-xdist \
 	softhsm2 python3-pykcs11 opensc swtpm libtss2-tcti-swtpm0/libtss2-tcti-swtpm0t64 libtpm2-pkcs11-1/libtpm2-pkcs11-1t64
@@ -167,6 +167,7 @@ demo: deps
 # Time-to-serial against the lab vault on loopback, then the hardware identity key's signing time on
 # each backend, as JSON (see tests/bench.py, tests/bench_hwkey.py).
 bench: deps
+	@$(APT_INSTALL) openssh-client  # ssh-keygen: snapd's way to make the device key, measured beside ours
 	$(DISTRO_PY) tests/bench.py
 	$(DISTRO_PY) tests/bench_hwkey.py
 

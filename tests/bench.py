@@ -1,4 +1,4 @@
-"""`make bench`: time-to-serial against the lab vault on loopback, as JSON.
+"""`make bench`: time-to-serial against the lab vault on loopback, and RSA-4096 generation side by side, as JSON.
 
 Whole-process runs of `factory-agent run --once`: medians over several runs
 with a fresh state directory (key generation included) and with a key
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,6 +27,7 @@ sys.path[0] = str(REPO)  # not tests/: its http/ package would shadow the stdlib
 
 import logging  # noqa: E402
 
+from agent import rsakey  # noqa: E402
 from agent.labvault import LabVault  # noqa: E402
 from tests.fakes.agentconf import write_agent_config  # noqa: E402
 from tests.fakes.launcher import agent_argv, agent_env, run_args  # noqa: E402
@@ -88,9 +90,43 @@ def summary(samples: list[tuple[float, int]]) -> dict[str, object]:
             "max_s": round(max(seconds), 3), "runs": len(seconds), "peak_rss_kib": max(r for _, r in samples)}
 
 
+SINGLE = ("from cryptography.hazmat.primitives.asymmetric import rsa; "
+          "rsa.generate_private_key(65537, 4096)")
+
+
+def keygen_side_by_side(tmp: Path, runs: int) -> dict[str, object]:
+    """RSA-4096 the agent's way (its keygen child: a prime searcher per CPU), snapd's way (ssh-keygen as snapd
+    runs it, overlord/devicestate/crypto.go) and one cryptography generation, each a whole process, in rounds
+    whose order rotates: medians over ``runs`` each, and their ratios."""
+    ssh = shutil.which("ssh-keygen")
+    ways: dict[str, Callable[[int], list[str]]] = {
+        "agent": lambda i: [sys.executable, "-m", "agent.keygen", "4096", str(os.getpid())],
+        "cryptography_single": lambda i: [sys.executable, "-c", SINGLE],
+    }
+    if ssh:
+        ways["snapd_ssh_keygen"] = lambda i: [ssh, "-t", "rsa", "-b", "4096", "-N", "", "-m", "PEM", "-q",
+                                              "-f", str(tmp / f"ssh-{i}" / "rsa.key")]
+    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in ways}
+    names = list(ways)
+    for i in range(runs):
+        (tmp / f"ssh-{i}").mkdir(mode=0o700)
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            samples[name].append(timed(ways[name](i)))
+    report: dict[str, object] = {"runs_each": runs, "searchers": rsakey.searchers()}
+    report.update({name: summary(s) for name, s in samples.items()})
+    agent = statistics.median(s for s, _ in samples["agent"])
+    report["agent_per_cryptography_single"] = round(agent / statistics.median(s for s, _ in samples["cryptography_single"]), 2)
+    if ssh:
+        report["agent_per_snapd_ssh_keygen"] = round(agent / statistics.median(s for s, _ in samples["snapd_ssh_keygen"]), 2)
+    else:
+        report["snapd_ssh_keygen"] = "no ssh-keygen here (openssh-client)"
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--keygen-runs", type=int, default=9, help="RSA-4096 generations of each way (at least 7)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="factory-agent-bench-"))
     try:
@@ -121,6 +157,7 @@ def main() -> int:
             "rest_beyond_keygen_median_s": round(statistics.median(s for s, _ in with_key), 3),
             "cold_start_to_dbus_name_and_ready_registered_device": cold_registered,
             "cold_start_to_dbus_name_and_ready_unrecorded_key_adopted": cold_unregistered,
+            "rsa4096_generation_side_by_side": keygen_side_by_side(tmp, args.keygen_runs),
         }
         print(json.dumps(report, indent=2))
         return 0
