@@ -51,11 +51,12 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.parametrize("searchers", [2, 3])
 def test_keys_from_parallel_searchers_are_as_good_as_openssls(searchers: int) -> None:
+    before = set(_children(os.getpid()))  # an xdist worker may hold other tests' children
     keys = [rsakey.generate(2048, searchers) for _ in range(3)]
     for key in keys:
         _check(key, 2048)
     assert len({key.private_numbers().p for key in keys} | {key.private_numbers().q for key in keys}) == 6
-    assert _children(os.getpid()) == []  # every searcher killed and reaped
+    assert set(_children(os.getpid())) <= before  # every searcher killed and reaped
 
 
 def test_a_4096_bit_key_from_two_searchers() -> None:
@@ -66,9 +67,10 @@ def test_a_4096_bit_key_from_two_searchers() -> None:
 
 def test_without_libcrypto_cryptography_generates_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rsakey, "LIBCRYPTO_NAMES", ("libcrypto-that-is-not-there.so.0",))
+    before = set(_children(os.getpid()))
     assert rsakey.parallel_primes(2048, 2) is None
     _check(rsakey.generate(2048, 2), 2048)
-    assert _children(os.getpid()) == []
+    assert set(_children(os.getpid())) <= before
 
 
 @pytest.mark.parametrize(("p_minus_q", "ok"), [(0, False), (1 << 900, False), (1 << 1000, True)])
