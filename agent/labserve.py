@@ -130,6 +130,9 @@ class RateLimit:
             return (1.0 - self.tokens) / self.rate
 
 
+_ADMITTED, _REFUSED, _SERIALS = 1, 2, 3  # RateLimitedVault._tally's counts, after the second
+
+
 class RateLimitedVault(LabVault):
     """The lab vault at a capacity of ``rate`` registrations a second, as a loaded vault's front answers.
 
@@ -142,7 +145,7 @@ class RateLimitedVault(LabVault):
     def __init__(self, *args: Any, rate: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limit = RateLimit(rate)
-        self._tally: list[int] = [0, 0, 0, 0]  # the second (unix time), admitted, refused, serial-requests
+        self._tally: list[int] = [0, 0, 0, 0]  # the second (unix time), then the counts at _ADMITTED, _REFUSED, _SERIALS
         self._tallying = threading.Lock()
 
     def respond(self, method: str, path: str, api_key: str | None, body: bytes | None) -> Reply:
@@ -150,19 +153,19 @@ class RateLimitedVault(LabVault):
         if endpoint not in DEVICE_ENDPOINTS or method != "POST":
             return super().respond(method, path, api_key, body)
         wait = self.limit.take() if endpoint == "request-id" else None
-        self._count(1 if endpoint == "serial" else 2 if wait is not None else 0)
+        self._tally_request(_SERIALS if endpoint == "serial" else _REFUSED if wait is not None else _ADMITTED)
         if wait is None:
             return super().respond(method, path, api_key, body)
         return Reply(429, b"429 Too Many Requests\n", PLAIN_TYPE, (("Retry-After", str(max(1, math.ceil(wait)))),))
 
-    def _count(self, kind: int) -> None:
-        """One device request: 0 admitted, 1 a serial-request, 2 refused."""
+    def _tally_request(self, index: int) -> None:
+        """One device request, counted at ``index`` of this second's tally."""
         second = int(time.time())
         with self._tallying:
             if second != self._tally[0]:
                 self._flush()
                 self._tally = [second, 0, 0, 0]
-            self._tally[{0: 1, 2: 2, 1: 3}[kind]] += 1
+            self._tally[index] += 1
 
     def _flush(self) -> None:
         second, admitted, refused, serials = self._tally

@@ -136,6 +136,15 @@ def test_rate_admits_its_capacity_a_second_and_answers_429_with_retry_after_past
     assert vault.api_key not in stderr
 
 
+def test_rate_with_a_rehearsal_caps_first_then_plays_the_failure(start: Start) -> None:
+    """The two compose (each is a class of its own over the lab vault): an admitted request meets the rehearsal."""
+    vault = start("--rate", "5", "--fail", "503", "--times", "1", "--endpoint", "request-id")
+    assert [vault.post("request-id").status_code for _ in range(2)] == [503, 200]
+    stderr = vault.stop()
+    admitted = sum(int(line.split(": ")[-1].split()[0]) for line in stderr.splitlines() if "lab vault rate: second " in line)
+    assert "answered 503 to POST /v1/request-id" in stderr and admitted == 2 and " refused" in stderr
+
+
 def test_a_line_of_agents_registers_through_a_capped_vault(start: Start, tmp_path: Path) -> None:
     """Three agents at once against a vault that admits one a second: each registers, the late ones after a 429
     (their wait is the crowd window of registration.crowded, not the vault's Retry-After: 1)."""
