@@ -9,32 +9,17 @@ that nobody recorded. The key is made with every core (agent/rsakey.py).
 
 from __future__ import annotations
 
-import ctypes
-import os
-import signal
 import sys
 
 from agent import rsakey
 from agent.secrecy import no_core_dumps
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    """A keygen whose parent is gone would burn minutes of CPU for nobody: follow it."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the parent's EPIPE still ends us after generation
-    if os.getppid() != parent:
-        sys.exit(1)
-
 
 def main(argv: list[str]) -> int:
     bits, parent = int(argv[0]), int(argv[1])
     no_core_dumps()  # before the key exists: a crash must not write it to disk
-    _die_with_parent(parent)
+    if not rsakey.follow_parent(parent):
+        return 1
     key = rsakey.generate(bits)
     from cryptography.hazmat.primitives import serialization
 

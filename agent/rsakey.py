@@ -84,12 +84,18 @@ class _LibCrypto:
             yield out.raw
 
 
+def follow_parent(parent: int) -> bool:
+    """Be SIGKILLed when the parent process ends (PR_SET_PDEATHSIG); False if ``parent`` is already gone (it
+    ended before the signal was armed). A key generation nobody will store must not burn CPU."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the parent's closed pipe ends us later
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    return os.getppid() == parent
+
+
 def _search(write_fd: int, bits: int, parent: int) -> None:
     """A forked searcher: primes to ``write_fd`` until killed; never returns into the parent's code."""
     try:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() == parent:  # else the parent died before the line above: nobody wants our primes
+        if follow_parent(parent):  # else nobody wants our primes
             null = os.open(os.devnull, os.O_RDWR)
             os.dup2(null, 0)
             os.dup2(null, 1)  # the daemon reads the parent's stdout to its end: no searcher may hold it open

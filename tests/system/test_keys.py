@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import keys, store
+from agent import keys, onboarding, store
 from agent.errors import DeviceKeyError, UntrustedFileError
 from tests.conftest import DATA, REPO
 
@@ -75,24 +75,12 @@ def test_a_corrupt_key_never_signs_silently_and_errors_show_no_key_material(pos:
     public.verify(signature, b"message", padding.PKCS1v15(), hashes.SHA512())
 
 
-def _der_int(value: int) -> bytes:
-    body = value.to_bytes(value.bit_length() // 8 + 1, "big")
-    return b"\x02" + _der_len(len(body)) + body
-
-
-def _der_len(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
-
-
 def _pkcs1_pem(numbers: list[int]) -> bytes:
     """A PKCS#1 RSAPrivateKey of exactly these numbers, whatever they are (cryptography would refuse to build it)."""
     import base64
 
-    body = b"".join(_der_int(v) for v in [0, *numbers])
-    der = b"\x30" + _der_len(len(body)) + body
+    body = b"".join(onboarding._der_integer(v.to_bytes(v.bit_length() // 8 + 1, "big")) for v in [0, *numbers])
+    der = b"\x30" + onboarding._der_length(len(body)) + body
     lines = [base64.b64encode(der)[i:i + 64] for i in range(0, len(base64.b64encode(der)), 64)]
     return b"-----BEGIN RSA PRIVATE KEY-----\n" + b"\n".join(lines) + b"\n-----END RSA PRIVATE KEY-----\n"
 
